@@ -1,0 +1,204 @@
+/* ditmoe.h — the one public header of the ditmoe library.
+ *
+ * ditmoe runs Mixture-of-Experts diffusion transformers (DiT-MoE, ProMoE) and the SD KL-f8 VAE
+ * decoder on the CPU. Every fallible call returns a dm_status; on failure dm_last_error() holds a
+ * one-line message naming the file, tensor or flag and what was expected vs found.
+ *
+ * Layout conventions: tensors are row-major (PyTorch order), float32 unless stated, shapes written
+ * next to every pointer as [dim0, dim1, ...].
+ */
+#ifndef DITMOE_H
+#define DITMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DITMOE_VERSION "0.1.0"
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------- */
+typedef enum {
+    DM_OK = 0,
+    DM_ERR_ARG,     /* bad argument or flag value (user error)                       */
+    DM_ERR_IO,      /* a file could not be opened, read or written                    */
+    DM_ERR_FORMAT,  /* a file is malformed: bad header, dtype, shape, missing tensor  */
+    DM_ERR_NOMEM,   /* allocation failed                                              */
+    DM_ERR_NUMERIC, /* a non-finite value appeared                                    */
+} dm_status;
+
+/* The message of the last failure on this thread ("" if none). */
+const char *dm_last_error(void);
+/* Set the message (printf-style) and return `st`, so callers can `return dm_fail(...)`. */
+dm_status dm_fail(dm_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Exit code the CLI uses for a status: 0 ok, 2 bad input (ARG/FORMAT), 1 runtime failure. */
+int dm_exit_code(dm_status st);
+
+/* ---------------------------------------------------------------------------------------------
+ * Logging and threads
+ * ------------------------------------------------------------------------------------------- */
+typedef enum { DM_LOG_QUIET = 0, DM_LOG_INFO = 1, DM_LOG_VERBOSE = 2 } dm_log_level;
+void dm_set_log_level(dm_log_level level);
+dm_log_level dm_get_log_level(void);
+/* "[INFO] ..." on stderr when level >= INFO; "[VERB] ..." when level >= VERBOSE. */
+void dm_log(dm_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Threads for matrix work (OpenBLAS) and for our own parallel loops. 0 = all cores. */
+void dm_set_threads(int n);
+int dm_get_threads(void);
+double dm_time_sec(void); /* monotonic clock */
+
+/* ---------------------------------------------------------------------------------------------
+ * Data types (enum <-> string tables shared by CLI and library)
+ * ------------------------------------------------------------------------------------------- */
+typedef enum { DM_F32 = 0, DM_F16, DM_BF16, DM_I32, DM_I64, DM_U8, DM_DTYPE_COUNT } dm_dtype;
+const char *dm_dtype_name(dm_dtype t);          /* "F32", "F16", ... (safetensors spelling) */
+int dm_dtype_from_name(const char *s, dm_dtype *out); /* 0 on success, -1 if unknown */
+size_t dm_dtype_size(dm_dtype t);
+float dm_f16_to_f32(uint16_t h);
+float dm_bf16_to_f32(uint16_t h);
+uint16_t dm_f32_to_f16(float f);   /* round to nearest even */
+uint16_t dm_f32_to_bf16(float f);  /* round to nearest even */
+/* Convert n elements of F32/F16/BF16 `src` into float32 `dst`. */
+dm_status dm_convert_to_f32(dm_dtype t, const void *src, size_t n, float *dst);
+
+#define DM_MAX_DIMS 8
+
+/* ---------------------------------------------------------------------------------------------
+ * Safetensors (src/io/safetensors.c): mmap'd, every offset/length/shape checked against the file.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const char *name;
+    dm_dtype dtype;
+    int ndim;
+    int64_t shape[DM_MAX_DIMS];
+    const void *data; /* points into the mapping */
+    size_t nbytes;
+} dm_st_tensor;
+
+typedef struct dm_st_file dm_st_file;
+dm_status dm_st_open(const char *path, dm_st_file **out);
+void dm_st_close(dm_st_file *f);
+const char *dm_st_path(const dm_st_file *f);
+int dm_st_count(const dm_st_file *f);
+const dm_st_tensor *dm_st_at(const dm_st_file *f, int i);
+const dm_st_tensor *dm_st_find(const dm_st_file *f, const char *name); /* NULL if absent */
+/* A string value of the header's "__metadata__" object, or NULL. */
+const char *dm_st_meta(const dm_st_file *f, const char *key);
+/* Look up `name`, check its shape equals shape[0..ndim) (error names file, tensor, both shapes),
+ * convert to float32 into a new malloc'd buffer *out (caller frees). */
+dm_status dm_st_load_f32(const dm_st_file *f, const char *name, int ndim, const int64_t *shape,
+                         float **out);
+
+/* ---------------------------------------------------------------------------------------------
+ * .npy (src/io/npy.c): float32 / int32 / int64 / uint8, C order, little endian.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    dm_dtype dtype;
+    int ndim;
+    int64_t shape[DM_MAX_DIMS];
+    void *data; /* malloc'd */
+    size_t count; /* number of elements */
+} dm_npy;
+dm_status dm_npy_read(const char *path, dm_npy *out);
+/* Read and require a dtype and (when ndim_expect >= 0) a rank; the error names file and flag. */
+dm_status dm_npy_read_expect(const char *path, dm_dtype dtype, int ndim_expect, dm_npy *out);
+/* Atomic: written to a temp file beside `path`, then renamed. */
+dm_status dm_npy_write(const char *path, dm_dtype dtype, int ndim, const int64_t *shape,
+                       const void *data);
+void dm_npy_free(dm_npy *a);
+
+/* ---------------------------------------------------------------------------------------------
+ * Model configuration (src/io/config.c). Read from the safetensors "__metadata__" key "ditmoe"
+ * (a JSON object, docs/format.md), else inferred from tensor names/shapes + the released table.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum { DM_ARCH_DITMOE = 0, DM_ARCH_PROMOE } dm_arch;
+typedef enum { DM_ATTN_TIMM = 0, DM_ATTN_QKNORM } dm_attn_layout; /* qkv/proj vs Wqkv/out_proj+qk LN */
+typedef enum { DM_OBJ_DDPM = 0, DM_OBJ_RF } dm_objective;
+const char *dm_arch_name(dm_arch a);             /* "dit-moe", "promoe" */
+const char *dm_objective_name(dm_objective o);   /* "ddpm", "rf" */
+int dm_objective_from_name(const char *s, dm_objective *out);
+
+#define DM_MAX_CLASS_NAME 64
+typedef struct {
+    dm_arch arch;
+    dm_attn_layout attn;
+    int hidden;        /* D */
+    int depth;         /* L */
+    int heads;         /* H; head dim = D/H */
+    int num_experts;   /* E routed experts */
+    int top_k;         /* k */
+    int expert_hidden; /* routed expert width, 4D in DiT-MoE */
+    int shared_hidden; /* shared expert width, 2D in DiT-MoE (0 = none) */
+    int patch;         /* p */
+    int input_size;    /* latent H = W */
+    int in_channels;   /* C */
+    int out_channels;  /* 2C when learn_sigma else C */
+    int learn_sigma;
+    int num_classes;   /* null class id = num_classes */
+    char (*class_names)[DM_MAX_CLASS_NAME]; /* [num_classes] or NULL */
+    dm_objective objective;
+    float vae_scale;   /* latent scaling factor, 0.18215 for SD-VAE */
+    char name[64];     /* e.g. "DiT-MoE-S/2-8E2A" or "" */
+    /* Sampling defaults (metadata "sampling" object; filled from the objective when absent). */
+    char default_sampler[16]; /* "ddpm", "ddim", "euler", "heun" */
+    int default_steps;
+    float default_cfg_scale;
+    int cfg_channels;         /* channels guided: 3 = DiT's DDPM quirk, 0 = all */
+} dm_config;
+
+/* Fill `cfg` from an opened file (metadata first, then inference). */
+dm_status dm_config_from_file(const dm_st_file *f, dm_config *cfg);
+void dm_config_free(dm_config *cfg); /* frees class_names */
+/* Class id from "207", or from a name in the table (case-insensitive); -1 and error if none. */
+dm_status dm_config_class_id(const dm_config *cfg, const char *s, int *out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Diffusion transformer (src/dit, src/router)
+ * ------------------------------------------------------------------------------------------- */
+typedef struct dm_model dm_model;
+dm_status dm_model_load(const char *path, dm_model **out);
+void dm_model_free(dm_model *m);
+const dm_config *dm_model_config(const dm_model *m);
+const char *dm_model_path(const dm_model *m);
+
+/* Optional routing record of one forward: for every layer and token, the k chosen experts
+ * (descending gate weight) and their gate weights. Caller allocates (or passes NULL). */
+typedef struct {
+    int32_t *ids;     /* [L, B*T, k] */
+    float *weights;   /* [L, B*T, k] (may be NULL) */
+} dm_routes;
+
+/* out = model(x, t, y): x [B,C,H,W], t [B] (fed to the timestep embedder as given),
+ * y [B] with null class = num_classes; out [B,Cout,H,W]. */
+dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, const int64_t *y,
+                           float *out, dm_routes *routes);
+
+/* ---------------------------------------------------------------------------------------------
+ * VAE decoder (src/vae)
+ * ------------------------------------------------------------------------------------------- */
+typedef struct dm_vae dm_vae;
+typedef struct {
+    int z_channels;   /* 4 for SD */
+    int out_channels; /* 3 */
+    int factor;       /* spatial upsampling, 2^(len(ch_mult)-1) = 8 for SD */
+    float scale;      /* scaling factor, default 0.18215 */
+} dm_vae_info;
+dm_status dm_vae_load(const char *path, dm_vae **out);
+void dm_vae_free(dm_vae *v);
+const dm_vae_info *dm_vae_get_info(const dm_vae *v);
+/* img = decoder(z / scale): z [B,zc,h,w] in the diffusion model's latent space,
+ * img [B,out_ch,h*factor,w*factor] roughly in [-1,1]. Decodes image by image. */
+dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *img);
+
+/* ---------------------------------------------------------------------------------------------
+ * Sections added by later stages go above this line (PNG output, sampling, routing dumps).
+ * ------------------------------------------------------------------------------------------- */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DITMOE_H */
