@@ -195,6 +195,22 @@ const dm_vae_info *dm_vae_get_info(const dm_vae *v);
 dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *img);
 
 /* ---------------------------------------------------------------------------------------------
+ * Images (src/io/png.c)
+ * ------------------------------------------------------------------------------------------- */
+/* Write an 8-bit PNG atomically (temp file + rename). channels: 1 gray, 3 RGB, 4 RGBA;
+ * pix [h, w, channels]. text: NULL-terminated list key, value, key, value, ..., NULL stored as
+ * tEXt chunks (or NULL for none). */
+dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8_t *pix,
+                       const char *const *text);
+/* Float image [channels, h, w] in [-1,1] -> uint8 [h, w, channels] the way DiT's sample_ddp.py
+ * does it: clamp(127.5*x + 128, 0, 255), truncated. */
+void dm_image_to_u8(int channels, int h, int w, const float *chw, uint8_t *hwc);
+
+/* Default model files, relative to the source tree's assets/ (see dm_default_asset()). */
+#define DM_DEFAULT_MODEL "ditmoe-fmnist.safetensors"
+#define DM_DEFAULT_VAE "vae-fmnist.safetensors"
+
+/* ---------------------------------------------------------------------------------------------
  * Sections added by later stages go above this line (PNG output, sampling, routing dumps).
  * ------------------------------------------------------------------------------------------- */
 
