@@ -2,7 +2,7 @@
 # Installs every Debian package ditmoe needs to build, test and train. Idempotent.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config
-      libopenblas-dev libopenblas0 libcjson-dev libpng-dev libstb-dev check
+      libopenblas-dev libopenblas0 libopenblas-openmp-dev libcjson-dev libpng-dev libstb-dev check
       python3-torch python3-numpy python3-matplotlib
       dataset-fashion-mnist openmpi-bin libopenmpi-dev)
 missing=()
