@@ -1,0 +1,45 @@
+/* CPU kernels used by the transformer (src/dit, src/router). Each fast kernel has a plain
+ * reference (suffix _ref) beside it; tests/test_ops.c checks one against the other.
+ * Row-major float32; shapes beside every pointer. */
+#ifndef DM_BACKEND_CPU_OPS_H
+#define DM_BACKEND_CPU_OPS_H
+
+#include <stddef.h>
+
+/* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). OpenBLAS sgemm. */
+void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
+void dm_linear_ref(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
+
+/* Row-wise LayerNorm over D (biased variance), optional affine w[D], b[D] (NULL = none). */
+void dm_layernorm(const float *x, int N, int D, float eps, const float *w, const float *b, float *y);
+void dm_layernorm_ref(const float *x, int N, int D, float eps, const float *w, const float *b,
+                      float *y);
+
+/* In place: x = x * (1 + scale) + shift over rows of x [B*T, D]; shift/scale rows are picked per
+ * sample b from mod [B, mod_stride] (shift at offset 0 and scale at offset D of the given pointers). */
+void dm_modulate(float *x, int B, int T, int D, const float *shift, const float *scale, int mod_stride);
+
+/* In place: x += gate[b] * y per sample b (gate rows from mod [B, mod_stride]). */
+void dm_gated_add(float *x, const float *y, int B, int T, int D, const float *gate, int mod_stride);
+
+/* SiLU in place over n values; and h[n] = silu(g[n]) * u[n] for SwiGLU with g,u interleaved as
+ * gu [rows, 2F] (gate in [0,F), up in [F,2F)), output h [rows, F]. */
+void dm_silu(float *x, size_t n);
+void dm_swiglu(const float *gu, int rows, int F, float *h);
+
+/* Softmax in place over each row of x [N, n]. */
+void dm_softmax_rows(float *x, int N, int n);
+
+/* Multi-head self-attention, no mask. qkv [B*T, 3*H*hd] laid out [3][H][hd] per token;
+ * q_norm/k_norm: optional LayerNorm over hd (eps 1e-6) with affine weight/bias [hd] shared by heads
+ * (NULL = no qk-norm). out [B*T, H*hd], heads concatenated in head order. */
+typedef struct {
+    const float *q_w, *q_b; /* [hd] or NULL */
+    const float *k_w, *k_b; /* [hd] or NULL */
+} dm_qk_norm;
+/* Returns 0, or -1 when scratch memory cannot be allocated. */
+int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk, float *out);
+void dm_attention_ref(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk,
+                      float *out);
+
+#endif

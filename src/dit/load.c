@@ -1,0 +1,193 @@
+/* dm_model_load / dm_model_free: read a DiT-MoE safetensors file into float32 weights. */
+#include "dit/model.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static dm_status own(dm_model *m, float *p)
+{
+    if (m->n_owned == m->cap_owned) {
+        int cap = m->cap_owned ? 2 * m->cap_owned : 64;
+        float **q = realloc(m->owned, (size_t)cap * sizeof *q);
+        if (!q) {
+            free(p);
+            return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        }
+        m->owned = q;
+        m->cap_owned = cap;
+    }
+    m->owned[m->n_owned++] = p;
+    return DM_OK;
+}
+
+/* Load tensor `name` (printf-style) of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1, 2 or 4). */
+static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
+                      int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 9, 10)));
+static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
+                      int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+{
+    char name[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    const int64_t shape[4] = {d0, d1, d2, d3};
+    dm_status st = dm_st_load_f32(f, name, ndim, shape, out);
+    return st != DM_OK ? st : own(m, *out);
+}
+
+#define TRY(call)                         \
+    do {                                  \
+        dm_status st_ = (call);           \
+        if (st_ != DM_OK) return st_;     \
+    } while (0)
+#define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), 1, a, 0, 0, 0, __VA_ARGS__))
+#define LOAD2(dst, a, b, ...) TRY(load(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
+
+/* gate_proj and up_proj [F, D] packed into one [2F, D] matrix so one GEMM computes both. */
+static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefix, int F, int D,
+                             dm_swiglu_w *w)
+{
+    float *g, *u;
+    LOAD2(g, F, D, "%s.gate_proj.weight", prefix);
+    LOAD2(u, F, D, "%s.up_proj.weight", prefix);
+    float *gu = malloc((size_t)2 * F * D * sizeof(float));
+    if (!gu) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    TRY(own(m, gu));
+    memcpy(gu, g, (size_t)F * D * sizeof(float));
+    memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
+    w->gate_up = gu;
+    w->F = F;
+    LOAD2(w->down, D, F, "%s.down_proj.weight", prefix);
+    return DM_OK;
+}
+
+static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
+{
+    const dm_config *c = &m->cfg;
+    const int D = c->hidden, hd = D / c->heads;
+    char prefix[128];
+    LOAD2(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
+    LOAD1(b->mod_b, 6 * D, "blocks.%d.adaLN_modulation.1.bias", i);
+    if (c->attn == DM_ATTN_QKNORM) {
+        LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.Wqkv.weight", i);
+        LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.Wqkv.bias", i);
+        LOAD1(b->q_norm_w, hd, "blocks.%d.attn.q_norm.weight", i);
+        LOAD1(b->q_norm_b, hd, "blocks.%d.attn.q_norm.bias", i);
+        LOAD1(b->k_norm_w, hd, "blocks.%d.attn.k_norm.weight", i);
+        LOAD1(b->k_norm_b, hd, "blocks.%d.attn.k_norm.bias", i);
+        LOAD2(b->proj_w, D, D, "blocks.%d.attn.out_proj.weight", i);
+        LOAD1(b->proj_b, D, "blocks.%d.attn.out_proj.bias", i);
+    } else {
+        LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.qkv.weight", i);
+        LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.qkv.bias", i);
+        LOAD2(b->proj_w, D, D, "blocks.%d.attn.proj.weight", i);
+        LOAD1(b->proj_b, D, "blocks.%d.attn.proj.bias", i);
+    }
+    dm_moe_w *moe = &b->moe;
+    moe->E = c->num_experts;
+    moe->k = c->top_k;
+    moe->D = D;
+    LOAD2(moe->gate, moe->E, D, "blocks.%d.moe.gate.weight", i);
+    moe->experts = calloc((size_t)moe->E, sizeof *moe->experts);
+    if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    for (int e = 0; e < moe->E; e++) {
+        snprintf(prefix, sizeof prefix, "blocks.%d.moe.experts.%d", i, e);
+        TRY(load_swiglu(m, f, prefix, c->expert_hidden, D, &moe->experts[e]));
+    }
+    if (c->shared_hidden > 0) {
+        snprintf(prefix, sizeof prefix, "blocks.%d.moe.shared_experts", i);
+        TRY(load_swiglu(m, f, prefix, c->shared_hidden, D, &moe->shared));
+    }
+    return DM_OK;
+}
+
+static dm_status load_all(dm_model *m, const dm_st_file *f)
+{
+    dm_config *c = &m->cfg;
+    TRY(dm_config_from_file(f, c));
+    if (c->arch != DM_ARCH_DITMOE)
+        return dm_fail(DM_ERR_FORMAT, "%s: %s models are not supported yet", m->path,
+                       dm_arch_name(c->arch));
+    const int D = c->hidden, C = c->in_channels, p = c->patch, Co = c->out_channels;
+    if (c->input_size % p != 0 || D % 4 != 0 || c->top_k > 64)
+        return dm_fail(DM_ERR_FORMAT, "%s: unsupported config (input %d, patch %d, hidden %d, k %d)",
+                       m->path, c->input_size, p, D, c->top_k);
+    m->G = c->input_size / p;
+    m->T = m->G * m->G;
+    if (dm_st_find(f, "pos_embed")) {
+        TRY(load(m, f, &m->pos_embed, 3, 1, m->T, D, 0, "pos_embed"));
+    } else {
+        m->pos_embed = malloc((size_t)m->T * D * sizeof(float));
+        if (!m->pos_embed) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        TRY(own(m, m->pos_embed));
+        dm_pos_embed_2d(D, m->G, m->pos_embed);
+        dm_log(DM_LOG_VERBOSE, "%s: no pos_embed tensor, computed the 2-D sin-cos table", m->path);
+    }
+    TRY(load(m, f, &m->patch_w, 4, D, C, p, p, "x_embedder.proj.weight"));
+    LOAD1(m->patch_b, D, "x_embedder.proj.bias");
+    LOAD2(m->t_w1, D, DM_TIME_FREQ_DIM, "t_embedder.mlp.0.weight");
+    LOAD1(m->t_b1, D, "t_embedder.mlp.0.bias");
+    LOAD2(m->t_w2, D, D, "t_embedder.mlp.2.weight");
+    LOAD1(m->t_b2, D, "t_embedder.mlp.2.bias");
+    LOAD2(m->y_table, c->num_classes + 1, D, "y_embedder.embedding_table.weight");
+    LOAD2(m->final_mod_w, 2 * D, D, "final_layer.adaLN_modulation.1.weight");
+    LOAD1(m->final_mod_b, 2 * D, "final_layer.adaLN_modulation.1.bias");
+    LOAD2(m->final_w, p * p * Co, D, "final_layer.linear.weight");
+    LOAD1(m->final_b, p * p * Co, "final_layer.linear.bias");
+    m->blocks = calloc((size_t)c->depth, sizeof *m->blocks);
+    if (!m->blocks) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    for (int i = 0; i < c->depth; i++) TRY(load_block(m, f, i, &m->blocks[i]));
+    return DM_OK;
+}
+
+dm_status dm_model_load(const char *path, dm_model **out)
+{
+    *out = NULL;
+    dm_model *m = calloc(1, sizeof *m);
+    if (!m) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
+    m->path = strdup(path);
+    if (!m->path) {
+        free(m);
+        return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
+    }
+    dm_st_file *f = NULL;
+    dm_status st = dm_st_open(path, &f);
+    if (st == DM_OK) st = load_all(m, f);
+    dm_st_close(f);
+    if (st != DM_OK) {
+        dm_model_free(m);
+        return st;
+    }
+    const dm_config *c = &m->cfg;
+    dm_log(DM_LOG_VERBOSE, "%s: %s D=%d L=%d H=%d E=%d k=%d %s attention, %s, %d classes", path,
+           dm_arch_name(c->arch), c->hidden, c->depth, c->heads, c->num_experts, c->top_k,
+           c->attn == DM_ATTN_QKNORM ? "qknorm" : "timm", dm_objective_name(c->objective),
+           c->num_classes);
+    *out = m;
+    return DM_OK;
+}
+
+void dm_model_free(dm_model *m)
+{
+    if (!m) return;
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    if (m->blocks)
+        for (int i = 0; i < m->cfg.depth; i++) free(m->blocks[i].moe.experts);
+    free(m->blocks);
+    dm_workspace *w = &m->ws;
+    float *bufs[] = {w->x, w->h, w->qkv, w->att, w->tmp, w->patches, w->outp, w->tfreq, w->thid,
+                     w->c, w->mod};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    dm_moe_scratch_free(&w->moe);
+    dm_config_free(&m->cfg);
+    free(m->path);
+    free(m);
+}
+
+const dm_config *dm_model_config(const dm_model *m) { return &m->cfg; }
+const char *dm_model_path(const dm_model *m) { return m->path; }

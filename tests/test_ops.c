@@ -1,0 +1,217 @@
+/* Op-level tests: every fast CPU kernel against its plain reference (tolerances stated inline),
+ * and the embedding layouts against independent formulas. */
+#include "backend/cpu/ops.h"
+#include "dit/model.h"
+#include "router/moe.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static float frand(void) /* uniform in [-1, 1) */
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static float *rand_buf(size_t n, float scale)
+{
+    float *p = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = frand() * scale;
+    return p;
+}
+/* max |a-b| / max(1e-12, rms(b)) */
+static double rel_err(const float *a, const float *b, size_t n)
+{
+    double m = 0, s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > m) m = d;
+        s += (double)b[i] * b[i];
+    }
+    return m / fmax(1e-12, sqrt(s / (double)n));
+}
+
+START_TEST(linear_matches_reference)
+{
+    int N = 37, in = 70, out = 45;
+    float *x = rand_buf((size_t)N * in, 1), *W = rand_buf((size_t)out * in, 0.2f), *b = rand_buf(out, 1);
+    float *y = malloc(sizeof(float) * N * out), *r = malloc(sizeof(float) * N * out);
+    dm_linear(x, N, in, W, b, out, y);
+    dm_linear_ref(x, N, in, W, b, out, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * out), 1e-5); /* float32 GEMM vs double loops */
+    dm_linear(x, N, in, W, NULL, out, y);
+    dm_linear_ref(x, N, in, W, NULL, out, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * out), 1e-5);
+    free(x), free(W), free(b), free(y), free(r);
+}
+END_TEST
+
+START_TEST(layernorm_matches_reference)
+{
+    int N = 19, D = 96;
+    float *x = rand_buf((size_t)N * D, 3), *w = rand_buf(D, 1), *b = rand_buf(D, 1);
+    float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
+    dm_layernorm(x, N, D, 1e-6f, NULL, NULL, y);
+    dm_layernorm_ref(x, N, D, 1e-6f, NULL, NULL, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+    dm_layernorm(x, N, D, 1e-6f, w, b, y);
+    dm_layernorm_ref(x, N, D, 1e-6f, w, b, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+    free(x), free(w), free(b), free(y), free(r);
+}
+END_TEST
+
+static void check_attention(int qknorm)
+{
+    int B = 2, T = 23, H = 3, hd = 16, D = H * hd;
+    float *qkv = rand_buf((size_t)B * T * 3 * D, 2);
+    float *nw = rand_buf(4 * hd, 1);
+    dm_qk_norm qk = {nw, nw + hd, nw + 2 * hd, nw + 3 * hd};
+    float *y = malloc(sizeof(float) * B * T * D), *r = malloc(sizeof(float) * B * T * D);
+    ck_assert_int_eq(dm_attention(qkv, B, T, H, hd, qknorm ? &qk : NULL, y), 0);
+    dm_attention_ref(qkv, B, T, H, hd, qknorm ? &qk : NULL, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)B * T * D), 1e-5);
+    free(qkv), free(nw), free(y), free(r);
+}
+START_TEST(attention_matches_reference) { check_attention(0); }
+END_TEST
+START_TEST(attention_qknorm_matches_reference) { check_attention(1); }
+END_TEST
+
+static void make_moe(dm_moe_w *w, int E, int k, int D, int F, int Fs)
+{
+    w->E = E, w->k = k, w->D = D;
+    w->gate = rand_buf((size_t)E * D, 1);
+    w->experts = calloc(E, sizeof *w->experts);
+    for (int e = 0; e < E; e++)
+        w->experts[e] = (dm_swiglu_w){rand_buf((size_t)2 * F * D, 0.3f), rand_buf((size_t)D * F, 0.3f), F};
+    w->shared = Fs ? (dm_swiglu_w){rand_buf((size_t)2 * Fs * D, 0.3f), rand_buf((size_t)D * Fs, 0.3f), Fs}
+                   : (dm_swiglu_w){0};
+}
+static void free_moe(dm_moe_w *w)
+{
+    for (int e = 0; e < w->E; e++) free(w->experts[e].gate_up), free(w->experts[e].down);
+    free(w->experts), free(w->gate), free(w->shared.gate_up), free(w->shared.down);
+}
+
+static void check_moe(int E, int k, int shared)
+{
+    int N = 57, D = 32, F = 64;
+    dm_moe_w w;
+    make_moe(&w, E, k, D, F, shared ? 48 : 0);
+    float *h = rand_buf((size_t)N * D, 1.5f);
+    float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
+    int32_t *ids = malloc(sizeof(int32_t) * N * k);
+    float *wts = malloc(sizeof(float) * N * k);
+    dm_moe_scratch s = {0};
+    ck_assert_int_eq(dm_moe_scratch_reserve(&s, N, D, F > 48 ? F : 48, E, k), 0);
+    dm_moe_route(&w, h, N, &s);
+    dm_moe_route_ref(&w, h, N, ids, wts);
+    /* Grouping: each expert's slice holds exactly the tokens that chose it, ascending. */
+    int total = 0;
+    for (int e = 0; e < E; e++) {
+        int prev = -1;
+        for (int i = s.r.offset[e]; i < s.r.offset[e + 1]; i++) {
+            int tok = s.r.rows[i], found = 0;
+            ck_assert_int_gt(tok, prev);
+            prev = tok;
+            for (int j = 0; j < k; j++) found |= s.r.ids[tok * k + j] == e;
+            ck_assert(found);
+            total++;
+        }
+    }
+    ck_assert_int_eq(total, N * k);
+    for (int i = 0; i < N * k; i++) {
+        ck_assert_int_eq(s.r.ids[i], ids[i]);
+        ck_assert_float_eq_tol(s.r.weights[i], wts[i], 1e-5f);
+    }
+    for (int n = 0; n < N; n++) /* descending weights, not renormalised (sum < 1 unless k == E) */
+        for (int j = 1; j < k; j++) ck_assert_float_ge(s.r.weights[n * k + j - 1], s.r.weights[n * k + j]);
+    dm_moe_apply(&w, h, N, &s, y);
+    dm_moe_forward_ref(&w, h, N, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+    dm_moe_scratch_free(&s);
+    free_moe(&w), free(h), free(y), free(r), free(ids), free(wts);
+}
+START_TEST(moe_top2_shared) { check_moe(8, 2, 1); }
+END_TEST
+START_TEST(moe_top1_no_shared) { check_moe(4, 1, 0); }
+END_TEST
+START_TEST(moe_topk_equals_e) { check_moe(3, 3, 1); }
+END_TEST
+
+START_TEST(patchify_layout)
+{
+    int B = 2, C = 3, S = 8, p = 2, G = S / p, T = G * G;
+    float *x = malloc(sizeof(float) * B * C * S * S), *pt = malloc(sizeof(float) * B * T * C * p * p);
+    for (int i = 0; i < B * C * S * S; i++) x[i] = (float)i;
+    dm_patchify(x, B, C, S, p, pt);
+    /* token m = row*G + col; patch vector ordered (c, pi, pj) */
+    int b = 1, gi = 2, gj = 3, c = 2, pi = 1, pj = 0, m = gi * G + gj;
+    ck_assert_float_eq(pt[((size_t)b * T + m) * C * p * p + (c * p + pi) * p + pj],
+                       x[((b * C + c) * S + gi * p + pi) * S + gj * p + pj]);
+    /* unpatchify reads (pi, pj, c) with c fastest */
+    float *tok = malloc(sizeof(float) * B * T * p * p * C), *img = malloc(sizeof(float) * B * C * S * S);
+    for (int i = 0; i < B * T * p * p * C; i++) tok[i] = (float)i;
+    dm_unpatchify(tok, B, C, S, p, img);
+    ck_assert_float_eq(img[((b * C + c) * S + gi * p + pi) * S + gj * p + pj],
+                       tok[((size_t)b * T + m) * p * p * C + (pi * p + pj) * C + c]);
+    free(x), free(pt), free(tok), free(img);
+}
+END_TEST
+
+START_TEST(timestep_is_cos_then_sin)
+{
+    float t[2] = {0.0f, 500.0f}, e[2 * DM_TIME_FREQ_DIM];
+    dm_timestep_sinusoid(t, 2, e);
+    ck_assert_float_eq(e[0], 1.0f);   /* cos(0) */
+    ck_assert_float_eq(e[128], 0.0f); /* sin(0) */
+    for (int k = 0; k < 128; k += 17) {
+        double f = exp(-log(10000.0) * k / 128.0);
+        ck_assert_double_le(fabs(e[256 + k] - cos(500.0 * f)), 2e-4);
+        ck_assert_double_le(fabs(e[256 + 128 + k] - sin(500.0 * f)), 2e-4);
+    }
+}
+END_TEST
+
+START_TEST(pos_embed_column_first_sin_first)
+{
+    int D = 16, G = 4, K = D / 4;
+    float pe[16 * 16];
+    dm_pos_embed_2d(D, G, pe);
+    int m = 1 * G + 3; /* row 1, col 3 */
+    for (int k = 0; k < K; k++) {
+        double w = pow(10000.0, -(double)k / K);
+        ck_assert_double_le(fabs(pe[m * D + k] - sin(3 * w)), 1e-6);         /* column, sin */
+        ck_assert_double_le(fabs(pe[m * D + K + k] - cos(3 * w)), 1e-6);     /* column, cos */
+        ck_assert_double_le(fabs(pe[m * D + 2 * K + k] - sin(1 * w)), 1e-6); /* row, sin */
+        ck_assert_double_le(fabs(pe[m * D + 3 * K + k] - cos(1 * w)), 1e-6); /* row, cos */
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("ops");
+    TCase *tc = tcase_create("cpu");
+    tcase_add_test(tc, linear_matches_reference);
+    tcase_add_test(tc, layernorm_matches_reference);
+    tcase_add_test(tc, attention_matches_reference);
+    tcase_add_test(tc, attention_qknorm_matches_reference);
+    tcase_add_test(tc, moe_top2_shared);
+    tcase_add_test(tc, moe_top1_no_shared);
+    tcase_add_test(tc, moe_topk_equals_e);
+    tcase_add_test(tc, patchify_layout);
+    tcase_add_test(tc, timestep_is_cos_then_sin);
+    tcase_add_test(tc, pos_embed_column_first_sin_first);
+    suite_add_tcase(s, tc);
+    SRunner *r = srunner_create(s);
+    srunner_run_all(r, CK_NORMAL);
+    int failed = srunner_ntests_failed(r);
+    srunner_free(r);
+    return failed ? 1 : 0;
+}
