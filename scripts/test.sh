@@ -12,7 +12,7 @@ cmake --build build -j "$jobs"
 (cd build && ctest --output-on-failure)
 
 echo "== AddressSanitizer + UBSan build =="
-cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DDITMOE_SANITIZE=ON >/dev/null
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_SANITIZE=ON >/dev/null
 cmake --build build-asan -j "$jobs"
 # OpenMP's runtime keeps thread pools alive at exit; those are not our leaks.
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
