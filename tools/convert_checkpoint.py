@@ -27,7 +27,7 @@ import safetensors_io  # noqa: E402
 RELEASED = {384: ("S", 6), 768: ("B", 12), 1152: ("XL", 16), 1408: ("G", 16)}
 WRAPPERS = ("ema", "model", "module", "state_dict")
 PREFIXES = ("module.", "model.")
-REQUIRED = ("pos_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight",
+REQUIRED = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
             "t_embedder.mlp.2.weight", "y_embedder.embedding_table.weight",
             "blocks.0.moe.gate.weight", "final_layer.linear.weight",
             "final_layer.adaLN_modulation.1.weight")
@@ -125,6 +125,12 @@ def infer_config(sd, args):
                          f"(384/768/1152/1408): pass --heads N")
     if heads < 1 or D % heads:
         raise InputError(f"--heads {heads}: hidden size {D} is not divisible by it")
+    if qknorm:
+        qn = sd.get("blocks.0.attn.q_norm.weight")
+        if qn is not None and tuple(qn.shape) != (D // heads,):
+            raise InputError(f"{'--heads' if args.heads is not None else 'heads from the table'} "
+                             f"{heads}: head dim {D // heads} does not match "
+                             f"blocks.0.attn.q_norm.weight {shape_str(qn.shape)}")
     top_k = args.top_k if args.top_k is not None else 2
     if not 1 <= top_k <= E:
         raise InputError(f"--top-k {top_k}: expected 1..{E} (num_experts from "
