@@ -112,10 +112,23 @@ static int parse_shape(cursor *c, int *ndim, int64_t *shape)
     return 1;
 }
 
+/* The header text for a message: control characters replaced, trailing padding dropped. */
+static const char *header_excerpt(const char *h, size_t len, char *buf, size_t cap)
+{
+    while (len && isspace((unsigned char)h[len - 1])) len--;
+    size_t n = 0;
+    for (size_t i = 0; i < len && n + 4 < cap; i++)
+        buf[n++] = (h[i] >= 32 && h[i] < 127) ? h[i] : '?';
+    if (len >= cap - 4) buf[n++] = '.', buf[n++] = '.', buf[n++] = '.';
+    buf[n] = '\0';
+    return buf;
+}
+
 static dm_status parse_header(const char *path, const char *h, size_t len, char *descr,
                               size_t dcap, int *fortran, int *ndim, int64_t *shape)
 {
     cursor c = {h, h + len};
+    char ex[200];
     int got_d = 0, got_f = 0, got_s = 0;
     if (!eat(&c, '{')) goto bad;
     for (;;) {
@@ -132,8 +145,8 @@ static dm_status parse_header(const char *path, const char *h, size_t len, char 
             got_f = 1;
         } else if (strcmp(key, "shape") == 0) {
             if (!parse_shape(&c, ndim, shape))
-                return dm_fail(DM_ERR_FORMAT, "%s: unparseable shape in .npy header: %.*s", path,
-                               (int)(len > 200 ? 200 : len), h);
+                return dm_fail(DM_ERR_FORMAT, "%s: unparseable shape in .npy header: %s", path,
+                               header_excerpt(h, len, ex, sizeof ex));
             got_s = 1;
         } else {
             return dm_fail(DM_ERR_FORMAT, "%s: unexpected key '%s' in .npy header", path, key);
@@ -147,8 +160,8 @@ static dm_status parse_header(const char *path, const char *h, size_t len, char 
                        !got_d ? "descr" : !got_f ? "fortran_order" : "shape");
     return DM_OK;
 bad:
-    return dm_fail(DM_ERR_FORMAT, "%s: malformed .npy header: %.*s", path,
-                   (int)(len > 200 ? 200 : len), h);
+    return dm_fail(DM_ERR_FORMAT, "%s: malformed .npy header: %s", path,
+                   header_excerpt(h, len, ex, sizeof ex));
 }
 
 void dm_npy_free(dm_npy *a)
