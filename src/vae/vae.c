@@ -1,0 +1,177 @@
+/* VAE decoder forward (spec/vae_samplers.md A.2-A.6) and the public dm_vae_* API.
+ * One image at a time: three activation buffers of the largest map plus im2col/attention scratch,
+ * so memory is bounded for any batch. */
+#include "vae/vae_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+dm_status dm_vae_load(const char *path, dm_vae **out)
+{
+    *out = NULL;
+    dm_vae *v = calloc(1, sizeof *v);
+    if (!v) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
+    dm_status st = dm_vae_load_weights(path, v);
+    if (st != DM_OK) {
+        dm_vae_free(v);
+        return st;
+    }
+    *out = v;
+    return DM_OK;
+}
+
+static void free_ws(dm_vae *v)
+{
+    for (int i = 0; i < 3; i++) { free(v->act[i]); v->act[i] = NULL; }
+    free(v->col); v->col = NULL;
+    free(v->attn_ws); v->attn_ws = NULL;
+    v->ws_h = v->ws_w = 0;
+}
+
+void dm_vae_free(dm_vae *v)
+{
+    if (!v) return;
+    dm_vae_free_weights(v);
+    free_ws(v);
+    free(v);
+}
+
+const dm_vae_info *dm_vae_get_info(const dm_vae *v) { return &v->info; }
+
+static size_t maxz(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Largest activation (C*H*W) and im2col band over the whole network for latent h x w. */
+static void plan(const dm_vae *v, int h, int w, size_t *act, size_t *col)
+{
+    size_t hw = (size_t)h * w;
+    size_t A = maxz((size_t)v->info.z_channels, (size_t)v->latent_ch) * hw;
+    size_t Cl = dm_vae_conv_col_size(v->latent_ch, h, w, 3);
+    A = maxz(A, (size_t)v->top * hw);
+    Cl = maxz(Cl, dm_vae_conv_col_size(v->top, h, w, 3));
+    int H = h, W = w, prev = v->top;
+    for (int i = 0; i < v->levels; i++) {
+        const dm_vae_level *lv = &v->level[i];
+        A = maxz(A, (size_t)maxz((size_t)prev, (size_t)lv->width) * H * W);
+        Cl = maxz(Cl, dm_vae_conv_col_size(prev, H, W, 3));
+        Cl = maxz(Cl, dm_vae_conv_col_size(lv->width, H, W, 3));
+        if (lv->has_up) {
+            H *= 2; W *= 2;
+            A = maxz(A, (size_t)lv->width * H * W);
+            Cl = maxz(Cl, dm_vae_conv_col_size(lv->width, H, W, 3));
+        }
+        prev = lv->width;
+    }
+    *act = A;
+    *col = Cl;
+}
+
+static dm_status ensure_ws(dm_vae *v, int h, int w)
+{
+    if (v->ws_h == h && v->ws_w == w) return DM_OK;
+    free_ws(v);
+    size_t act, col;
+    plan(v, h, w, &act, &col);
+    for (int i = 0; i < 3; i++) v->act[i] = malloc(sizeof(float) * act);
+    v->col = malloc(sizeof(float) * (col ? col : 1));
+    size_t aws = v->has_attn ? dm_vae_attn_ws_size(v->top, h * w) : 1;
+    v->attn_ws = malloc(sizeof(float) * aws);
+    if (!v->act[0] || !v->act[1] || !v->act[2] || !v->col || !v->attn_ws) {
+        free_ws(v);
+        return dm_fail(DM_ERR_NOMEM, "%s: cannot allocate decoder workspace for a %dx%d latent "
+                       "(%zu MiB)", v->path, h, w,
+                       (3 * act + col + aws) * sizeof(float) >> 20);
+    }
+    dm_log(DM_LOG_VERBOSE, "VAE workspace for %dx%d latent: 3 x %zu MiB activations, %zu MiB "
+           "im2col, %zu MiB attention", h, w, act * 4 >> 20, col * 4 >> 20, aws * 4 >> 20);
+    v->ws_h = h;
+    v->ws_w = w;
+    return DM_OK;
+}
+
+static void conv(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out)
+{
+    dm_vae_conv2d(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
+}
+
+/* x [cin, H, W] (buffer a) -> [cout, H, W] in a; b and c are scratch of the same capacity. */
+static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float *a, float *b, float *c)
+{
+    const size_t HW = (size_t)H * W;
+    dm_vae_group_norm(a, r->cin, HW, v->groups, DM_VAE_EPS, r->norm1.g, r->norm1.b, 1, b);
+    conv(v, &r->conv1, b, H, W, c);                                   /* c [cout, HW] */
+    dm_vae_group_norm(c, r->cout, HW, v->groups, DM_VAE_EPS, r->norm2.g, r->norm2.b, 1, c);
+    conv(v, &r->conv2, c, H, W, b);                                   /* b [cout, HW] */
+    const size_t n = (size_t)r->cout * HW;
+    if (r->shortcut.w) {
+        conv(v, &r->shortcut, a, H, W, c);                            /* c [cout, HW] */
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) a[i] = c[i] + b[i];
+    } else {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) a[i] += b[i];
+    }
+}
+
+dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
+{
+    float *a = v->act[0], *b = v->act[1], *c = v->act[2];
+    const size_t hw = (size_t)h * w;
+    conv(v, &v->post_quant, z, h, w, b);                 /* b [latent_ch, h, w] */
+    conv(v, &v->conv_in, b, h, w, a);                    /* a [top, h, w] */
+    resblock(v, &v->mid[0], h, w, a, b, c);
+    if (v->has_attn) {
+        const dm_vae_attn *at = &v->attn;
+        dm_vae_attn_w aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
+                            at->wv, at->bv, at->wo, at->bo};
+        dm_vae_attention(a, v->top, (int)hw, v->groups, &aw, v->attn_ws);
+    }
+    resblock(v, &v->mid[1], h, w, a, b, c);
+    int H = h, W = w;
+    for (int i = 0; i < v->levels; i++) {
+        const dm_vae_level *lv = &v->level[i];
+        for (int j = 0; j < lv->nres; j++) resblock(v, &lv->res[j], H, W, a, b, c);
+        if (lv->has_up) {
+            dm_vae_upsample2x(a, lv->width, H, W, c);   /* c [width, 2H, 2W] */
+            H *= 2; W *= 2;
+            conv(v, &lv->up, c, H, W, a);
+        }
+    }
+    const int C0 = v->norm_out.c;
+    dm_vae_group_norm(a, C0, (size_t)H * W, v->groups, DM_VAE_EPS, v->norm_out.g, v->norm_out.b, 1,
+                      b);
+    conv(v, &v->conv_out, b, H, W, img);                 /* img [out_ch, H, W] */
+    return DM_OK;
+}
+
+dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *img)
+{
+    if (!v || !z || !img || B < 1 || h < 1 || w < 1)
+        return dm_fail(DM_ERR_ARG, "dm_vae_decode: bad arguments (B=%d, h=%d, w=%d)", B, h, w);
+    const long long f = v->info.factor;
+    if ((long long)h * w * f * f > (1LL << 31) / 4)
+        return dm_fail(DM_ERR_ARG, "dm_vae_decode: latent %dx%d too large", h, w);
+    dm_status st = ensure_ws(v, h, w);
+    if (st != DM_OK) return st;
+    const int zc = v->info.z_channels, oc = v->info.out_channels;
+    const size_t zn = (size_t)zc * h * w;
+    const size_t on = (size_t)oc * (size_t)(h * f) * (size_t)(w * f);
+    float *zs = malloc(sizeof(float) * zn);
+    if (!zs) return dm_fail(DM_ERR_NOMEM, "dm_vae_decode: out of memory");
+    for (int bi = 0; bi < B; bi++) {
+        const float *zb = z + (size_t)bi * zn;
+        for (size_t i = 0; i < zn; i++) zs[i] = zb[i] / v->info.scale; /* z / scaling_factor */
+        float *ob = img + (size_t)bi * on;
+        st = dm_vae_decode_one(v, h, w, zs, ob);
+        if (st != DM_OK) break;
+        for (size_t i = 0; i < on; i++)
+            if (!isfinite(ob[i])) {
+                st = dm_fail(DM_ERR_NUMERIC, "%s: non-finite value in decoded image %d (latent "
+                             "holds NaN/Inf or weights overflow)", v->path, bi);
+                break;
+            }
+        if (st != DM_OK) break;
+    }
+    free(zs);
+    return st;
+}
