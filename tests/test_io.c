@@ -459,6 +459,53 @@ START_TEST(npy_rejects)
 }
 END_TEST
 
+/* Interop with numpy itself (skipped when $PYTHON is unset or lacks numpy): numpy reads our files
+ * and writes files (v1.0 and v2.0) that we read. */
+START_TEST(npy_numpy_interop)
+{
+    const char *py = getenv("PYTHON");
+    char cmd[2048];
+    if (!py) return;
+    snprintf(cmd, sizeof cmd, "%s -c 'import numpy' 2>/dev/null", py);
+    if (system(cmd) != 0) return;
+    float f[6] = {0.5f, -1.0f, 3.0f, 1e-30f, 7.25f, -0.0f};
+    int64_t s23[2] = {2, 3}, s4 = 4;
+    int64_t l[4] = {-1, 0, 1LL << 40, 9};
+    uint8_t u[4] = {0, 1, 128, 255};
+    ck_assert_int_eq(dm_npy_write(tpath("ours_f.npy"), DM_F32, 2, s23, f), DM_OK);
+    ck_assert_int_eq(dm_npy_write(tpath("ours_l.npy"), DM_I64, 1, &s4, l), DM_OK);
+    ck_assert_int_eq(dm_npy_write(tpath("ours_u.npy"), DM_U8, 1, &s4, u), DM_OK);
+    snprintf(cmd, sizeof cmd,
+             "cd %s && %s -c '\n"
+             "import numpy as np\n"
+             "a = np.load(\"ours_f.npy\"); assert a.dtype == np.float32 and a.shape == (2, 3)\n"
+             "assert (a == np.array([[0.5, -1, 3], [1e-30, 7.25, 0]], np.float32)).all()\n"
+             "b = np.load(\"ours_l.npy\"); assert b.dtype == np.int64 and list(b) == [-1, 0, 2**40, 9]\n"
+             "c = np.load(\"ours_u.npy\"); assert c.dtype == np.uint8 and list(c) == [0, 1, 128, 255]\n"
+             "np.save(\"np_i4.npy\", np.arange(-3, 9, dtype=np.int32).reshape(3, 1, 4))\n"
+             "with open(\"np_v2.npy\", \"wb\") as fh:\n"
+             "    np.lib.format.write_array(fh, np.linspace(0, 1, 5, dtype=np.float32), version=(2, 0))\n"
+             "np.save(\"np_f.npy\", np.asfortranarray(np.ones((2, 3), np.float32)))\n"
+             "np.save(\"np_be.npy\", np.ones(3, dtype=\">f4\"))\n"
+             "'",
+             g_dir, py);
+    ck_assert_msg(system(cmd) == 0, "python side failed: %s", cmd);
+    dm_npy a;
+    ck_assert_msg(dm_npy_read_expect(tpath("np_i4.npy"), DM_I32, 3, &a) == DM_OK, "%s", dm_last_error());
+    ck_assert_int_eq(a.shape[0], 3);
+    ck_assert_int_eq(a.shape[1], 1);
+    ck_assert_int_eq(a.shape[2], 4);
+    for (int i = 0; i < 12; i++) ck_assert_int_eq(((int32_t *)a.data)[i], i - 3);
+    dm_npy_free(&a);
+    ck_assert_msg(dm_npy_read_expect(tpath("np_v2.npy"), DM_F32, 1, &a) == DM_OK, "%s", dm_last_error());
+    ck_assert_int_eq(a.shape[0], 5);
+    for (int i = 0; i < 5; i++) ck_assert(((float *)a.data)[i] == (float)i / 4.0f);
+    dm_npy_free(&a);
+    expect_err(dm_npy_read(tpath("np_f.npy"), &a), "np_f.npy", "fortran_order");
+    expect_err(dm_npy_read(tpath("np_be.npy"), &a), "np_be.npy", "big-endian");
+}
+END_TEST
+
 static int count_tmp_files(void)
 {
     int n = 0;
@@ -911,6 +958,7 @@ static Suite *io_suite(void)
     tcase_add_test(tc, npy_read_handmade);
     tcase_add_test(tc, npy_round_trip);
     tcase_add_test(tc, npy_rejects);
+    tcase_add_test(tc, npy_numpy_interop);
     tcase_add_test(tc, atomic_write_failures);
     tcase_add_test(tc, config_metadata);
     tcase_add_test(tc, config_metadata_invalid);
