@@ -626,6 +626,17 @@ static dm_status config_of(const char *name, const mspec *m, const char *meta, d
     return st;
 }
 
+/* Replace the first occurrence of `from` in the full metadata with `to`. */
+static const char *meta_with(const char *from, const char *to)
+{
+    static char buf[4096];
+    const char *at = strstr(k_meta_full, from);
+    ck_assert_ptr_nonnull(at);
+    snprintf(buf, sizeof buf, "%.*s%s%s", (int)(at - k_meta_full), k_meta_full, to,
+             at + strlen(from));
+    return buf;
+}
+
 START_TEST(config_metadata)
 {
     dm_config c;
@@ -679,6 +690,19 @@ START_TEST(config_metadata)
     dm_config_free(&c);
     ck_assert_ptr_null(c.class_names);
 
+    /* ImageNet-style names: comma-separated synonyms match; an over-long name (67 bytes) is cut
+     * after the last whole synonym that fits in DM_MAX_CLASS_NAME - 1 bytes */
+    const char *m2 = meta_with("\"Shirt\"",
+                               "\"lesser panda, red panda, panda, bear cat, cat bear, Ailurus fulgens\"");
+    ck_assert_msg(config_of("m2.safetensors", &k_small, m2, &c) == DM_OK, "%s", dm_last_error());
+    ck_assert_str_eq(c.class_names[6], "lesser panda, red panda, panda, bear cat, cat bear");
+    ck_assert_int_eq(dm_config_class_id(&c, "Red Panda", &id), DM_OK);
+    ck_assert_int_eq(id, 6);
+    ck_assert_int_eq(dm_config_class_id(&c, "cat_bear", &id), DM_OK);
+    ck_assert_int_eq(id, 6);
+    expect_err(dm_config_class_id(&c, "panda, bear", &id), "unknown class", NULL);
+    dm_config_free(&c);
+
     /* sampling defaults from the objective; class_names optional */
     const char *rf = "{\"hidden_size\": 64, \"depth\": 3, \"num_heads\": 4, \"num_experts\": 2,"
                      " \"top_k\": 1, \"expert_hidden\": 256, \"shared_hidden\": 0, \"attention\":"
@@ -700,17 +724,6 @@ START_TEST(config_metadata)
     dm_config_free(&c);
 }
 END_TEST
-
-/* Replace the first occurrence of `from` in the full metadata with `to`. */
-static const char *meta_with(const char *from, const char *to)
-{
-    static char buf[4096];
-    const char *at = strstr(k_meta_full, from);
-    ck_assert_ptr_nonnull(at);
-    snprintf(buf, sizeof buf, "%.*s%s%s", (int)(at - k_meta_full), k_meta_full, to,
-             at + strlen(from));
-    return buf;
-}
 
 START_TEST(config_metadata_invalid)
 {

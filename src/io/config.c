@@ -124,6 +124,25 @@ static dm_status get_float(const meta_ctx *m, const cJSON *obj, const char *key,
         if (st_ != DM_OK) return st_;   \
     } while (0)
 
+/* Copy a class name into [DM_MAX_CLASS_NAME]; long names (ImageNet's synonym lists) are cut
+ * after the last whole ", "-separated synonym that fits, else at a UTF-8 character boundary. */
+static void copy_class_name(char *dst, const char *src)
+{
+    size_t n = strlen(src), cap = DM_MAX_CLASS_NAME - 1;
+    if (n > cap) {
+        size_t cut = 0;
+        for (size_t i = 1; i + 1 <= cap; i++)
+            if (src[i] == ',' && src[i + 1] == ' ') cut = i;
+        if (!cut) {
+            cut = cap;
+            while (cut > 0 && ((unsigned char)src[cut] & 0xC0) == 0x80) cut--;
+        }
+        n = cut;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 static dm_status parse_meta(const char *path, const char *text, dm_config *c)
 {
     cJSON *root = cJSON_Parse(text);
@@ -243,14 +262,12 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
         }
         int i = 0;
         for (const cJSON *e = cn->child; e; e = e->next, i++) {
-            if (!cJSON_IsString(e) || strlen(e->valuestring) >= DM_MAX_CLASS_NAME) {
+            if (!cJSON_IsString(e)) {
                 st = dm_fail(DM_ERR_FORMAT,
-                             "%s: metadata \"ditmoe\": class_names[%d]: expected a string of at "
-                             "most %d characters",
-                             path, i, DM_MAX_CLASS_NAME - 1);
+                             "%s: metadata \"ditmoe\": class_names[%d]: expected a string", path, i);
                 goto done;
             }
-            snprintf(c->class_names[i], DM_MAX_CLASS_NAME, "%s", e->valuestring);
+            copy_class_name(c->class_names[i], e->valuestring);
         }
     }
 
