@@ -211,6 +211,89 @@ void dm_image_to_u8(int channels, int h, int w, const float *chw, uint8_t *hwc);
 #define DM_DEFAULT_VAE "vae-fmnist.safetensors"
 
 /* ---------------------------------------------------------------------------------------------
+ * Sampling (src/sampler): DDPM / DDIM (Gaussian diffusion, DiT's respaced tables), rectified-flow
+ * Euler / Heun (DiT-MoE convention: t = 1 is noise, v = noise - data), classifier-free guidance
+ * on one doubled batch, and a counter-based noise generator (Philox4x32-10 + Box-Muller).
+ *
+ * Time convention for --cfg-interval (cfg_t_lo, cfg_t_hi): the fraction t in [0,1] where 1 is
+ * pure noise, for every sampler: DDPM/DDIM t = timestep / (num_train_steps - 1) (999 -> 1.0,
+ * 0 -> 0.0); Euler/Heun t = the flow time itself (i/N, and the Heun corrector's t - 1/N).
+ * ------------------------------------------------------------------------------------------- */
+typedef enum {
+    DM_SAMPLER_DDPM = 0, /* ancestral p_sample loop, learned-range variance (ddpm models)      */
+    DM_SAMPLER_DDIM,     /* DDIM with eta (ddpm models)                                         */
+    DM_SAMPLER_EULER,    /* rectified-flow Euler z <- z - v/N from t=1 down to 1/N (rf models)  */
+    DM_SAMPLER_HEUN,     /* rectified-flow Heun; last step Euler so t=0 is never evaluated (rf) */
+    DM_SAMPLER_COUNT
+} dm_sampler_kind;
+const char *dm_sampler_name(dm_sampler_kind k);                 /* "ddpm", "ddim", "euler", "heun" */
+int dm_sampler_from_name(const char *s, dm_sampler_kind *out);  /* 0 ok, -1 unknown */
+dm_objective dm_sampler_objective(dm_sampler_kind k);           /* the objective it samples */
+
+typedef struct {
+    dm_sampler_kind sampler;
+    int steps;            /* sampler steps N (respaced DDPM steps, or flow steps)          */
+    float cfg_scale;      /* guidance scale s; 1 = no guidance (no doubled batch)          */
+    int cfg_channels;     /* latent channels guided: 3 = DiT's DDPM quirk, 0 = all         */
+    float cfg_t_lo;       /* guidance only while cfg_t_lo <= t <= cfg_t_hi (t: see above)  */
+    float cfg_t_hi;
+    float eta;            /* DDIM eta (0 = deterministic)                                  */
+    uint64_t seed;        /* noise key; image i's noise depends only on (seed, index, step)*/
+    int num_train_steps;  /* T of the base DDPM schedule (1000)                            */
+} dm_sample_params;
+/* Every default in one place: sampler/steps/cfg from cfg (its metadata or objective defaults;
+ * cfg may be NULL -> ddpm, 250 steps, cfg 4.0, 3 channels), interval [0,1], eta 0, seed 0. */
+void dm_sample_params_init(dm_sample_params *p, const dm_config *cfg);
+/* Check p against a model: sampler/objective pair, steps, channels, interval. DM_ERR_ARG. */
+dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg);
+
+/* The denoiser the sampler drives: out = model(x, t, y), x [B,C,H,W], t [B], y [B] (null class
+ * = num_classes), out [B,out_channels,H,W]; out_channels is C or 2C (learned variance). */
+typedef dm_status (*dm_denoise_fn)(void *ctx, int B, const float *x, const float *t,
+                                   const int64_t *y, float *out);
+typedef struct {
+    dm_denoise_fn fn;
+    void *ctx;
+    int channels, out_channels, height, width;
+    int num_classes; /* null class id */
+} dm_denoiser;
+/* A denoiser calling dm_model_forward(m, ...) (no routing record). */
+void dm_model_denoiser(dm_model *m, dm_denoiser *d);
+
+/* Called after each sampler step s = 1..N (may be NULL). */
+typedef void (*dm_progress_fn)(void *ctx, int step, int nsteps);
+
+/* Sample B images. y [B] class ids, index [B] global image indices (noise keys),
+ * init [B,C,H,W] initial noise or NULL (then drawn as stream 0 of (seed, index[b])),
+ * z [B,C,H,W] the final latent. With guidance the denoiser runs on 2B rows
+ * ([x; x] with labels [y; null]) in ONE call per evaluation.
+ * A non-finite latent fails with DM_ERR_NUMERIC naming the step. */
+dm_status dm_sample(const dm_denoiser *d, const dm_sample_params *p, int B, const int64_t *y,
+                    const uint64_t *index, const float *init, float *z, dm_progress_fn progress,
+                    void *progress_ctx);
+
+/* Philox4x32-10 (Salmon et al. 2011): one block of 4 words from counter ctr and key key. */
+void dm_philox4x32(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+/* n standard normals for (seed, image index, stream): block j uses counter
+ * {j, stream, index lo32, index hi32} and key {seed lo32, seed hi32}; each block gives two
+ * Box-Muller pairs (u = (w + 0.5) / 2^32, computed in double, rounded to float):
+ * out[4j+0] = r0 cos(2pi u1), out[4j+1] = r0 sin(2pi u1), r0 = sqrt(-2 ln u0) from words 0,1,
+ * out[4j+2], out[4j+3] likewise from words 2,3. Stream 0 = initial noise, stream s = noise of
+ * sampler step s (1-based, in run order). */
+void dm_noise_normal(uint64_t seed, uint64_t index, uint32_t stream, size_t n, float *out);
+
+/* DiT / IDDPM Gaussian-diffusion tables (float64): linear betas 1e-4..0.02 over T steps, respaced
+ * to `steps` with DiT's space_timesteps (float stride accumulation, half-to-even rounding). */
+typedef struct {
+    int n;                    /* respaced steps */
+    int64_t *timestep;        /* [n] original timesteps fed to the model (ascending) */
+    double *beta, *ac, *ac_prev, *sqrt_recip_ac, *sqrt_recipm1_ac;   /* each [n] */
+    double *post_var, *post_logvar_clipped, *log_beta, *coef1, *coef2; /* each [n] */
+} dm_ddpm_schedule;
+dm_status dm_ddpm_schedule_init(dm_ddpm_schedule *s, int num_train_steps, int steps);
+void dm_ddpm_schedule_free(dm_ddpm_schedule *s);
+
+/* ---------------------------------------------------------------------------------------------
  * Sections added by later stages go above this line (PNG output, sampling, routing dumps).
  * ------------------------------------------------------------------------------------------- */
 

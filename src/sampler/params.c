@@ -1,0 +1,83 @@
+/* Sampler names, default parameters (one place), and the parameter check against a model. */
+#include "ditmoe.h"
+
+#include <math.h>
+#include <string.h>
+#include <strings.h>
+
+static const char *const k_sampler_names[DM_SAMPLER_COUNT] = {"ddpm", "ddim", "euler", "heun"};
+static const dm_objective k_sampler_objective[DM_SAMPLER_COUNT] = {DM_OBJ_DDPM, DM_OBJ_DDPM,
+                                                                   DM_OBJ_RF, DM_OBJ_RF};
+
+const char *dm_sampler_name(dm_sampler_kind k)
+{
+    return (unsigned)k < DM_SAMPLER_COUNT ? k_sampler_names[k] : "?";
+}
+
+int dm_sampler_from_name(const char *s, dm_sampler_kind *out)
+{
+    for (int i = 0; s && i < DM_SAMPLER_COUNT; i++)
+        if (!strcasecmp(s, k_sampler_names[i])) {
+            *out = (dm_sampler_kind)i;
+            return 0;
+        }
+    return -1;
+}
+
+dm_objective dm_sampler_objective(dm_sampler_kind k)
+{
+    return (unsigned)k < DM_SAMPLER_COUNT ? k_sampler_objective[k] : DM_OBJ_DDPM;
+}
+
+void dm_sample_params_init(dm_sample_params *p, const dm_config *cfg)
+{
+    memset(p, 0, sizeof *p);
+    const int rf = cfg && cfg->objective == DM_OBJ_RF;
+    p->sampler = rf ? DM_SAMPLER_EULER : DM_SAMPLER_DDPM;
+    p->steps = rf ? 50 : 250;
+    p->cfg_scale = 4.0f;
+    p->cfg_channels = rf ? 0 : 3;
+    if (cfg) {
+        dm_sampler_kind k;
+        if (!dm_sampler_from_name(cfg->default_sampler, &k)) p->sampler = k;
+        if (cfg->default_steps > 0) p->steps = cfg->default_steps;
+        if (cfg->default_cfg_scale > 0.0f && isfinite(cfg->default_cfg_scale))
+            p->cfg_scale = cfg->default_cfg_scale;
+        if (cfg->cfg_channels >= 0) p->cfg_channels = cfg->cfg_channels;
+    }
+    p->cfg_t_lo = 0.0f;
+    p->cfg_t_hi = 1.0f;
+    p->eta = 0.0f;
+    p->seed = 0;
+    p->num_train_steps = 1000;
+}
+
+dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg)
+{
+    if ((unsigned)p->sampler >= DM_SAMPLER_COUNT)
+        return dm_fail(DM_ERR_ARG, "--sampler: unknown sampler %d", (int)p->sampler);
+    if (cfg && dm_sampler_objective(p->sampler) != cfg->objective)
+        return dm_fail(DM_ERR_ARG,
+                       "--sampler %s: the model was trained with the %s objective; use %s",
+                       dm_sampler_name(p->sampler), dm_objective_name(cfg->objective),
+                       cfg->objective == DM_OBJ_RF ? "euler or heun" : "ddpm or ddim");
+    if (p->steps < 1) return dm_fail(DM_ERR_ARG, "--steps %d: must be at least 1", p->steps);
+    if (dm_sampler_objective(p->sampler) == DM_OBJ_DDPM && p->steps > p->num_train_steps)
+        return dm_fail(DM_ERR_ARG, "--steps %d: a %s model has only %d diffusion steps",
+                       p->steps, "ddpm", p->num_train_steps);
+    if (p->steps > 100000) return dm_fail(DM_ERR_ARG, "--steps %d: at most 100000", p->steps);
+    if (!isfinite(p->cfg_scale))
+        return dm_fail(DM_ERR_ARG, "--cfg-scale: must be a finite number");
+    if (cfg && (p->cfg_channels < 0 || p->cfg_channels > cfg->in_channels))
+        return dm_fail(DM_ERR_ARG, "--cfg-channels %d: the model has %d latent channels (use 1..%d "
+                       "or all)", p->cfg_channels, cfg->in_channels, cfg->in_channels);
+    if (!(p->cfg_t_lo >= 0.0f && p->cfg_t_hi <= 1.0f && p->cfg_t_lo <= p->cfg_t_hi))
+        return dm_fail(DM_ERR_ARG, "--cfg-interval %g,%g: need 0 <= LO <= HI <= 1 (t = 1 is noise)",
+                       (double)p->cfg_t_lo, (double)p->cfg_t_hi);
+    if (!(p->eta >= 0.0f && isfinite(p->eta)))
+        return dm_fail(DM_ERR_ARG, "--eta %g: must be >= 0", (double)p->eta);
+    if (p->eta != 0.0f && p->sampler != DM_SAMPLER_DDIM)
+        return dm_fail(DM_ERR_ARG, "--eta: only the ddim sampler uses eta (sampler is %s)",
+                       dm_sampler_name(p->sampler));
+    return DM_OK;
+}
