@@ -1,73 +1,56 @@
 /* Multi-head self-attention over all tokens of each image (no mask), optional per-head q/k
  * LayerNorm (the XL/G "qknorm" layout).
  *
- * Fast path: one (image, head) pair per task. K is transposed to [hd, T] so both products are
- * axpy-shaped inner loops over a contiguous axis, which the compiler vectorises without
- * reassociating sums:   s[j] = sum_d q[d] * kT[d][j],   o[:] = sum_j p[j] * v[j][:].  */
+ * Fast path: one (image, head) pair per OpenMP task; both products are single-threaded sgemm
+ * calls reading q, k, v in place from the qkv rows (leading dimension 3D) and writing the head's
+ * columns of `out` (leading dimension D). With qk-norm, q and k are normalised into scratch
+ * first. The OpenMP build of OpenBLAS runs single-threaded inside our parallel region. */
 #include "backend/cpu/ops.h"
 
+#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Copy head h of q, k or v (which = 0, 1, 2) of image b into dst [T, hd], qk-normed if asked. */
-static void gather_head(const float *qkv, int b, int T, int H, int hd, int which, int h,
-                        const float *nw, const float *nb, float *dst)
+/* dst [T, hd] = LayerNorm_hd(head h of q or k (which = 0, 1) of image b). */
+static void norm_head(const float *qkv, int T, int D, int which, int h, int hd, const float *w,
+                      const float *b, float *dst)
 {
-    const int D = H * hd;
-    for (int t = 0; t < T; t++) {
-        const float *src = qkv + ((size_t)b * T + t) * 3 * D + (size_t)which * D + (size_t)h * hd;
-        float *d = dst + (size_t)t * hd;
-        if (nw)
-            dm_layernorm(src, 1, hd, 1e-6f, nw, nb, d);
-        else
-            memcpy(d, src, (size_t)hd * sizeof(float));
-    }
-}
-
-static void attend_head(const float *q, const float *kT, const float *v, int T, int hd, float *s,
-                        float *out, int out_stride)
-{
-    const float scale = 1.0f / sqrtf((float)hd);
-    for (int i = 0; i < T; i++) {
-        const float *qi = q + (size_t)i * hd;
-        for (int j = 0; j < T; j++) s[j] = 0.0f;
-        for (int d = 0; d < hd; d++) {
-            const float qd = qi[d] * scale;
-            const float *kr = kT + (size_t)d * T;
-            for (int j = 0; j < T; j++) s[j] += qd * kr[j];
-        }
-        dm_softmax_rows(s, 1, T);
-        float *o = out + (size_t)i * out_stride;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (int j = 0; j < T; j++) {
-            const float p = s[j];
-            const float *vj = v + (size_t)j * hd;
-            for (int d = 0; d < hd; d++) o[d] += p * vj[d];
-        }
-    }
+    for (int t = 0; t < T; t++)
+        dm_layernorm(qkv + (size_t)t * 3 * D + (size_t)which * D + (size_t)h * hd, 1, hd, 1e-6f, w,
+                     b, dst + (size_t)t * hd);
 }
 
 int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk, float *out)
 {
     const int D = H * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        float *buf = malloc(((size_t)4 * T * hd + T) * sizeof(float));
+        size_t nq = qk ? (size_t)2 * T * hd : 0;
+        float *buf = malloc(((size_t)T * T + nq) * sizeof(float));
         if (!buf) failed = 1;
-        float *q = buf, *k = q + (size_t)T * hd, *kT = k + (size_t)T * hd, *v = kT + (size_t)T * hd,
-              *s = v + (size_t)T * hd;
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < B * H; bh++) {
             if (!buf) continue;
-            int b = bh / H, h = bh % H;
-            gather_head(qkv, b, T, H, hd, 0, h, qk ? qk->q_w : NULL, qk ? qk->q_b : NULL, q);
-            gather_head(qkv, b, T, H, hd, 1, h, qk ? qk->k_w : NULL, qk ? qk->k_b : NULL, k);
-            gather_head(qkv, b, T, H, hd, 2, h, NULL, NULL, v);
-            for (int t = 0; t < T; t++)
-                for (int d = 0; d < hd; d++) kT[(size_t)d * T + t] = k[(size_t)t * hd + d];
-            attend_head(q, kT, v, T, hd, s, out + (size_t)b * T * D + (size_t)h * hd, D);
+            const int b = bh / H, h = bh % H;
+            const float *rows = qkv + (size_t)b * T * 3 * D;
+            const float *q = rows + (size_t)h * hd, *k = rows + D + (size_t)h * hd;
+            const float *v = rows + 2 * D + (size_t)h * hd;
+            int ldq = 3 * D, ldk = 3 * D;
+            float *s = buf; /* [T, T] scores, then probabilities */
+            if (qk) {
+                float *qn = buf + (size_t)T * T, *kn = qn + (size_t)T * hd;
+                norm_head(rows, T, D, 0, h, hd, qk->q_w, qk->q_b, qn);
+                norm_head(rows, T, D, 1, h, hd, qk->k_w, qk->k_b, kn);
+                q = qn, k = kn, ldq = ldk = hd;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, ldq, k, ldk,
+                        0.0f, s, T);
+            dm_softmax_rows(s, T, T);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, s, T, v, 3 * D,
+                        0.0f, out + (size_t)b * T * D + (size_t)h * hd, D);
         }
         free(buf);
     }
