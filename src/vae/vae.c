@@ -89,20 +89,36 @@ static dm_status ensure_ws(dm_vae *v, int h, int w)
     return DM_OK;
 }
 
+/* Per-op wall time of the current decode, reported with -v. */
+enum { T_CONV, T_NORM, T_ATTN, T_OTHER, T_COUNT };
+static double g_t[T_COUNT];
+static double g_flops;
+
 static void conv(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out)
 {
+    double t0 = dm_time_sec();
     dm_vae_conv2d(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
+    g_t[T_CONV] += dm_time_sec() - t0;
+    g_flops += 2.0 * c->cout * c->cin * c->k * c->k * (double)H * W;
+}
+
+static void norm(const float *x, int C, size_t HW, int G, const dm_vae_gn *g, float *y)
+{
+    double t0 = dm_time_sec();
+    dm_vae_group_norm(x, C, HW, G, DM_VAE_EPS, g->g, g->b, 1, y);
+    g_t[T_NORM] += dm_time_sec() - t0;
 }
 
 /* x [cin, H, W] (buffer a) -> [cout, H, W] in a; b and c are scratch of the same capacity. */
 static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float *a, float *b, float *c)
 {
     const size_t HW = (size_t)H * W;
-    dm_vae_group_norm(a, r->cin, HW, v->groups, DM_VAE_EPS, r->norm1.g, r->norm1.b, 1, b);
+    norm(a, r->cin, HW, v->groups, &r->norm1, b);
     conv(v, &r->conv1, b, H, W, c);                                   /* c [cout, HW] */
-    dm_vae_group_norm(c, r->cout, HW, v->groups, DM_VAE_EPS, r->norm2.g, r->norm2.b, 1, c);
+    norm(c, r->cout, HW, v->groups, &r->norm2, c);
     conv(v, &r->conv2, c, H, W, b);                                   /* b [cout, HW] */
     const size_t n = (size_t)r->cout * HW;
+    double t0 = dm_time_sec();
     if (r->shortcut.w) {
         conv(v, &r->shortcut, a, H, W, c);                            /* c [cout, HW] */
 #pragma omp parallel for schedule(static)
@@ -111,12 +127,16 @@ static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float *a, flo
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < n; i++) a[i] += b[i];
     }
+    g_t[T_OTHER] += dm_time_sec() - t0;
 }
 
 dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
 {
     float *a = v->act[0], *b = v->act[1], *c = v->act[2];
     const size_t hw = (size_t)h * w;
+    for (int i = 0; i < T_COUNT; i++) g_t[i] = 0;
+    g_flops = 0;
+    const double t_start = dm_time_sec();
     conv(v, &v->post_quant, z, h, w, b);                 /* b [latent_ch, h, w] */
     conv(v, &v->conv_in, b, h, w, a);                    /* a [top, h, w] */
     resblock(v, &v->mid[0], h, w, a, b, c);
@@ -124,7 +144,9 @@ dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
         const dm_vae_attn *at = &v->attn;
         dm_vae_attn_w aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
                             at->wv, at->bv, at->wo, at->bo};
+        double t0 = dm_time_sec();
         dm_vae_attention(a, v->top, (int)hw, v->groups, &aw, v->attn_ws);
+        g_t[T_ATTN] += dm_time_sec() - t0;
     }
     resblock(v, &v->mid[1], h, w, a, b, c);
     int H = h, W = w;
@@ -132,15 +154,21 @@ dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
         const dm_vae_level *lv = &v->level[i];
         for (int j = 0; j < lv->nres; j++) resblock(v, &lv->res[j], H, W, a, b, c);
         if (lv->has_up) {
+            double t0 = dm_time_sec();
             dm_vae_upsample2x(a, lv->width, H, W, c);   /* c [width, 2H, 2W] */
+            g_t[T_OTHER] += dm_time_sec() - t0;
             H *= 2; W *= 2;
             conv(v, &lv->up, c, H, W, a);
         }
     }
     const int C0 = v->norm_out.c;
-    dm_vae_group_norm(a, C0, (size_t)H * W, v->groups, DM_VAE_EPS, v->norm_out.g, v->norm_out.b, 1,
-                      b);
+    norm(a, C0, (size_t)H * W, v->groups, &v->norm_out, b);
     conv(v, &v->conv_out, b, H, W, img);                 /* img [out_ch, H, W] */
+    const double tt = dm_time_sec() - t_start;
+    dm_log(DM_LOG_VERBOSE, "VAE image %dx%d: %.3f s: conv %.3f s (%.1f GFLOP, %.1f GFLOP/s), "
+           "group norm+silu %.3f s, attention %.3f s, residual/upsample %.3f s", H, W, tt,
+           g_t[T_CONV], g_flops * 1e-9, g_flops * 1e-9 / (g_t[T_CONV] > 0 ? g_t[T_CONV] : 1),
+           g_t[T_NORM], g_t[T_ATTN], g_t[T_OTHER]);
     return DM_OK;
 }
 
