@@ -1,0 +1,168 @@
+/* CLI helpers: number parsing, progress bar, default asset lookup (see common.h). */
+#include "cli/common.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+dm_status dm_cli_int(const char *flag, const char *s, long lo, long hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = s ? strtol(s, &end, 10) : 0;
+    if (!s || !*s || *end || errno || v < lo || v > hi)
+        return dm_fail(DM_ERR_ARG, "%s '%s': expected an integer in [%ld, %ld]", flag,
+                       s ? s : "", lo, hi);
+    *out = (int)v;
+    return DM_OK;
+}
+
+dm_status dm_cli_u64(const char *flag, const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = (s && *s != '-') ? strtoull(s, &end, 10) : 0;
+    if (!s || !*s || *s == '-' || *end || errno)
+        return dm_fail(DM_ERR_ARG, "%s '%s': expected a non-negative integer below 2^64", flag,
+                       s ? s : "");
+    *out = (uint64_t)v;
+    return DM_OK;
+}
+
+dm_status dm_cli_float(const char *flag, const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    double v = s ? strtod(s, &end) : 0;
+    if (!s || !*s || *end || errno || !isfinite(v) || fabs(v) > 3.4e38)
+        return dm_fail(DM_ERR_ARG, "%s '%s': expected a finite number", flag, s ? s : "");
+    *out = (float)v;
+    return DM_OK;
+}
+
+/* ---------------------------------------------------------------- progress bar */
+
+void dm_cli_progress_start(dm_cli_progress *p, long total, int enabled)
+{
+    memset(p, 0, sizeof *p);
+    p->enabled = enabled;
+    p->total = total > 0 ? total : 1;
+    p->t0 = dm_time_sec();
+}
+
+void dm_cli_progress_label(dm_cli_progress *p, const char *label)
+{
+    snprintf(p->label, sizeof p->label, "%s", label ? label : "");
+}
+
+static void fmt_time(double s, char *buf, size_t n)
+{
+    if (!isfinite(s) || s < 0) s = 0;
+    long t = (long)(s + 0.5);
+    if (t >= 3600)
+        snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
+    else
+        snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
+}
+
+static void draw(dm_cli_progress *p, double now)
+{
+    double el = now - p->t0;
+    char rate[32] = "", eta[32] = "--:--", line[160];
+    if (p->done > 0 && el > 0) {
+        double ips = (double)p->done / el;
+        if (ips >= 1.0)
+            snprintf(rate, sizeof rate, "%.2f it/s", ips);
+        else
+            snprintf(rate, sizeof rate, "%.2f s/it", 1.0 / ips);
+        fmt_time((double)(p->total - p->done) / ips, eta, sizeof eta);
+    }
+    int w = snprintf(line, sizeof line, "\r%s%sstep %ld/%ld  %s  ETA %s", p->label,
+                     p->label[0] ? " " : "", p->done, p->total, rate, eta);
+    if (w < 0) return;
+    if (w > (int)sizeof line - 1) w = (int)sizeof line - 1;
+    fputs(line, stderr);
+    for (int i = w; i < p->width; i++) fputc(' ', stderr); /* erase a longer previous line */
+    p->width = w;
+    fflush(stderr);
+    p->last_draw = now;
+}
+
+void dm_cli_progress_step(dm_cli_progress *p)
+{
+    p->done++;
+    if (!p->enabled) return;
+    double now = dm_time_sec();
+    if (now - p->last_draw >= 0.1 || p->done == p->total) draw(p, now);
+}
+
+void dm_cli_progress_end(dm_cli_progress *p)
+{
+    if (!p->enabled || p->width == 0) return;
+    draw(p, dm_time_sec());
+    fputc('\n', stderr);
+    p->width = 0;
+}
+
+/* ---------------------------------------------------------------- assets */
+
+static int exe_dir(char *buf, size_t n)
+{
+    ssize_t k = readlink("/proc/self/exe", buf, n - 1);
+    if (k <= 0) return 0;
+    buf[k] = '\0';
+    char *slash = strrchr(buf, '/');
+    if (!slash) return 0;
+    *slash = '\0';
+    return 1;
+}
+
+static int candidates(const char *name, char out[3][PATH_MAX])
+{
+    int k = 0;
+    char dir[PATH_MAX / 2];
+    if (exe_dir(dir, sizeof dir)) snprintf(out[k++], PATH_MAX, "%s/../../assets/%s", dir, name);
+    const char *env = getenv("DITMOE_ASSETS");
+    if (env && *env) snprintf(out[k++], PATH_MAX, "%s/%s", env, name);
+#ifdef DITMOE_SOURCE_DIR
+    snprintf(out[k++], PATH_MAX, "%s/assets/%s", DITMOE_SOURCE_DIR, name);
+#endif
+    return k;
+}
+
+int dm_default_asset(const char *name, char *buf, size_t n)
+{
+    char c[3][PATH_MAX];
+    int k = candidates(name, c);
+    for (int i = 0; i < k; i++)
+        if (access(c[i], R_OK) == 0) {
+            char real[PATH_MAX];
+            snprintf(buf, n, "%s", realpath(c[i], real) ? real : c[i]);
+            return 1;
+        }
+    snprintf(buf, n, "%s", k ? c[0] : name);
+    return 0;
+}
+
+void dm_default_asset_places(const char *name, char *buf, size_t n)
+{
+    char c[3][PATH_MAX];
+    int k = candidates(name, c);
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < k && used < n; i++) {
+        int w = snprintf(buf + used, n - used, "%s%s", i ? ", " : "", c[i]);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+}
+
+void dm_cli_progress_break(dm_cli_progress *p)
+{
+    if (!p->enabled || p->width == 0) return;
+    fputc('\n', stderr);
+    p->width = 0;
+}
