@@ -614,7 +614,7 @@ int main(int argc, char **argv)
     {
         const double wall = dm_time_sec() - t_start;
         const long steps_total = (long)nbatch * p.steps;
-        char last[PATH_MAX + 32] = "";
+        char last[PATH_MAX + 64] = "";
         if (!a.latent_only && per_image && !a.grid && total > 1) {
             char tmp[PATH_MAX + 32];
             out_name(pattern, 1, total - 1, tmp, sizeof tmp);
