@@ -145,8 +145,8 @@ def sample(model, sampler, steps, y, z0, cfg_scale=1.0, cfg_channels=0, eta=0.0,
             if sampler == "ddpm":
                 mean = e("coef1") * x0 + e("coef2") * x
                 if i != 0:
-                    if var.shape[1] == C:
-                        logv = e("post_logvar_clipped") * 0 + e("log_beta")  # not used in tests
+                    if out.shape[1] < 2 * C:           # no learned sigma: fixed-large variance
+                        logv = e("log_beta")
                     else:
                         frac = (var + 1) / 2
                         logv = frac * e("log_beta") + (1 - frac) * e("post_logvar_clipped")
