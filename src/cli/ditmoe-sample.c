@@ -158,8 +158,10 @@ static dm_status parse_classes(const args_t *a, const dm_config *c, int **ids, i
             } else {
                 dm_status st = dm_config_class_id(c, t, &id);
                 if (st) {
+                    char msg[1024]; /* copy: dm_fail writes the buffer dm_last_error() returns */
+                    snprintf(msg, sizeof msg, "%s", dm_last_error());
                     free(v);
-                    return dm_fail(DM_ERR_ARG, "--class: %s", dm_last_error());
+                    return dm_fail(DM_ERR_ARG, "--class: %s", msg);
                 }
                 lo = hi = id;
             }
