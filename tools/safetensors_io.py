@@ -115,9 +115,9 @@ def read_header(path):
 def read(path):
     """Read a safetensors file -> (dict name -> torch.Tensor (file order), metadata dict)."""
     header, metadata, start = read_header(path)
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read()
+    size = os.path.getsize(path) - start
+    # memory-mapped: only one copy of each tensor is made, never the whole file
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=start) if size > 0 else b""
     out = {}
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         dt = info.get("dtype")
@@ -127,10 +127,10 @@ def read(path):
         shape = [int(s) for s in info["shape"]]
         b, e = info["data_offsets"]
         count = int(np.prod(shape)) if shape else 1
-        if e - b != count * np.dtype(ndt).itemsize or b < 0 or e > len(data):
+        if e - b != count * np.dtype(ndt).itemsize or b < 0 or e > size:
             raise ValueError(f"{path}: {name}: data_offsets [{b},{e}] do not match shape "
-                             f"{shape} {dt} (data size {len(data)})")
-        arr = np.frombuffer(data, dtype=ndt, count=count, offset=b).reshape(shape).copy()
+                             f"{shape} {dt} (data size {size})")
+        arr = np.frombuffer(data[b:e], dtype=ndt, count=count).reshape(shape).copy()
         t = torch.from_numpy(arr)
         if tdt == torch.bfloat16:
             t = t.view(torch.bfloat16)
