@@ -143,6 +143,13 @@ typedef struct {
     dm_objective objective;
     float vae_scale;   /* latent scaling factor, 0.18215 for SD-VAE */
     char name[64];     /* e.g. "DiT-MoE-S/2-8E2A" or "" */
+    /* ProMoE (arch == DM_ARCH_PROMOE; promoe.md). DiT-MoE leaves these at their defaults. */
+    int moe_interleave;  /* 0: every block is MoE (DiT-MoE); 1: odd blocks MoE, even dense */
+    int mlp_hidden;      /* dense blocks' GELU-tanh MLP width (4D), 0 when no dense block */
+    int promoe_ec;       /* 1: expert-choice routing, 0: token-choice */
+    int router_act;      /* prototype score activation: 0 identity, 1 softmax, 2 sigmoid */
+    float qk_norm_eps;   /* q/k LayerNorm eps: 1e-6 DiT-MoE, 1e-5 ProMoE */
+    float time_scale;    /* samplers feed time_scale * flow time: 1 DiT-MoE, 1000 ProMoE */
     /* Sampling defaults (metadata "sampling" object; filled from the objective when absent). */
     char default_sampler[16]; /* "ddpm", "ddim", "euler", "heun" */
     int default_steps;
@@ -165,12 +172,17 @@ void dm_model_free(dm_model *m);
 const dm_config *dm_model_config(const dm_model *m);
 const char *dm_model_path(const dm_model *m);
 
-/* Optional routing record of one forward: for every layer and token, the k chosen experts
- * (descending gate weight) and their gate weights. Caller allocates (or passes NULL). */
+/* Optional routing record of one forward: for every MoE layer and token, the k chosen experts
+ * (descending gate weight, -1 = none) and their gate weights. Caller allocates (or passes
+ * NULL). ProMoE: the unconditional expert has id num_experts (weight 1, tokens of null-class
+ * images); only the odd (MoE) blocks are recorded; expert-choice records the first k experts
+ * that picked the token. */
 typedef struct {
-    int32_t *ids;     /* [L, B*T, k] */
-    float *weights;   /* [L, B*T, k] (may be NULL) */
+    int32_t *ids;     /* [L_moe, B*T, k] */
+    float *weights;   /* [L_moe, B*T, k] (may be NULL) */
 } dm_routes;
+/* Number of MoE layers (depth for DiT-MoE, depth/2 for interleaved ProMoE). */
+int dm_config_moe_layers(const dm_config *cfg);
 
 /* out = model(x, t, y): x [B,C,H,W], t [B] (fed to the timestep embedder as given),
  * y [B] with null class = num_classes; out [B,Cout,H,W]. */
@@ -292,6 +304,111 @@ typedef struct {
 } dm_ddpm_schedule;
 dm_status dm_ddpm_schedule_init(dm_ddpm_schedule *s, int num_train_steps, int steps);
 void dm_ddpm_schedule_free(dm_ddpm_schedule *s);
+
+/* ---------------------------------------------------------------------------------------------
+ * Routing traces (src/trace): dumps of the router's decisions during sampling, their reader and
+ * the aggregation behind the DiT-MoE paper's routing figures (ditmoe.md §7; docs/routing.md has
+ * the byte layout). One record per denoiser evaluation ("eval"; Heun makes two per step except
+ * the last), holding for every recorded MoE layer, row and token the k chosen experts
+ * (descending gate weight, -1 = no expert) and, optionally, their gate weights (stored float16).
+ * Rows are marked conditional or unconditional (label == null class, the second half of a
+ * guided batch). ProMoE fits the same records: its unconditional expert is id E
+ * (uncond_expert), expert-choice drops are id -1, and optional per-token flags carry the rest.
+ * Records stream to "<path>.tmp.<pid>" (bounded memory); dm_trace_close() appends the JSON
+ * header and renames the file into place.
+ * ------------------------------------------------------------------------------------------- */
+#define DM_TRACE_MAX_LAYERS 256
+typedef struct {
+    int layers;        /* Lm: MoE layers recorded                                             */
+    int moe_layers[DM_TRACE_MAX_LAYERS]; /* [Lm] transformer block of each recorded layer     */
+    int grid_h, grid_w;/* token grid; T = grid_h * grid_w tokens in raster order              */
+    int top_k;         /* k slots per token                                                    */
+    int num_experts;   /* E routed experts (ids 0..E-1)                                        */
+    int uncond_expert; /* ProMoE: id of the unconditional expert (= E); -1 = none (DiT-MoE)    */
+    int num_classes;   /* null label = num_classes                                             */
+    int steps;         /* sampler steps N (0 = unknown: step = eval)                           */
+    int heun;          /* 1: evals 2s, 2s+1 belong to step s, the last step has one            */
+    int weights;       /* 1: gate weights stored (float16)                                     */
+} dm_trace_shape;
+/* Token flag bits (optional [Lm, R*T] bytes per record; ProMoE only). */
+#define DM_TRACE_TOK_UNCOND 1u  /* routed to the unconditional expert                        */
+#define DM_TRACE_TOK_DROPPED 2u /* no routed expert (expert-choice capacity)                  */
+
+/* Shape of a model's trace: every MoE block (DiT-MoE: all; ProMoE: odd blocks), its token
+ * grid, k, E, classes; steps/heun from p (may be NULL); weights on. */
+void dm_trace_shape_from_model(dm_trace_shape *s, const dm_config *cfg, const dm_sample_params *p);
+int dm_trace_tokens(const dm_trace_shape *s); /* grid_h * grid_w */
+/* Step of evaluation `eval` of one image's trajectory (see heun above). */
+int dm_trace_step_of_eval(const dm_trace_shape *s, int eval);
+
+typedef struct dm_trace dm_trace;
+/* Start a dump. cfg, model_path and p only feed the JSON header (each may be NULL). */
+dm_status dm_trace_open(const char *path, const dm_trace_shape *s, const dm_config *cfg,
+                        const char *model_path, const dm_sample_params *p, dm_trace **out);
+/* A string kept in the header's "notes" object, e.g. ("images", "out-%03d.png"). */
+dm_status dm_trace_note(dm_trace *tr, const char *key, const char *value);
+/* Start a batch (call before each dm_sample): B images, classes y [B], global indices
+ * index [B]. Evaluations count from 0 again. Rows of the following evals map to images by
+ * row % B. */
+dm_status dm_trace_batch(dm_trace *tr, int B, const int64_t *y, const uint64_t *index);
+/* Append one evaluation of R rows: t [R], labels y [R], routes with ids/weights
+ * [Lm, R*T, k] (weights may be NULL; ignored unless shape.weights), token_flags [Lm, R*T] or
+ * NULL. Ids must be in [-1, E) (or == uncond_expert). */
+dm_status dm_trace_write(dm_trace *tr, int R, const float *t, const int64_t *y,
+                         const int32_t *ids, const float *weights, const uint8_t *token_flags);
+/* Finish: header, fsync, rename. Frees tr (also on failure, removing the temp file). */
+dm_status dm_trace_close(dm_trace *tr);
+/* Drop an unfinished dump (temp file removed); NULL is fine. */
+void dm_trace_abort(dm_trace *tr);
+/* Seconds spent inside the tracing (copying, converting, writing), for overhead reports. */
+double dm_trace_seconds(const dm_trace *tr);
+
+/* A denoiser that runs dm_model_forward(m) with a routing record and appends each evaluation
+ * to tr (shape from dm_trace_shape_from_model). tr and m must outlive it. */
+void dm_trace_denoiser(dm_trace *tr, dm_model *m, dm_denoiser *out);
+
+/* Reading a dump back. Every length, id and count is checked against the header; a truncated
+ * or corrupt file gives DM_ERR_FORMAT naming the file and the record. */
+typedef struct {
+    int batch, eval, step, rows; /* R rows                                                   */
+    const int64_t *image;        /* [R] global image index (-1 = unknown)                    */
+    const int64_t *label;        /* [R] class fed to the model (null = num_classes)          */
+    const float *t;              /* [R] time fed to the model                                */
+    const uint8_t *uncond;       /* [R] 1 = unconditional row                                */
+    const int32_t *ids;          /* [Lm, R*T, k], -1 = none                                  */
+    const float *weights;        /* [Lm, R*T, k] or NULL                                     */
+    const uint8_t *token_flags;  /* [Lm, R*T] or NULL                                        */
+} dm_trace_record;
+typedef struct dm_trace_reader dm_trace_reader;
+dm_status dm_trace_read_open(const char *path, dm_trace_reader **out);
+const dm_trace_shape *dm_trace_read_shape(const dm_trace_reader *r);
+const char *dm_trace_read_header(const dm_trace_reader *r); /* the JSON text */
+long dm_trace_read_count(const dm_trace_reader *r);         /* records in the file */
+/* Next record into *rec (valid until the next call); *rec = NULL after the last one. */
+dm_status dm_trace_read_next(dm_trace_reader *r, const dm_trace_record **rec);
+void dm_trace_read_close(dm_trace_reader *r);
+
+/* Aggregated counts (src/trace/aggregate.c), every pick counted (both of top-2), weights not
+ * used. X = E, or E + 1 when an unconditional expert exists (its column is index E). */
+typedef struct {
+    dm_trace_shape shape;
+    int X;               /* expert columns                                                    */
+    int S;               /* step rows (shape.steps, or evals seen when steps is 0)            */
+    int count_uncond;    /* 0: conditional rows counted (paper), 1: unconditional rows       */
+    int64_t *by_class;   /* [Lm, num_classes, X]                                              */
+    int64_t *by_pos;     /* [Lm, T, X]                                                        */
+    int64_t *by_step;    /* [Lm, S, X]                                                        */
+    int64_t *by_step_pos;/* [Lm, S, T, X] or NULL when too large (> 2^26 cells)              */
+    int64_t rows, tokens, picks, none; /* counted rows, row-tokens, picks, empty slots      */
+    int64_t skipped_rows;/* rows of the other half                                            */
+} dm_route_counts;
+dm_status dm_route_counts_init(dm_route_counts *c, const dm_trace_shape *s, int count_uncond);
+/* Add one record; DM_ERR_FORMAT if it does not fit the shape (label or step out of range). */
+dm_status dm_route_counts_add(dm_route_counts *c, const dm_trace_record *rec);
+void dm_route_counts_free(dm_route_counts *c);
+/* Mutual information I(A; expert) in bits of a count table [nA, X] (picks as samples), and
+ * the entropy H(expert) in bits; either pointer may be NULL. */
+void dm_route_table_info(const int64_t *tab, int nA, int X, double *mi_bits, double *h_bits);
 
 /* ---------------------------------------------------------------------------------------------
  * Sections added by later stages go above this line (PNG output, sampling, routing dumps).

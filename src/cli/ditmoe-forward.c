@@ -136,7 +136,8 @@ int main(int argc, char **argv)
     const int B = (int)x.shape[0], T = (c->input_size / c->patch) * (c->input_size / c->patch);
     size_t n_out = (size_t)B * c->out_channels * c->input_size * c->input_size;
     out = malloc(n_out * sizeof(float));
-    if (a.routes) routes.ids = malloc((size_t)c->depth * B * T * c->top_k * sizeof(int32_t));
+    const int L_moe = dm_config_moe_layers(c);
+    if (a.routes) routes.ids = malloc((size_t)L_moe * B * T * c->top_k * sizeof(int32_t));
     if (!out || (a.routes && !routes.ids)) {
         st = dm_fail(DM_ERR_NOMEM, "out of memory");
         goto done;
@@ -165,7 +166,7 @@ int main(int argc, char **argv)
         if ((st = dm_npy_write(a.out, DM_F32, 4, shape, out))) goto done;
     }
     if (a.routes) {
-        int64_t shape[3] = {c->depth, (int64_t)B * T, c->top_k};
+        int64_t shape[3] = {L_moe, (int64_t)B * T, c->top_k};
         if ((st = dm_npy_write(a.routes, DM_I32, 3, shape, routes.ids))) goto done;
     }
 done:

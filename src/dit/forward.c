@@ -34,7 +34,8 @@ static dm_status reserve(dm_model *m, int B)
         w->cap_B = B;
     }
     int F_max = c->expert_hidden > c->shared_hidden ? c->expert_hidden : c->shared_hidden;
-    if (dm_moe_scratch_reserve(&w->moe, (int)BT, D, F_max, c->num_experts, c->top_k))
+    if (c->mlp_hidden > F_max) F_max = c->mlp_hidden;
+    if (dm_moe_scratch_reserve(&w->moe, (int)BT, D, F_max, c->num_experts + 1, c->top_k))
         return dm_fail(DM_ERR_NOMEM, "%s: out of memory for MoE scratch (batch %d)", m->path, B);
     return DM_OK;
 }
@@ -65,8 +66,10 @@ static void conditioning(dm_model *m, int B, const float *t, const int64_t *y)
     dm_silu(w->c, (size_t)B * D);
 }
 
-static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, int layer,
-                               dm_routes *routes)
+/* One transformer block. `moe_layer` is the index of this block among the MoE blocks (where its
+ * routing goes in `routes`), -1 for a dense block. */
+static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, const int64_t *y,
+                               int moe_layer, dm_routes *routes)
 {
     dm_workspace *w = &m->ws;
     const dm_config *c = &m->cfg;
@@ -78,18 +81,23 @@ static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, int lay
     dm_layernorm(w->x, N, D, 1e-6f, NULL, NULL, w->h);
     dm_modulate(w->h, B, T, D, mod + 0 * D, mod + 1 * D, 6 * D);
     dm_linear(w->h, N, D, bw->qkv_w, bw->qkv_b, 3 * D, w->qkv);
-    dm_qk_norm qk = {bw->q_norm_w, bw->q_norm_b, bw->k_norm_w, bw->k_norm_b};
+    dm_qk_norm qk = {bw->q_norm_w, bw->q_norm_b, bw->k_norm_w, bw->k_norm_b, c->qk_norm_eps};
     if (dm_attention(w->qkv, B, T, H, D / H, bw->q_norm_w ? &qk : NULL, w->att))
         return dm_fail(DM_ERR_NOMEM, "out of memory in attention");
     dm_linear(w->att, N, D, bw->proj_w, bw->proj_b, D, w->tmp);
     dm_gated_add(w->x, w->tmp, B, T, D, mod + 2 * D, 6 * D);
 
-    /* x = x + gate_mlp * MoE(modulate(LN(x), shift_mlp, scale_mlp)) */
+    /* x = x + gate_mlp * FFN(modulate(LN(x), shift_mlp, scale_mlp)), FFN = MoE or dense MLP */
     dm_layernorm(w->x, N, D, 1e-6f, NULL, NULL, w->h);
     dm_modulate(w->h, B, T, D, mod + 3 * D, mod + 4 * D, 6 * D);
-    dm_moe_route(&bw->moe, w->h, N, &w->moe);
+    if (!bw->is_moe) {
+        dm_mlp_forward(&bw->mlp, w->h, N, D, w->moe.a, w->moe.h, w->tmp);
+        dm_gated_add(w->x, w->tmp, B, T, D, mod + 5 * D, 6 * D);
+        return DM_OK;
+    }
+    dm_moe_route(&bw->moe, w->h, N, T, y, c->num_classes, &w->moe);
     if (routes) {
-        size_t at = (size_t)layer * N * k;
+        size_t at = (size_t)moe_layer * N * k;
         memcpy(routes->ids + at, w->moe.r.ids, (size_t)N * k * sizeof(int32_t));
         if (routes->weights)
             memcpy(routes->weights + at, w->moe.r.weights, (size_t)N * k * sizeof(float));
@@ -117,8 +125,8 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
         for (size_t i = 0; i < (size_t)T * D; i++) w->x[(size_t)b * T * D + i] += m->pos_embed[i];
 
     conditioning(m, B, t, y);
-    for (int l = 0; l < c->depth; l++) {
-        st = block_forward(m, &m->blocks[l], B, l, routes);
+    for (int l = 0, moe_layer = 0; l < c->depth; l++) {
+        st = block_forward(m, &m->blocks[l], B, y, m->blocks[l].is_moe ? moe_layer++ : -1, routes);
         if (st != DM_OK) return st;
     }
 

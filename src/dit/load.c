@@ -1,6 +1,7 @@
 /* dm_model_load / dm_model_free: read a DiT-MoE safetensors file into float32 weights. */
 #include "dit/model.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,9 +48,10 @@ static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, i
 #define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), 1, a, 0, 0, 0, __VA_ARGS__))
 #define LOAD2(dst, a, b, ...) TRY(load(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
 
-/* gate_proj and up_proj [F, D] packed into one [2F, D] matrix so one GEMM computes both. */
+/* DiT-MoE SwiGLU expert: gate_proj and up_proj [F, D] packed into one [2F, D] matrix so one
+ * GEMM computes both; down_proj [D, F]; no biases. */
 static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefix, int F, int D,
-                             dm_swiglu_w *w)
+                             dm_mlp_w *w)
 {
     float *g, *u;
     LOAD2(g, F, D, "%s.gate_proj.weight", prefix);
@@ -59,40 +61,52 @@ static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefi
     TRY(own(m, gu));
     memcpy(gu, g, (size_t)F * D * sizeof(float));
     memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
-    w->gate_up = gu;
-    w->F = F;
-    LOAD2(w->down, D, F, "%s.down_proj.weight", prefix);
+    *w = (dm_mlp_w){.act = DM_MLP_SWIGLU, .F = F, .w1 = gu};
+    LOAD2(w->w2, D, F, "%s.down_proj.weight", prefix);
     return DM_OK;
 }
 
-static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
+/* GELU-tanh MLP with biases: <prefix>.<up>.weight [F, D] + bias [F], <prefix>.<down> [D, F] + [D]
+ * (ProMoE experts: up_proj/down_proj; dense blocks: fc1/fc2). */
+static dm_status load_gelu(dm_model *m, const dm_st_file *f, const char *prefix, const char *up,
+                           const char *down, int F, int D, dm_mlp_w *w)
+{
+    *w = (dm_mlp_w){.act = DM_MLP_GELU_TANH, .F = F};
+    LOAD2(w->w1, F, D, "%s.%s.weight", prefix, up);
+    LOAD1(w->b1, F, "%s.%s.bias", prefix, up);
+    LOAD2(w->w2, D, F, "%s.%s.weight", prefix, down);
+    LOAD1(w->b2, D, "%s.%s.bias", prefix, down);
+    return DM_OK;
+}
+
+static dm_status load_attention(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
 {
     const dm_config *c = &m->cfg;
     const int D = c->hidden, hd = D / c->heads;
-    char prefix[128];
-    LOAD2(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
-    LOAD1(b->mod_b, 6 * D, "blocks.%d.adaLN_modulation.1.bias", i);
+    /* DiT-MoE XL/G: Wqkv/out_proj + q_norm/k_norm; S/B and ProMoE: timm qkv/proj. */
+    const int flash = c->attn == DM_ATTN_QKNORM && c->arch == DM_ARCH_DITMOE;
+    LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.%s.weight", i, flash ? "Wqkv" : "qkv");
+    LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.%s.bias", i, flash ? "Wqkv" : "qkv");
+    LOAD2(b->proj_w, D, D, "blocks.%d.attn.%s.weight", i, flash ? "out_proj" : "proj");
+    LOAD1(b->proj_b, D, "blocks.%d.attn.%s.bias", i, flash ? "out_proj" : "proj");
     if (c->attn == DM_ATTN_QKNORM) {
-        LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.Wqkv.weight", i);
-        LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.Wqkv.bias", i);
         LOAD1(b->q_norm_w, hd, "blocks.%d.attn.q_norm.weight", i);
         LOAD1(b->q_norm_b, hd, "blocks.%d.attn.q_norm.bias", i);
         LOAD1(b->k_norm_w, hd, "blocks.%d.attn.k_norm.weight", i);
         LOAD1(b->k_norm_b, hd, "blocks.%d.attn.k_norm.bias", i);
-        LOAD2(b->proj_w, D, D, "blocks.%d.attn.out_proj.weight", i);
-        LOAD1(b->proj_b, D, "blocks.%d.attn.out_proj.bias", i);
-    } else {
-        LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.qkv.weight", i);
-        LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.qkv.bias", i);
-        LOAD2(b->proj_w, D, D, "blocks.%d.attn.proj.weight", i);
-        LOAD1(b->proj_b, D, "blocks.%d.attn.proj.bias", i);
     }
-    dm_moe_w *moe = &b->moe;
-    moe->E = c->num_experts;
-    moe->k = c->top_k;
-    moe->D = D;
+    return DM_OK;
+}
+
+static dm_status load_ditmoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe_w *moe)
+{
+    const dm_config *c = &m->cfg;
+    const int D = c->hidden;
+    char prefix[128];
+    *moe = (dm_moe_w){.kind = DM_ROUTE_SOFTMAX_TOPK, .E = c->num_experts, .k = c->top_k, .D = D,
+                      .n_experts = c->num_experts};
     LOAD2(moe->gate, moe->E, D, "blocks.%d.moe.gate.weight", i);
-    moe->experts = calloc((size_t)moe->E, sizeof *moe->experts);
+    moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
     if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
     for (int e = 0; e < moe->E; e++) {
         snprintf(prefix, sizeof prefix, "blocks.%d.moe.experts.%d", i, e);
@@ -105,13 +119,55 @@ static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w 
     return DM_OK;
 }
 
+/* ProMoE MoE block: prototypes (stored L2-normalised), E routed experts + the unconditional
+ * expert (index E), shared expert; all GELU-tanh with biases. */
+static dm_status load_promoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe_w *moe)
+{
+    const dm_config *c = &m->cfg;
+    const int D = c->hidden, E = c->num_experts;
+    char prefix[128];
+    *moe = (dm_moe_w){.kind = c->promoe_ec ? DM_ROUTE_PROTO_EC : DM_ROUTE_PROTO_TC, .E = E,
+                      .k = c->top_k, .D = D, .act = (dm_gate_act)c->router_act, .n_experts = E + 1};
+    LOAD2(moe->gate, E, D, "blocks.%d.mlp.cluster_centers", i);
+    for (int e = 0; e < E; e++) { /* F.normalize(p, eps 1e-12) */
+        float *p = moe->gate + (size_t)e * D;
+        double nn = 0;
+        for (int d = 0; d < D; d++) nn += (double)p[d] * p[d];
+        float inv = 1.0f / fmaxf((float)sqrt(nn), 1e-12f);
+        for (int d = 0; d < D; d++) p[d] *= inv;
+    }
+    moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
+    if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    for (int e = 0; e <= E; e++) {
+        snprintf(prefix, sizeof prefix, "blocks.%d.mlp.experts.%d", i, e);
+        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->expert_hidden, D, &moe->experts[e]));
+    }
+    if (c->shared_hidden > 0) {
+        snprintf(prefix, sizeof prefix, "blocks.%d.mlp.shared_expert", i);
+        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->shared_hidden, D, &moe->shared));
+    }
+    return DM_OK;
+}
+
+static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
+{
+    const dm_config *c = &m->cfg;
+    const int D = c->hidden;
+    char prefix[128];
+    LOAD2(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
+    LOAD1(b->mod_b, 6 * D, "blocks.%d.adaLN_modulation.1.bias", i);
+    TRY(load_attention(m, f, i, b));
+    b->is_moe = !c->moe_interleave || i % 2 == 1;
+    if (c->arch == DM_ARCH_DITMOE) return load_ditmoe_ffn(m, f, i, &b->moe);
+    if (b->is_moe) return load_promoe_ffn(m, f, i, &b->moe);
+    snprintf(prefix, sizeof prefix, "blocks.%d.mlp", i);
+    return load_gelu(m, f, prefix, "fc1", "fc2", c->mlp_hidden, D, &b->mlp);
+}
+
 static dm_status load_all(dm_model *m, const dm_st_file *f)
 {
     dm_config *c = &m->cfg;
     TRY(dm_config_from_file(f, c));
-    if (c->arch != DM_ARCH_DITMOE)
-        return dm_fail(DM_ERR_FORMAT, "%s: %s models are not supported yet", m->path,
-                       dm_arch_name(c->arch));
     const int D = c->hidden, C = c->in_channels, p = c->patch, Co = c->out_channels;
     if (c->input_size % p != 0 || D % 4 != 0 || c->top_k > 64)
         return dm_fail(DM_ERR_FORMAT, "%s: unsupported config (input %d, patch %d, hidden %d, k %d)",
@@ -191,3 +247,8 @@ void dm_model_free(dm_model *m)
 
 const dm_config *dm_model_config(const dm_model *m) { return &m->cfg; }
 const char *dm_model_path(const dm_model *m) { return m->path; }
+
+int dm_config_moe_layers(const dm_config *c)
+{
+    return c->moe_interleave ? c->depth / 2 : c->depth;
+}

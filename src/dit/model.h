@@ -1,5 +1,6 @@
-/* DiT-MoE weights and activations (internal to src/dit). Shapes follow the PyTorch state dict
- * (ditmoe.md §3.1); every weight is held as float32 whatever the file's dtype. */
+/* DiT-MoE / ProMoE weights and activations (internal to src/dit). Shapes follow the PyTorch
+ * state dicts (ditmoe.md §3.1, promoe.md §4); every weight is held as float32 whatever the
+ * file's dtype. */
 #ifndef DM_DIT_MODEL_H
 #define DM_DIT_MODEL_H
 
@@ -12,7 +13,9 @@ typedef struct {
     float *q_norm_w, *q_norm_b; /* attn.q_norm: [hd] (qknorm layout only, else NULL) */
     float *k_norm_w, *k_norm_b; /* attn.k_norm: [hd] */
     float *proj_w, *proj_b;     /* attn.proj or attn.out_proj: [D, D], [D] */
+    int is_moe;                 /* 1: MoE feed-forward (moe); 0: dense MLP (mlp, ProMoE even blocks) */
     dm_moe_w moe;
+    dm_mlp_w mlp;               /* mlp.fc1 [F, D] + [F], mlp.fc2 [D, F] + [D], GELU-tanh */
 } dm_block_w;
 
 /* Activation buffers for a batch of up to `cap_B` images. */

@@ -37,7 +37,8 @@ int dm_objective_from_name(const char *s, dm_objective *out)
 static const struct {
     int hidden, heads;
     const char *size;
-} k_released[] = {{384, 6, "S"}, {768, 12, "B"}, {1152, 16, "XL"}, {1408, 16, "G"}};
+} k_released[] = {{384, 6, "S"}, {768, 12, "B"}, {1024, 16, "L"}, {1152, 16, "XL"}, {1408, 16, "G"}};
+/* (L, D 1024, is a ProMoE size; DiT-MoE has no L release.) */
 
 static int released_index(int hidden)
 {
@@ -65,6 +66,10 @@ static void set_sampling_defaults(dm_config *c)
         c->cfg_channels = 3;
     }
     c->default_cfg_scale = 4.0f;
+    if (c->arch == DM_ARCH_PROMOE) { /* ProMoE's reference: 250 Euler steps, cfg 1.5 */
+        c->default_steps = 250;
+        c->default_cfg_scale = 1.5f;
+    }
 }
 
 /* ---- metadata parsing ---- */
@@ -193,7 +198,7 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
                      path, c->hidden, c->heads);
         goto done;
     }
-    int moe_req = c->arch == DM_ARCH_DITMOE;
+    const int moe_req = 1;
     CHK(get_int(&m, root, "num_experts", moe_req, 1, &c->num_experts));
     CHK(get_int(&m, root, "top_k", moe_req, 1, &c->top_k));
     if (moe_req && c->top_k > c->num_experts) {
@@ -271,6 +276,7 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
         }
     }
 
+    if (c->arch == DM_ARCH_PROMOE) CHK(dm_promoe_meta(path, root, c));
     set_sampling_defaults(c);
     const cJSON *sm = cJSON_GetObjectItemCaseSensitive(root, "sampling");
     if (sm && !cJSON_IsNull(sm)) {
@@ -399,7 +405,7 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
             snprintf(k, sizeof k, "blocks.%d.attn.out_proj.weight", i);
             TRY(check2(f, k, D, D));
         }
-        if (c->arch != DM_ARCH_DITMOE) continue; /* ProMoE blocks are checked by its loader */
+        if (c->arch != DM_ARCH_DITMOE) continue; /* ProMoE blocks: dm_promoe_check */
         snprintf(k, sizeof k, "blocks.%d.moe.gate.weight", i);
         TRY(check2(f, k, c->num_experts, D));
         snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, c->num_experts - 1);
@@ -413,7 +419,7 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
         else if (dm_st_find(f, k))
             return dm_fail(DM_ERR_FORMAT, "%s: %s: present but shared_hidden is 0", p, k);
     }
-    return DM_OK;
+    return c->arch == DM_ARCH_PROMOE ? dm_promoe_check(f, c) : DM_OK;
 }
 
 /* ---- inference from tensors (no metadata) ---- */
@@ -490,6 +496,7 @@ static dm_status infer(const dm_st_file *f, dm_config *c)
     c->num_classes = (int)(t->shape[0] - 1);
     c->objective = c->attn == DM_ATTN_QKNORM ? DM_OBJ_RF : DM_OBJ_DDPM;
     c->vae_scale = 0.18215f;
+    if (c->arch == DM_ARCH_PROMOE && (st = dm_promoe_infer(f, c)) != DM_OK) return st;
     if (ri >= 0 && c->arch == DM_ARCH_DITMOE)
         snprintf(c->name, sizeof c->name, "DiT-MoE-%s/%d-%dE%dA", k_released[ri].size, c->patch,
                  c->num_experts, c->top_k);
@@ -505,6 +512,8 @@ static dm_status infer(const dm_st_file *f, dm_config *c)
 dm_status dm_config_from_file(const dm_st_file *f, dm_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    cfg->qk_norm_eps = 1e-6f;
+    cfg->time_scale = 1.0f;
     const char *meta = dm_st_meta(f, "ditmoe");
     dm_status st;
     if (meta) {

@@ -14,10 +14,10 @@
 
 /* dst [T, hd] = LayerNorm_hd(head h of q or k (which = 0, 1) of image b). */
 static void norm_head(const float *qkv, int T, int D, int which, int h, int hd, const float *w,
-                      const float *b, float *dst)
+                      const float *b, float eps, float *dst)
 {
     for (int t = 0; t < T; t++)
-        dm_layernorm(qkv + (size_t)t * 3 * D + (size_t)which * D + (size_t)h * hd, 1, hd, 1e-6f, w,
+        dm_layernorm(qkv + (size_t)t * 3 * D + (size_t)which * D + (size_t)h * hd, 1, hd, eps, w,
                      b, dst + (size_t)t * hd);
 }
 
@@ -42,8 +42,8 @@ int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm
             float *s = buf; /* [T, T] scores, then probabilities */
             if (qk) {
                 float *qn = buf + (size_t)T * T, *kn = qn + (size_t)T * hd;
-                norm_head(rows, T, D, 0, h, hd, qk->q_w, qk->q_b, qn);
-                norm_head(rows, T, D, 1, h, hd, qk->k_w, qk->k_b, kn);
+                norm_head(rows, T, D, 0, h, hd, qk->q_w, qk->q_b, qk->eps, qn);
+                norm_head(rows, T, D, 1, h, hd, qk->k_w, qk->k_b, qk->eps, kn);
                 q = qn, k = kn, ldq = ldk = hd;
             }
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, ldq, k, ldk,
@@ -73,8 +73,8 @@ void dm_attention_ref(const float *qkv, int B, int T, int H, int hd, const dm_qk
                     k[(size_t)t * hd + d] = row[D + h * hd + d];
                 }
                 if (qk && qk->q_w) {
-                    dm_layernorm_ref(q + (size_t)t * hd, 1, hd, 1e-6f, qk->q_w, qk->q_b, q + (size_t)t * hd);
-                    dm_layernorm_ref(k + (size_t)t * hd, 1, hd, 1e-6f, qk->k_w, qk->k_b, k + (size_t)t * hd);
+                    dm_layernorm_ref(q + (size_t)t * hd, 1, hd, qk->eps, qk->q_w, qk->q_b, q + (size_t)t * hd);
+                    dm_layernorm_ref(k + (size_t)t * hd, 1, hd, qk->eps, qk->k_w, qk->k_b, k + (size_t)t * hd);
                 }
             }
             for (int i = 0; i < T; i++) {

@@ -31,11 +31,12 @@ void dm_swiglu(const float *gu, int rows, int F, float *h);
 void dm_softmax_rows(float *x, int N, int n);
 
 /* Multi-head self-attention, no mask. qkv [B*T, 3*H*hd] laid out [3][H][hd] per token;
- * q_norm/k_norm: optional LayerNorm over hd (eps 1e-6) with affine weight/bias [hd] shared by heads
+ * q_norm/k_norm: optional LayerNorm over hd (eps qk->eps) with affine weight/bias [hd] shared by heads
  * (NULL = no qk-norm). out [B*T, H*hd], heads concatenated in head order. */
 typedef struct {
     const float *q_w, *q_b; /* [hd] or NULL */
     const float *k_w, *k_b; /* [hd] or NULL */
+    float eps;              /* 1e-6 DiT-MoE, 1e-5 ProMoE */
 } dm_qk_norm;
 /* Returns 0, or -1 when scratch memory cannot be allocated. */
 int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk, float *out);
