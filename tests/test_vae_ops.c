@@ -47,6 +47,14 @@ static void conv_case(int Cin, int Cout, int H, int W, int k, int bias)
     float m, d = max_abs_diff(o1, o2, no, &m);
     ck_assert_msg(d <= TOL * fmaxf(1.0f, m), "conv Cin %d Cout %d %dx%d k %d: max diff %g (max %g)",
                   Cin, Cout, H, W, k, (double)d, (double)m);
+    /* accumulating form: o1 = r + conv(x) + b, checked against r + reference */
+    float *r = rand_buf(no, 1.0f);
+    for (size_t i = 0; i < no; i++) { o1[i] = r[i]; o2[i] += r[i]; }
+    dm_vae_conv2d_acc(x, Cin, H, W, w, b, Cout, k, col, o1);
+    d = max_abs_diff(o1, o2, no, &m);
+    ck_assert_msg(d <= TOL * fmaxf(1.0f, m), "conv acc Cin %d Cout %d %dx%d k %d: max diff %g",
+                  Cin, Cout, H, W, k, (double)d);
+    free(r);
     free(x); free(w); free(b); free(col); free(o1); free(o2);
 }
 

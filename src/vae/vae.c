@@ -89,86 +89,88 @@ static dm_status ensure_ws(dm_vae *v, int h, int w)
     return DM_OK;
 }
 
-/* Per-op wall time of the current decode, reported with -v. */
-enum { T_CONV, T_NORM, T_ATTN, T_OTHER, T_COUNT };
-static double g_t[T_COUNT];
-static double g_flops;
+/* Per-op wall time of the current decode (v->prof_t), reported with -v. */
+enum { T_CONV, T_NORM, T_ATTN, T_OTHER };
 
+static void conv_any(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out,
+                     int acc)
+{
+    double t0 = dm_time_sec();
+    if (acc)
+        dm_vae_conv2d_acc(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
+    else
+        dm_vae_conv2d(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
+    v->prof_t[T_CONV] += dm_time_sec() - t0;
+    v->prof_flops += 2.0 * c->cout * c->cin * c->k * c->k * (double)H * W;
+}
 static void conv(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out)
 {
-    double t0 = dm_time_sec();
-    dm_vae_conv2d(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
-    g_t[T_CONV] += dm_time_sec() - t0;
-    g_flops += 2.0 * c->cout * c->cin * c->k * c->k * (double)H * W;
+    conv_any(v, c, x, H, W, out, 0);
 }
 
-static void norm(const float *x, int C, size_t HW, int G, const dm_vae_gn *g, float *y)
+static void norm(dm_vae *v, const float *x, int C, size_t HW, const dm_vae_gn *g, float *y)
 {
     double t0 = dm_time_sec();
-    dm_vae_group_norm(x, C, HW, G, DM_VAE_EPS, g->g, g->b, 1, y);
-    g_t[T_NORM] += dm_time_sec() - t0;
+    dm_vae_group_norm(x, C, HW, v->groups, DM_VAE_EPS, g->g, g->b, 1, y);
+    v->prof_t[T_NORM] += dm_time_sec() - t0;
 }
 
-/* x [cin, H, W] (buffer a) -> [cout, H, W] in a; b and c are scratch of the same capacity. */
-static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float *a, float *b, float *c)
+/* x [cin, H, W] in *a -> [cout, H, W] in *a (buffers may be swapped); *b, c scratch of the same
+ * capacity. The residual add is fused into conv2 (accumulating sgemm). */
+static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float **a, float **b, float *c)
 {
     const size_t HW = (size_t)H * W;
-    norm(a, r->cin, HW, v->groups, &r->norm1, b);
-    conv(v, &r->conv1, b, H, W, c);                                   /* c [cout, HW] */
-    norm(c, r->cout, HW, v->groups, &r->norm2, c);
-    conv(v, &r->conv2, c, H, W, b);                                   /* b [cout, HW] */
-    const size_t n = (size_t)r->cout * HW;
-    double t0 = dm_time_sec();
+    norm(v, *a, r->cin, HW, &r->norm1, *b);
+    conv(v, &r->conv1, *b, H, W, c);                                  /* c [cout, HW] */
+    norm(v, c, r->cout, HW, &r->norm2, c);
     if (r->shortcut.w) {
-        conv(v, &r->shortcut, a, H, W, c);                            /* c [cout, HW] */
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i++) a[i] = c[i] + b[i];
+        conv(v, &r->shortcut, *a, H, W, *b);                         /* b = shortcut(x) */
+        conv_any(v, &r->conv2, c, H, W, *b, 1);                      /* b += conv2(h) */
+        float *t = *a; *a = *b; *b = t;
     } else {
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i++) a[i] += b[i];
+        conv_any(v, &r->conv2, c, H, W, *a, 1);                      /* a = x + conv2(h) */
     }
-    g_t[T_OTHER] += dm_time_sec() - t0;
 }
 
 dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
 {
     float *a = v->act[0], *b = v->act[1], *c = v->act[2];
     const size_t hw = (size_t)h * w;
-    for (int i = 0; i < T_COUNT; i++) g_t[i] = 0;
-    g_flops = 0;
+    for (int i = 0; i < 4; i++) v->prof_t[i] = 0;
+    v->prof_flops = 0;
     const double t_start = dm_time_sec();
     conv(v, &v->post_quant, z, h, w, b);                 /* b [latent_ch, h, w] */
     conv(v, &v->conv_in, b, h, w, a);                    /* a [top, h, w] */
-    resblock(v, &v->mid[0], h, w, a, b, c);
+    resblock(v, &v->mid[0], h, w, &a, &b, c);
     if (v->has_attn) {
         const dm_vae_attn *at = &v->attn;
         dm_vae_attn_w aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
                             at->wv, at->bv, at->wo, at->bo};
         double t0 = dm_time_sec();
         dm_vae_attention(a, v->top, (int)hw, v->groups, &aw, v->attn_ws);
-        g_t[T_ATTN] += dm_time_sec() - t0;
+        v->prof_t[T_ATTN] += dm_time_sec() - t0;
     }
-    resblock(v, &v->mid[1], h, w, a, b, c);
+    resblock(v, &v->mid[1], h, w, &a, &b, c);
     int H = h, W = w;
     for (int i = 0; i < v->levels; i++) {
         const dm_vae_level *lv = &v->level[i];
-        for (int j = 0; j < lv->nres; j++) resblock(v, &lv->res[j], H, W, a, b, c);
+        for (int j = 0; j < lv->nres; j++) resblock(v, &lv->res[j], H, W, &a, &b, c);
         if (lv->has_up) {
             double t0 = dm_time_sec();
             dm_vae_upsample2x(a, lv->width, H, W, c);   /* c [width, 2H, 2W] */
-            g_t[T_OTHER] += dm_time_sec() - t0;
+            v->prof_t[T_OTHER] += dm_time_sec() - t0;
             H *= 2; W *= 2;
             conv(v, &lv->up, c, H, W, a);
         }
     }
-    const int C0 = v->norm_out.c;
-    norm(a, C0, (size_t)H * W, v->groups, &v->norm_out, b);
+    norm(v, a, v->norm_out.c, (size_t)H * W, &v->norm_out, b);
     conv(v, &v->conv_out, b, H, W, img);                 /* img [out_ch, H, W] */
     const double tt = dm_time_sec() - t_start;
+    const double *t = v->prof_t;
     dm_log(DM_LOG_VERBOSE, "VAE image %dx%d: %.3f s: conv %.3f s (%.1f GFLOP, %.1f GFLOP/s), "
-           "group norm+silu %.3f s, attention %.3f s, residual/upsample %.3f s", H, W, tt,
-           g_t[T_CONV], g_flops * 1e-9, g_flops * 1e-9 / (g_t[T_CONV] > 0 ? g_t[T_CONV] : 1),
-           g_t[T_NORM], g_t[T_ATTN], g_t[T_OTHER]);
+           "group norm+silu %.3f s, attention %.3f s, upsample %.3f s", H, W, tt, t[T_CONV],
+           v->prof_flops * 1e-9, v->prof_flops * 1e-9 / (t[T_CONV] > 0 ? t[T_CONV] : 1), t[T_NORM],
+           t[T_ATTN], t[T_OTHER]);
     return DM_OK;
 }
 

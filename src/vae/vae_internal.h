@@ -18,6 +18,9 @@
 size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);
 void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
                    int k, float *col, float *out);
+/* Same, accumulating: out += conv(x) + b (the residual add fused into the sgemm, beta = 1). */
+void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
+                       int Cout, int k, float *col, float *out);
 void dm_vae_conv2d_ref(const float *x, int Cin, int H, int W, const float *w, const float *b,
                        int Cout, int k, float *out);
 
@@ -95,6 +98,7 @@ struct dm_vae {
     float *act[3]; /* each [max C*H*W over the network] */
     float *col;    /* im2col bands */
     float *attn_ws;
+    double prof_t[4], prof_flops; /* per-op wall time of the last decode (reported with -v) */
 };
 
 /* Load + infer config (vae_load.c). */

@@ -68,11 +68,20 @@ static void fill_bias(float *out, int Cout, size_t n, size_t ld, const float *b)
     }
 }
 
-void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
-                   int k, float *col, float *out)
+/* out = conv(x) + b, or out += conv(x) + b when acc. */
+static void conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
+                   int k, float *col, float *out, int acc)
 {
     const size_t HW = (size_t)H * W;
-    fill_bias(out, Cout, HW, HW, b);
+    if (!acc)
+        fill_bias(out, Cout, HW, HW, b);
+    else if (b) {
+#pragma omp parallel for schedule(static)
+        for (int co = 0; co < Cout; co++) {
+            float *o = out + (size_t)co * HW;
+            for (size_t i = 0; i < HW; i++) o[i] += b[co];
+        }
+    }
     if (k == 1) {
         /* out [Cout, HW] += w [Cout, Cin] . x [Cin, HW] */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Cout, (int)HW, Cin, 1.0f, w, Cin,
@@ -89,6 +98,18 @@ void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const 
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Cout, n, K, 1.0f, w, K, col, n, 1.0f,
                     out + (size_t)y0 * W, (int)HW);
     }
+}
+
+void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
+                   int k, float *col, float *out)
+{
+    conv2d(x, Cin, H, W, w, b, Cout, k, col, out, 0);
+}
+
+void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
+                       int Cout, int k, float *col, float *out)
+{
+    conv2d(x, Cin, H, W, w, b, Cout, k, col, out, 1);
 }
 
 void dm_vae_conv2d_ref(const float *x, int Cin, int H, int W, const float *w, const float *b,
