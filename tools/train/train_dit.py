@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    help="1 is fastest while other jobs load both cores")
     p.add_argument("--ckpt-every", type=float, default=180.0, help="seconds")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (with checkpoint) after this wall time in this process")
+    p.add_argument("--budget-minutes", type=float, default=0,
+                   help="end training (as finished) once the cumulative wall time reaches this")
     p.add_argument("--stages", default="train,export")
     p.add_argument("--bench", type=int, default=0, help="time N steps and exit")
     # export / sampling defaults stored in the model file
@@ -138,6 +140,9 @@ def train(a, log):
     step, wall = 0, 0.0
     if os.path.exists(ck):
         s = torch.load(ck)
+        if s.get("done"):
+            log(f"{ck}: training already finished at step {s['step']}")
+            return True
         model.load_state_dict(s["model"]); ema.load_state_dict(s["ema"]); opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"]); torch.set_rng_state(s["torch_rng"])
         step, wall = s["step"], s["wall"]
@@ -149,13 +154,15 @@ def train(a, log):
     def checkpoint():
         save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                          gen=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
-                         wall=wall, args=vars(a), config=model.config, scale=lat["scale"]), ck)
+                         wall=wall, args=vars(a), config=model.config, scale=lat["scale"],
+                         done=step >= a.steps or done), ck)
 
     ema_params = [p for n, p in ema.named_parameters() if n != "pos_embed"]
     mod_params = [p for n, p in model.named_parameters() if n != "pos_embed"]
     t_start = time.time(); t_last = t_start; t_ck = t_start; acc = []
     model.train()
-    while step < a.steps:
+    done = False
+    while step < a.steps and not done:
         for gp in opt.param_groups:
             gp["lr"] = lr_at(a, step)
         idx = torch.randint(0, x_all.shape[0], (a.batch,), generator=gen)
@@ -188,6 +195,10 @@ def train(a, log):
             # expert load of the last batch, layer 0 (fraction of assignments per expert)
             log(f"step {step}/{a.steps} wall {wall:.0f}s lr {lr_at(a, step - 1):.1e} "
                 f"mse {m[0]:.4f} aux {m[1]:.4f} gnorm {m[2]:.2f}")
+        if a.budget_minutes and wall >= 60 * a.budget_minutes:
+            done = True
+            log(f"wall-time budget of {a.budget_minutes} min reached at step {step}")
+            break
         if now - t_ck > a.ckpt_every:
             checkpoint(); t_ck = now
         if a.max_minutes and now - t_start > 60 * a.max_minutes:
@@ -211,8 +222,8 @@ def export(a, log):
     import safetensors_io
     ck = os.path.join(a.run, "ckpt.pt")
     model, s = load_ema(ck)
-    if s["step"] < a.steps:
-        raise SystemExit(f"{ck}: step {s['step']} < --steps {a.steps}: train first")
+    if not s.get("done"):
+        raise SystemExit(f"{ck}: training not finished (step {s['step']}): train first")
     pt = os.path.join(a.run, "ema.pt")
     torch.save({"ema": model.state_dict()}, pt)
     names = os.path.join(a.run, "class_names.txt")
