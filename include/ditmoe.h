@@ -334,7 +334,7 @@ typedef struct {
 #define DM_TRACE_TOK_UNCOND 1u  /* routed to the unconditional expert                        */
 #define DM_TRACE_TOK_DROPPED 2u /* no routed expert (expert-choice capacity)                  */
 
-/* Shape of a model's trace: every MoE block (DiT-MoE: all; ProMoE: odd blocks), its token
+/* Shape of a model's trace: every MoE block (DiT-MoE: all; ProMoE: the odd ones), its token
  * grid, k, E, classes; steps/heun from p (may be NULL); weights on. */
 void dm_trace_shape_from_model(dm_trace_shape *s, const dm_config *cfg, const dm_sample_params *p);
 int dm_trace_tokens(const dm_trace_shape *s); /* grid_h * grid_w */
@@ -372,7 +372,8 @@ void dm_trace_denoiser(dm_trace *tr, dm_model *m, dm_denoiser *out);
 typedef struct {
     int batch, eval, step, rows; /* R rows                                                   */
     const int64_t *image;        /* [R] global image index (-1 = unknown)                    */
-    const int64_t *label;        /* [R] class fed to the model (null = num_classes)          */
+    const int64_t *label;        /* [R] label fed to the model (null = num_classes)          */
+    const int64_t *cls;          /* [R] class of the row's image (also for unconditional rows)*/
     const float *t;              /* [R] time fed to the model                                */
     const uint8_t *uncond;       /* [R] 1 = unconditional row                                */
     const int32_t *ids;          /* [Lm, R*T, k], -1 = none                                  */
