@@ -58,9 +58,9 @@ static void conditioning(dm_model *m, int B, const float *t, const int64_t *y)
     dm_workspace *w = &m->ws;
     const int D = m->cfg.hidden;
     dm_timestep_sinusoid(t, B, w->tfreq);
-    dm_linear(w->tfreq, B, DM_TIME_FREQ_DIM, m->t_w1, m->t_b1, D, w->thid);
+    dm_linear_packed(w->tfreq, B, &m->t_w1, m->t_b1, w->thid);
     dm_silu(w->thid, (size_t)B * D);
-    dm_linear(w->thid, B, D, m->t_w2, m->t_b2, D, w->c);
+    dm_linear_packed(w->thid, B, &m->t_w2, m->t_b2, w->c);
     for (int b = 0; b < B; b++)
         for (int i = 0; i < D; i++) w->c[(size_t)b * D + i] += m->y_table[(size_t)y[b] * D + i];
     dm_silu(w->c, (size_t)B * D);
@@ -75,16 +75,16 @@ static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, const i
     const dm_config *c = &m->cfg;
     const int D = c->hidden, T = m->T, N = B * T, H = c->heads, k = c->top_k;
     float *mod = w->mod; /* [B, 6D]: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp */
-    dm_linear(w->c, B, D, bw->mod_w, bw->mod_b, 6 * D, mod);
+    dm_linear_packed(w->c, B, &bw->mod_w, bw->mod_b, mod);
 
     /* x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa)) */
     dm_layernorm(w->x, N, D, 1e-6f, NULL, NULL, w->h);
     dm_modulate(w->h, B, T, D, mod + 0 * D, mod + 1 * D, 6 * D);
-    dm_linear(w->h, N, D, bw->qkv_w, bw->qkv_b, 3 * D, w->qkv);
+    dm_linear_packed(w->h, N, &bw->qkv_w, bw->qkv_b, w->qkv);
     dm_qk_norm qk = {bw->q_norm_w, bw->q_norm_b, bw->k_norm_w, bw->k_norm_b, c->qk_norm_eps};
     if (dm_attention(w->qkv, B, T, H, D / H, bw->q_norm_w ? &qk : NULL, w->att))
         return dm_fail(DM_ERR_NOMEM, "out of memory in attention");
-    dm_linear(w->att, N, D, bw->proj_w, bw->proj_b, D, w->tmp);
+    dm_linear_packed(w->att, N, &bw->proj_w, bw->proj_b, w->tmp);
     dm_gated_add(w->x, w->tmp, B, T, D, mod + 2 * D, 6 * D);
 
     /* x = x + gate_mlp * FFN(modulate(LN(x), shift_mlp, scale_mlp)), FFN = MoE or dense MLP */
@@ -120,7 +120,7 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
 
     /* Patch embedding + fixed position embedding: tokens [B*T, D]. */
     dm_patchify(x, B, c->in_channels, S, p, w->patches);
-    dm_linear(w->patches, N, c->in_channels * p * p, m->patch_w, m->patch_b, D, w->x);
+    dm_linear_packed(w->patches, N, &m->patch_w, m->patch_b, w->x);
     for (int b = 0; b < B; b++)
         for (size_t i = 0; i < (size_t)T * D; i++) w->x[(size_t)b * T * D + i] += m->pos_embed[i];
 
@@ -131,10 +131,10 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
     }
 
     /* Final layer: modulate(LN(x), shift, scale) -> Linear -> unpatchify. */
-    dm_linear(w->c, B, D, m->final_mod_w, m->final_mod_b, 2 * D, w->mod);
+    dm_linear_packed(w->c, B, &m->final_mod_w, m->final_mod_b, w->mod);
     dm_layernorm(w->x, N, D, 1e-6f, NULL, NULL, w->h);
     dm_modulate(w->h, B, T, D, w->mod, w->mod + D, 2 * D);
-    dm_linear(w->h, N, D, m->final_w, m->final_b, p * p * c->out_channels, w->outp);
+    dm_linear_packed(w->h, N, &m->final_w, m->final_b, w->outp);
     dm_unpatchify(w->outp, B, c->out_channels, S, p, out);
     return DM_OK;
 }

@@ -23,21 +23,56 @@ static dm_status own(dm_model *m, float *p)
     return DM_OK;
 }
 
-/* Load tensor `name` (printf-style) of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1, 2 or 4). */
+/* Load tensor `name` (printf-style) of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1-4) into a
+ * new float32 buffer the caller owns. */
+static dm_status load_raw(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
+                          int64_t d1, int64_t d2, int64_t d3, const char *fmt, va_list ap)
+{
+    char name[256];
+    vsnprintf(name, sizeof name, fmt, ap);
+    const int64_t shape[4] = {d0, d1, d2, d3};
+    (void)m;
+    return dm_st_load_f32(f, name, ndim, shape, out);
+}
+
+/* As load_raw, the buffer owned by the model. */
 static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
     __attribute__((format(printf, 9, 10)));
 static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
 {
-    char name[256];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    dm_status st = load_raw(m, f, out, ndim, d0, d1, d2, d3, fmt, ap);
     va_end(ap);
-    const int64_t shape[4] = {d0, d1, d2, d3};
-    dm_status st = dm_st_load_f32(f, name, ndim, shape, out);
     return st != DM_OK ? st : own(m, *out);
+}
+
+/* Pack W [out, in] for dm_linear_packed (the packed copy owned by the model); frees W. */
+static dm_status pack(dm_model *m, float *W, int out, int in, dm_pmat *pm)
+{
+    int fail = dm_pmat_pack(pm, W, out, in);
+    free(W);
+    if (fail) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    return own(m, pm->p);
+}
+
+/* Load a matrix stored as [out, in] (or [out, a, b, c] with in = a*b*c) and pack it. */
+static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
+                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 9, 10)));
+static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
+                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+{
+    float *W;
+    va_list ap;
+    va_start(ap, fmt);
+    dm_status st = load_raw(m, f, &W, ndim, d0, d1, d2, d3, fmt, ap);
+    va_end(ap);
+    if (st != DM_OK) return st;
+    int64_t in = d1 * (ndim == 4 ? d2 * d3 : 1);
+    return pack(m, W, (int)d0, (int)in, pm);
 }
 
 #define TRY(call)                         \
@@ -47,6 +82,7 @@ static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, i
     } while (0)
 #define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), 1, a, 0, 0, 0, __VA_ARGS__))
 #define LOAD2(dst, a, b, ...) TRY(load(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
+#define LOADP(dst, a, b, ...) TRY(loadp(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
 
 /* DiT-MoE SwiGLU expert: gate_proj and up_proj [F, D] packed into one [2F, D] matrix so one
  * GEMM computes both; down_proj [D, F]; no biases. */
@@ -58,11 +94,11 @@ static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefi
     LOAD2(u, F, D, "%s.up_proj.weight", prefix);
     float *gu = malloc((size_t)2 * F * D * sizeof(float));
     if (!gu) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    TRY(own(m, gu));
     memcpy(gu, g, (size_t)F * D * sizeof(float));
     memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
-    *w = (dm_mlp_w){.act = DM_MLP_SWIGLU, .F = F, .w1 = gu};
-    LOAD2(w->w2, D, F, "%s.down_proj.weight", prefix);
+    *w = (dm_mlp_w){.act = DM_MLP_SWIGLU, .F = F};
+    TRY(pack(m, gu, 2 * F, D, &w->w1));
+    LOADP(w->w2, D, F, "%s.down_proj.weight", prefix);
     return DM_OK;
 }
 
@@ -72,9 +108,9 @@ static dm_status load_gelu(dm_model *m, const dm_st_file *f, const char *prefix,
                            const char *down, int F, int D, dm_mlp_w *w)
 {
     *w = (dm_mlp_w){.act = DM_MLP_GELU_TANH, .F = F};
-    LOAD2(w->w1, F, D, "%s.%s.weight", prefix, up);
+    LOADP(w->w1, F, D, "%s.%s.weight", prefix, up);
     LOAD1(w->b1, F, "%s.%s.bias", prefix, up);
-    LOAD2(w->w2, D, F, "%s.%s.weight", prefix, down);
+    LOADP(w->w2, D, F, "%s.%s.weight", prefix, down);
     LOAD1(w->b2, D, "%s.%s.bias", prefix, down);
     return DM_OK;
 }
@@ -85,9 +121,9 @@ static dm_status load_attention(dm_model *m, const dm_st_file *f, int i, dm_bloc
     const int D = c->hidden, hd = D / c->heads;
     /* DiT-MoE XL/G: Wqkv/out_proj + q_norm/k_norm; S/B and ProMoE: timm qkv/proj. */
     const int flash = c->attn == DM_ATTN_QKNORM && c->arch == DM_ARCH_DITMOE;
-    LOAD2(b->qkv_w, 3 * D, D, "blocks.%d.attn.%s.weight", i, flash ? "Wqkv" : "qkv");
+    LOADP(b->qkv_w, 3 * D, D, "blocks.%d.attn.%s.weight", i, flash ? "Wqkv" : "qkv");
     LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.%s.bias", i, flash ? "Wqkv" : "qkv");
-    LOAD2(b->proj_w, D, D, "blocks.%d.attn.%s.weight", i, flash ? "out_proj" : "proj");
+    LOADP(b->proj_w, D, D, "blocks.%d.attn.%s.weight", i, flash ? "out_proj" : "proj");
     LOAD1(b->proj_b, D, "blocks.%d.attn.%s.bias", i, flash ? "out_proj" : "proj");
     if (c->attn == DM_ATTN_QKNORM) {
         LOAD1(b->q_norm_w, hd, "blocks.%d.attn.q_norm.weight", i);
@@ -105,7 +141,7 @@ static dm_status load_ditmoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe
     char prefix[128];
     *moe = (dm_moe_w){.kind = DM_ROUTE_SOFTMAX_TOPK, .E = c->num_experts, .k = c->top_k, .D = D,
                       .n_experts = c->num_experts};
-    LOAD2(moe->gate, moe->E, D, "blocks.%d.moe.gate.weight", i);
+    LOADP(moe->gate, moe->E, D, "blocks.%d.moe.gate.weight", i);
     moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
     if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
     for (int e = 0; e < moe->E; e++) {
@@ -128,14 +164,17 @@ static dm_status load_promoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe
     char prefix[128];
     *moe = (dm_moe_w){.kind = c->promoe_ec ? DM_ROUTE_PROTO_EC : DM_ROUTE_PROTO_TC, .E = E,
                       .k = c->top_k, .D = D, .act = (dm_gate_act)c->router_act, .n_experts = E + 1};
-    LOAD2(moe->gate, E, D, "blocks.%d.mlp.cluster_centers", i);
+    float *protos;
+    TRY(load(m, f, &protos, 2, E, D, 0, 0, "blocks.%d.mlp.cluster_centers", i));
     for (int e = 0; e < E; e++) { /* F.normalize(p, eps 1e-12) */
-        float *p = moe->gate + (size_t)e * D;
+        float *p = protos + (size_t)e * D;
         double nn = 0;
         for (int d = 0; d < D; d++) nn += (double)p[d] * p[d];
         float inv = 1.0f / fmaxf((float)sqrt(nn), 1e-12f);
         for (int d = 0; d < D; d++) p[d] *= inv;
     }
+    if (dm_pmat_pack(&moe->gate, protos, E, D)) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    TRY(own(m, moe->gate.p));
     moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
     if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
     for (int e = 0; e <= E; e++) {
@@ -154,7 +193,7 @@ static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w 
     const dm_config *c = &m->cfg;
     const int D = c->hidden;
     char prefix[128];
-    LOAD2(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
+    LOADP(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
     LOAD1(b->mod_b, 6 * D, "blocks.%d.adaLN_modulation.1.bias", i);
     TRY(load_attention(m, f, i, b));
     b->is_moe = !c->moe_interleave || i % 2 == 1;
@@ -183,16 +222,16 @@ static dm_status load_all(dm_model *m, const dm_st_file *f)
         dm_pos_embed_2d(D, m->G, m->pos_embed);
         dm_log(DM_LOG_VERBOSE, "%s: no pos_embed tensor, computed the 2-D sin-cos table", m->path);
     }
-    TRY(load(m, f, &m->patch_w, 4, D, C, p, p, "x_embedder.proj.weight"));
+    TRY(loadp(m, f, &m->patch_w, 4, D, C, p, p, "x_embedder.proj.weight"));
     LOAD1(m->patch_b, D, "x_embedder.proj.bias");
-    LOAD2(m->t_w1, D, DM_TIME_FREQ_DIM, "t_embedder.mlp.0.weight");
+    LOADP(m->t_w1, D, DM_TIME_FREQ_DIM, "t_embedder.mlp.0.weight");
     LOAD1(m->t_b1, D, "t_embedder.mlp.0.bias");
-    LOAD2(m->t_w2, D, D, "t_embedder.mlp.2.weight");
+    LOADP(m->t_w2, D, D, "t_embedder.mlp.2.weight");
     LOAD1(m->t_b2, D, "t_embedder.mlp.2.bias");
     LOAD2(m->y_table, c->num_classes + 1, D, "y_embedder.embedding_table.weight");
-    LOAD2(m->final_mod_w, 2 * D, D, "final_layer.adaLN_modulation.1.weight");
+    LOADP(m->final_mod_w, 2 * D, D, "final_layer.adaLN_modulation.1.weight");
     LOAD1(m->final_mod_b, 2 * D, "final_layer.adaLN_modulation.1.bias");
-    LOAD2(m->final_w, p * p * Co, D, "final_layer.linear.weight");
+    LOADP(m->final_w, p * p * Co, D, "final_layer.linear.weight");
     LOAD1(m->final_b, p * p * Co, "final_layer.linear.bias");
     m->blocks = calloc((size_t)c->depth, sizeof *m->blocks);
     if (!m->blocks) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);

@@ -8,11 +8,11 @@
 #include "router/moe.h"
 
 typedef struct {
-    float *mod_w, *mod_b;       /* adaLN_modulation.1: [6D, D], [6D] */
-    float *qkv_w, *qkv_b;       /* attn.qkv or attn.Wqkv: [3D, D], [3D] */
+    dm_pmat mod_w; float *mod_b; /* adaLN_modulation.1: [6D, D], [6D] */
+    dm_pmat qkv_w; float *qkv_b; /* attn.qkv or attn.Wqkv: [3D, D], [3D] */
     float *q_norm_w, *q_norm_b; /* attn.q_norm: [hd] (qknorm layout only, else NULL) */
     float *k_norm_w, *k_norm_b; /* attn.k_norm: [hd] */
-    float *proj_w, *proj_b;     /* attn.proj or attn.out_proj: [D, D], [D] */
+    dm_pmat proj_w; float *proj_b; /* attn.proj or attn.out_proj: [D, D], [D] */
     int is_moe;                 /* 1: MoE feed-forward (moe); 0: dense MLP (mlp, ProMoE even blocks) */
     dm_moe_w moe;
     dm_mlp_w mlp;               /* mlp.fc1 [F, D] + [F], mlp.fc2 [D, F] + [D], GELU-tanh */
@@ -40,14 +40,14 @@ struct dm_model {
     dm_config cfg;
     int T, G;                  /* tokens per image, token grid side */
     float *pos_embed;          /* [T, D] */
-    float *patch_w, *patch_b;  /* x_embedder.proj: [D, C*p*p], [D] */
-    float *t_w1, *t_b1;        /* t_embedder.mlp.0: [D, 256], [D] */
-    float *t_w2, *t_b2;        /* t_embedder.mlp.2: [D, D], [D] */
+    dm_pmat patch_w; float *patch_b; /* x_embedder.proj: [D, C*p*p], [D] */
+    dm_pmat t_w1; float *t_b1; /* t_embedder.mlp.0: [D, 256], [D] */
+    dm_pmat t_w2; float *t_b2; /* t_embedder.mlp.2: [D, D], [D] */
     float *y_table;            /* y_embedder.embedding_table: [num_classes+1, D] */
     dm_block_w *blocks;        /* [L] */
-    float *final_mod_w, *final_mod_b; /* final_layer.adaLN_modulation.1: [2D, D], [2D] */
-    float *final_w, *final_b;  /* final_layer.linear: [p*p*Cout, D], [p*p*Cout] */
-    float **owned;             /* every buffer above, freed by dm_model_free */
+    dm_pmat final_mod_w; float *final_mod_b; /* final_layer.adaLN_modulation.1: [2D, D], [2D] */
+    dm_pmat final_w; float *final_b; /* final_layer.linear: [p*p*Cout, D], [p*p*Cout] */
+    float **owned;             /* every buffer above (packed ones too), freed by dm_model_free */
     int n_owned, cap_owned;
     dm_workspace ws;
 };

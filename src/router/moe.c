@@ -58,29 +58,31 @@ static inline float gelu_tanh(float u)
 
 void dm_mlp_forward(const dm_mlp_w *w, const float *x, int n, int D, float *a, float *h, float *y)
 {
+    (void)D; /* implied by the packed shapes */
     if (w->act == DM_MLP_SWIGLU) {
-        dm_linear(x, n, D, w->w1, w->b1, 2 * w->F, a);
+        dm_linear_packed(x, n, &w->w1, w->b1, a);
         dm_swiglu(a, n, w->F, h);
     } else {
-        dm_linear(x, n, D, w->w1, w->b1, w->F, h);
+        dm_linear_packed(x, n, &w->w1, w->b1, h);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)n * w->F; i++) h[i] = gelu_tanh(h[i]);
     }
-    dm_linear(h, n, w->F, w->w2, w->b2, D, y);
+    dm_linear_packed(h, n, &w->w2, w->b2, y);
 }
 
 void dm_mlp_forward_ref(const dm_mlp_w *w, const float *x, int n, int D, float *y)
 {
+    (void)D; /* implied by the packed shapes */
     const int F = w->F, F1 = w->act == DM_MLP_SWIGLU ? 2 * F : F;
     float *a = malloc((size_t)F1 * sizeof(float)), *h = malloc((size_t)F * sizeof(float));
     if (!a || !h) goto done;
     for (int r = 0; r < n; r++) {
-        dm_linear_ref(x + (size_t)r * D, 1, D, w->w1, w->b1, F1, a);
+        dm_linear_packed_ref(x + (size_t)r * D, 1, &w->w1, w->b1, a);
         for (int i = 0; i < F; i++)
             h[i] = w->act == DM_MLP_SWIGLU ? a[i] / (1.0f + expf(-a[i])) * a[F + i]
                                            : (float)(0.5 * a[i] * (1.0 + tanh(sqrt(2.0 / M_PI) *
                                                      (a[i] + 0.044715 * a[i] * a[i] * a[i]))));
-        dm_linear_ref(h, 1, F, w->w2, w->b2, D, y + (size_t)r * D);
+        dm_linear_packed_ref(h, 1, &w->w2, w->b2, y + (size_t)r * D);
     }
 done:
     free(a);
@@ -227,7 +229,7 @@ void dm_moe_route(const dm_moe_w *w, const float *h, int N, int T, const int64_t
     dm_routing *r = &s->r;
     r->N = N;
     r->k = k;
-    dm_linear(h, N, w->D, w->gate, NULL, E, s->scores);
+    dm_linear_packed(h, N, &w->gate, NULL, s->scores);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float *p = s->scores + (size_t)n * E;
@@ -289,7 +291,7 @@ void dm_moe_route_ref(const dm_moe_w *w, const float *h, int N, int T, const int
     float *sc = malloc((size_t)N * E * sizeof(float));
     if (!sc) return;
     for (int n = 0; n < N; n++) {
-        dm_linear_ref(h + (size_t)n * D, 1, D, w->gate, NULL, E, sc + (size_t)n * E);
+        dm_linear_packed_ref(h + (size_t)n * D, 1, &w->gate, NULL, sc + (size_t)n * E);
         token_scores(w, h + (size_t)n * D, sc + (size_t)n * E);
     }
     for (int i = 0; i < N * k; i++) ids[i] = -1, weights[i] = 0.0f;
@@ -329,7 +331,7 @@ void dm_moe_forward_ref(const dm_moe_w *w, const float *h, int N, int T, const i
         float *sc = malloc((size_t)N * E * sizeof(float));
         if (!sc) goto done;
         for (int n = 0; n < N; n++) {
-            dm_linear_ref(h + (size_t)n * D, 1, D, w->gate, NULL, E, sc + (size_t)n * E);
+            dm_linear_packed_ref(h + (size_t)n * D, 1, &w->gate, NULL, sc + (size_t)n * E);
             token_scores(w, h + (size_t)n * D, sc + (size_t)n * E);
         }
         for (int n = 0; n < N; n++) {

@@ -12,6 +12,8 @@
 #ifndef DM_ROUTER_MOE_H
 #define DM_ROUTER_MOE_H
 
+#include "backend/cpu/ops.h"
+
 #include <stdint.h>
 
 typedef enum { DM_MLP_SWIGLU = 0, DM_MLP_GELU_TANH } dm_mlp_act;
@@ -19,10 +21,10 @@ typedef enum { DM_MLP_SWIGLU = 0, DM_MLP_GELU_TANH } dm_mlp_act;
 typedef struct {
     dm_mlp_act act;
     int F;     /* hidden width (0 = absent) */
-    float *w1; /* SwiGLU: [2F, D], rows [0,F) gate_proj, [F,2F) up_proj; GELU: [F, D] */
-    float *b1; /* [F] or NULL */
-    float *w2; /* [D, F] */
-    float *b2; /* [D] or NULL */
+    dm_pmat w1; /* SwiGLU: [2F, D], rows [0,F) gate_proj, [F,2F) up_proj; GELU: [F, D] */
+    float *b1;  /* [F] or NULL */
+    dm_pmat w2; /* [D, F] */
+    float *b2;  /* [D] or NULL */
 } dm_mlp_w;
 
 typedef enum { DM_ROUTE_SOFTMAX_TOPK = 0, DM_ROUTE_PROTO_TC, DM_ROUTE_PROTO_EC } dm_route_kind;
@@ -31,7 +33,7 @@ typedef enum { DM_GATE_IDENTITY = 0, DM_GATE_SOFTMAX, DM_GATE_SIGMOID } dm_gate_
 typedef struct {
     dm_route_kind kind;
     int E, k, D;       /* routed experts, picks per token (EC: capacity factor), hidden */
-    float *gate;       /* [E, D]: linear router weight, or unit-norm prototypes (PROTO_*) */
+    dm_pmat gate;      /* [E, D]: linear router weight, or unit-norm prototypes (PROTO_*) */
     dm_gate_act act;   /* score activation of the prototype routers */
     int n_experts;     /* E, or E + 1 with the unconditional expert at index E */
     dm_mlp_w *experts; /* [n_experts] */

@@ -10,6 +10,21 @@
 void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 void dm_linear_ref(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 
+/* Weights packed for dm_linear_packed: [ceil(out/DM_PANEL)][in][DM_PANEL], zero-padded. Every
+ * output element is a fixed-order sum over `in`, independent of N, tiling and threads, so a
+ * token's result never depends on what else is in the batch. */
+#define DM_PANEL 32
+typedef struct {
+    int out, in;
+    float *p; /* [ceil(out/32), in, 32] */
+} dm_pmat;
+int dm_pmat_pack(dm_pmat *pm, const float *W /* [out, in] */, int out, int in); /* -1: no memory */
+void dm_pmat_free(dm_pmat *pm);
+float dm_pmat_get(const dm_pmat *pm, int o, int i); /* W[o, i] */
+/* y[N, out] = x[N, in] · W^T (+ b[out]). */
+void dm_linear_packed(const float *x, int N, const dm_pmat *W, const float *b, float *y);
+void dm_linear_packed_ref(const float *x, int N, const dm_pmat *W, const float *b, float *y);
+
 /* Row-wise LayerNorm over D (biased variance), optional affine w[D], b[D] (NULL = none). */
 void dm_layernorm(const float *x, int N, int D, float eps, const float *w, const float *b, float *y);
 void dm_layernorm_ref(const float *x, int N, int D, float eps, const float *w, const float *b,
