@@ -43,13 +43,15 @@ static void usage(FILE *f)
 "  --init-noise F.npy  float32 [N,C,H,W] initial latents for the N images (parity work)\n"
 "  --save-latent F.npy write the final latents float32 [N,C,H,W]\n"
 "  --latent-only       skip the VAE and PNGs (needs --save-latent)\n"
+"  --dump-routing F    write every evaluation's expert choices and gate weights to F\n"
+"                      (read it with ditmoe-routes; format in docs/routing.md)\n"
 "  --threads N         threads (default: 0 = all cores)\n"
 "  -q, -v              quiet (no progress bar, no info) / verbose (timings, sizes)\n"
 "  --help, --version\n");
 }
 
 typedef struct {
-    const char *model, *vae, *out, *init_noise, *save_latent;
+    const char *model, *vae, *out, *init_noise, *save_latent, *dump_routing;
     const char *classes[MAX_CLASS_ARGS];
     int nclass_args;
     int n, batch, threads, grid, latent_only, quiet;
@@ -71,6 +73,7 @@ static dm_status parse(int argc, char **argv, args_t *a)
                            : !strcmp(s, "--output")       ? &a->out
                            : !strcmp(s, "--init-noise")   ? &a->init_noise
                            : !strcmp(s, "--save-latent")  ? &a->save_latent
+                           : !strcmp(s, "--dump-routing") ? &a->dump_routing
                            : !strcmp(s, "--sampler")      ? &a->sampler
                            : !strcmp(s, "--steps")        ? &a->steps
                            : !strcmp(s, "--cfg-scale")    ? &a->cfg_scale
@@ -403,6 +406,7 @@ int main(int argc, char **argv)
     int64_t *yb = NULL;
     uint64_t *ib = NULL;
     written_t written = {0};
+    dm_trace *trace = NULL;
     dm_cli_progress prog;
     memset(&prog, 0, sizeof prog);
     const double t_start = dm_time_sec();
@@ -464,6 +468,7 @@ int main(int argc, char **argv)
         CHECK(check_writable(first, "-o"));
     }
     if (a.save_latent) CHECK(check_writable(a.save_latent, "--save-latent"));
+    if (a.dump_routing) CHECK(check_writable(a.dump_routing, "--dump-routing"));
     if (a.init_noise) {
         CHECK(dm_npy_read_expect(a.init_noise, DM_F32, 4, &init));
         if (init.shape[0] < total || init.shape[1] != C || init.shape[2] != S || init.shape[3] != S)
@@ -522,6 +527,13 @@ int main(int argc, char **argv)
 
     timed_t tm = {0};
     dm_model_denoiser(m, &tm.inner);
+    if (a.dump_routing) { /* the transformer with a routing record, appended per evaluation */
+        dm_trace_shape ts;
+        dm_trace_shape_from_model(&ts, c, &p);
+        CHECK(dm_trace_open(a.dump_routing, &ts, c, model_path, &p, &trace));
+        if (per_image && !a.grid) CHECK(dm_trace_note(trace, "images", pattern));
+        dm_trace_denoiser(trace, m, &tm.inner);
+    }
     dm_denoiser d = tm.inner;
     d.fn = timed_fn;
     d.ctx = &tm;
@@ -540,6 +552,7 @@ int main(int argc, char **argv)
         char lab[64];
         snprintf(lab, sizeof lab, "batch %d/%d", bi + 1, nbatch);
         dm_cli_progress_label(&prog, lab);
+        if (trace) CHECK(dm_trace_batch(trace, nb, yb, ib));
         st = dm_sample(&d, &p, nb, yb, ib, a.init_noise ? init_b : NULL, z, on_step, &prog);
         if (st) {
             dm_cli_progress_end(&prog);
@@ -613,6 +626,14 @@ int main(int argc, char **argv)
         CHECK(dm_npy_write(a.save_latent, DM_F32, 4, shape, lat_all));
         remember(&written, a.save_latent);
     }
+    if (trace) {
+        const double trace_sec = dm_trace_seconds(trace);
+        st = dm_trace_close(trace);
+        trace = NULL;
+        CHECK(st);
+        remember(&written, a.dump_routing);
+        dm_log(DM_LOG_VERBOSE, "routing dump %s: %.3f s writing", a.dump_routing, trace_sec);
+    }
     {
         const double wall = dm_time_sec() - t_start;
         const long steps_total = (long)nbatch * p.steps;
@@ -636,6 +657,7 @@ int main(int argc, char **argv)
                vae_sec / total);
     }
 done:
+    dm_trace_abort(trace);
     forget(&written, rc != 0);
     dm_cli_grid_free(&grid);
     free(labels);

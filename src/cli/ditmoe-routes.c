@@ -1,0 +1,717 @@
+/* ditmoe-routes: turn routing dumps (ditmoe-sample --dump-routing) into the DiT-MoE paper's three
+ * views per MoE layer — class x expert, token position x expert (on the token grid), step x
+ * expert — plus per-layer load statistics, as JSON and heatmap PNGs, and an overlay of one
+ * sample's image tinted by the expert each token chose.
+ *   ditmoe-routes [-o DIR] [--uncond] [--sample N] [--image PNG] DUMP [DUMP...]
+ * Exit codes: 0 ok, 2 bad input (flags, malformed dumps), 1 runtime failure. */
+#include "cli/common.h"
+#include "io/atomic.h"
+#include "trace/render.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define PROG "ditmoe-routes"
+#define MAX_DUMPS 4096
+#define MAX_OV_STEPS 16
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+"usage: " PROG " [options] DUMP [DUMP...]\n"
+"  -o DIR              output directory, created if missing (default: routes)\n"
+"                      writes routes.json, class_expert.png, position_expert.png,\n"
+"                      step_expert.png, overlay.png\n"
+"  --uncond            count the unconditional half of guided batches instead of the\n"
+"                      conditional one (default: conditional, as the paper)\n"
+"  --sample N          image index for the overlay (default: first image of the first dump)\n"
+"  --image PNG         that image (default: the dump's \"images\" note, e.g. out-%%03d.png,\n"
+"                      relative to the working directory, then to the dump's directory)\n"
+"  --overlay-steps L   comma list of steps shown in the overlay (default: 5 spread evenly)\n"
+"  --cell N            heatmap cell size in pixels (default: 14)\n"
+"  --no-png            JSON only\n"
+"  -q, -v              quiet / verbose\n"
+"  --help, --version\n"
+"Colour scale of the heatmaps: P(expert | row) x E, i.e. the share of the row's picks relative\n"
+"to uniform, log scale, blue 1/4x - white 1x - red 4x (clipped).\n");
+}
+
+typedef struct {
+    const char *dumps[MAX_DUMPS];
+    int ndumps;
+    const char *out, *image, *ov_steps;
+    int uncond, no_png, cell, have_sample;
+    uint64_t sample;
+} args_t;
+
+static dm_status parse(int argc, char **argv, args_t *a)
+{
+    a->out = "routes";
+    a->cell = 14;
+    for (int i = 1; i < argc; i++) {
+        const char *s = argv[i];
+        if (!strcmp(s, "-q")) {
+            dm_set_log_level(DM_LOG_QUIET);
+            continue;
+        }
+        if (!strcmp(s, "-v")) {
+            dm_set_log_level(DM_LOG_VERBOSE);
+            continue;
+        }
+        if (!strcmp(s, "--uncond")) {
+            a->uncond = 1;
+            continue;
+        }
+        if (!strcmp(s, "--no-png")) {
+            a->no_png = 1;
+            continue;
+        }
+        if (s[0] == '-' && s[1]) {
+            const int takes = !strcmp(s, "-o") || !strcmp(s, "--sample") || !strcmp(s, "--image") ||
+                              !strcmp(s, "--overlay-steps") || !strcmp(s, "--cell");
+            if (!takes) return dm_fail(DM_ERR_ARG, "unknown flag '%s' (see --help)", s);
+            if (i + 1 >= argc) return dm_fail(DM_ERR_ARG, "%s needs a value (see --help)", s);
+            const char *v = argv[++i];
+            dm_status st = DM_OK;
+            if (!strcmp(s, "-o")) a->out = v;
+            else if (!strcmp(s, "--image")) a->image = v;
+            else if (!strcmp(s, "--overlay-steps")) a->ov_steps = v;
+            else if (!strcmp(s, "--cell")) st = dm_cli_int("--cell", v, 2, 64, &a->cell);
+            else {
+                st = dm_cli_u64("--sample", v, &a->sample);
+                a->have_sample = 1;
+            }
+            if (st) return st;
+            continue;
+        }
+        if (a->ndumps >= MAX_DUMPS) return dm_fail(DM_ERR_ARG, "at most %d dumps", MAX_DUMPS);
+        a->dumps[a->ndumps++] = s;
+    }
+    if (!a->ndumps) return dm_fail(DM_ERR_ARG, "no dump given (see --help)");
+    return DM_OK;
+}
+
+static int same_shape(const dm_trace_shape *a, const dm_trace_shape *b)
+{
+    return a->layers == b->layers && a->grid_h == b->grid_h && a->grid_w == b->grid_w &&
+           a->top_k == b->top_k && a->num_experts == b->num_experts &&
+           a->uncond_expert == b->uncond_expert && a->num_classes == b->num_classes &&
+           a->steps == b->steps && a->heun == b->heun &&
+           !memcmp(a->moe_layers, b->moe_layers, (size_t)a->layers * sizeof(int));
+}
+
+/* Everything gathered from the dumps. */
+typedef struct {
+    dm_route_counts c;
+    cJSON *head0;       /* header of the first dump */
+    double *step_t;     /* [S] t of each step's first eval (NAN if unseen) */
+    int32_t *ov;        /* [Lm, S, T] top-1 expert of the overlay sample per step (-2 unseen) */
+    int64_t ov_class;
+    const char *ov_dump;/* dump holding the overlay sample */
+    uint64_t sample;
+    int have_sample;
+} gathered_t;
+
+static dm_status gather(const args_t *a, gathered_t *g)
+{
+    dm_status st = DM_OK;
+    dm_trace_reader *r = NULL;
+    dm_trace_shape shape0;
+    g->have_sample = a->have_sample;
+    g->sample = a->sample;
+    g->ov_class = -1;
+    for (int d = 0; d < a->ndumps; d++) {
+        if ((st = dm_trace_read_open(a->dumps[d], &r))) return st;
+        const dm_trace_shape *s = dm_trace_read_shape(r);
+        if (d == 0) {
+            shape0 = *s;
+            g->head0 = cJSON_Parse(dm_trace_read_header(r));
+            if ((st = dm_route_counts_init(&g->c, s, a->uncond))) goto fail;
+            const int S = g->c.S > 0 ? g->c.S : 1, T = dm_trace_tokens(s);
+            g->step_t = malloc((size_t)S * sizeof(double));
+            g->ov = malloc((size_t)s->layers * S * T * sizeof(int32_t));
+            if (!g->head0 || !g->step_t || !g->ov) {
+                st = dm_fail(DM_ERR_NOMEM, "out of memory");
+                goto fail;
+            }
+            for (int i = 0; i < S; i++) g->step_t[i] = NAN;
+            for (size_t i = 0; i < (size_t)s->layers * S * T; i++) g->ov[i] = -2;
+            if (s->steps <= 0) {
+                st = dm_fail(DM_ERR_FORMAT, "%s: the dump does not record the number of sampler "
+                             "steps", a->dumps[d]);
+                goto fail;
+            }
+        } else if (!same_shape(&shape0, s)) {
+            st = dm_fail(DM_ERR_ARG, "%s: routing shape (layers %d, grid %dx%d, k %d, E %d, "
+                         "classes %d, steps %d) differs from %s's (layers %d, grid %dx%d, k %d, "
+                         "E %d, classes %d, steps %d)", a->dumps[d], s->layers, s->grid_h,
+                         s->grid_w, s->top_k, s->num_experts, s->num_classes, s->steps,
+                         a->dumps[0], shape0.layers, shape0.grid_h, shape0.grid_w, shape0.top_k,
+                         shape0.num_experts, shape0.num_classes, shape0.steps);
+            goto fail;
+        }
+        const int T = dm_trace_tokens(s), k = s->top_k, S = g->c.S;
+        long n = 0;
+        for (;;) {
+            const dm_trace_record *rec;
+            if ((st = dm_trace_read_next(r, &rec))) goto fail;
+            if (!rec) break;
+            if ((st = dm_route_counts_add(&g->c, rec))) {
+                st = dm_fail(st, "%s: record %ld: %s", a->dumps[d], n, dm_last_error());
+                goto fail;
+            }
+            if (d == 0 && rec->step < S && isnan(g->step_t[rec->step])) g->step_t[rec->step] = rec->t[0];
+            if (!g->have_sample && d == 0 && rec->rows > 0) {
+                g->sample = (uint64_t)rec->image[0];
+                g->have_sample = 1;
+            }
+            if (g->ov_dump && g->ov_dump != a->dumps[d]) continue; /* first dump with it */
+            const size_t RT = (size_t)rec->rows * T;
+            for (int row = 0; row < rec->rows; row++) {
+                if ((uint64_t)rec->image[row] != g->sample || rec->uncond[row] != a->uncond) continue;
+                g->ov_dump = a->dumps[d];
+                g->ov_class = rec->cls[row];
+                for (int l = 0; l < s->layers; l++) {
+                    int32_t *dst = g->ov + ((size_t)l * S + rec->step) * T;
+                    if (dst[0] != -2) continue; /* first eval of the step */
+                    for (int j = 0; j < T; j++)
+                        dst[j] = rec->ids[((size_t)l * RT + (size_t)row * T + j) * k];
+                }
+            }
+            n++;
+        }
+        dm_log(DM_LOG_VERBOSE, "%s: %ld records", a->dumps[d], n);
+        dm_trace_read_close(r);
+        r = NULL;
+    }
+    return DM_OK;
+fail:
+    dm_trace_read_close(r);
+    return st;
+}
+
+/* ------------------------------------------------------------------ JSON */
+
+static cJSON *table_json(const int64_t *t, int rows, int X)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < rows; i++) {
+        cJSON *row = cJSON_CreateArray();
+        for (int e = 0; row && e < X; e++)
+            cJSON_AddItemToArray(row, cJSON_CreateNumber((double)t[(size_t)i * X + e]));
+        cJSON_AddItemToArray(a, row);
+    }
+    return a;
+}
+
+static cJSON *layer_stats(const dm_route_counts *c, int l, int Xc)
+{
+    const dm_trace_shape *s = &c->shape;
+    const int X = c->X, T = dm_trace_tokens(s), S = c->S, C = s->num_classes;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "layer", l);
+    cJSON_AddNumberToObject(o, "block", s->moe_layers[l]);
+    double load[X];
+    double total = 0, mx = 0;
+    for (int e = 0; e < X; e++) load[e] = 0;
+    for (int j = 0; j < T; j++)
+        for (int e = 0; e < X; e++) load[e] += (double)c->by_pos[((size_t)l * T + j) * X + e];
+    cJSON *tpe = cJSON_AddArrayToObject(o, "picks_per_expert");
+    for (int e = 0; e < X; e++) cJSON_AddItemToArray(tpe, cJSON_CreateNumber(load[e]));
+    double h = 0;
+    for (int e = 0; e < Xc; e++) {
+        total += load[e];
+        if (load[e] > mx) mx = load[e];
+    }
+    for (int e = 0; e < Xc; e++)
+        if (load[e] > 0) h -= load[e] / total * log2(load[e] / total);
+    cJSON_AddNumberToObject(o, "max_mean_ratio", total > 0 ? mx / (total / Xc) : 0);
+    cJSON_AddNumberToObject(o, "entropy_bits", h);
+    cJSON_AddNumberToObject(o, "entropy_norm", Xc > 1 ? h / log2(Xc) : 0);
+    double mi, hx;
+    dm_route_table_info(c->by_class + (size_t)l * C * X, C, X, &mi, &hx);
+    cJSON_AddNumberToObject(o, "mi_class_bits", mi);
+    dm_route_table_info(c->by_pos + (size_t)l * T * X, T, X, &mi, NULL);
+    cJSON_AddNumberToObject(o, "mi_position_bits", mi);
+    dm_route_table_info(c->by_step + (size_t)l * S * X, S, X, &mi, NULL);
+    cJSON_AddNumberToObject(o, "mi_step_bits", mi);
+    if (c->by_step_pos) {
+        cJSON *ms = cJSON_AddArrayToObject(o, "mi_position_by_step_bits");
+        for (int q = 0; q < S; q++) {
+            dm_route_table_info(c->by_step_pos + ((size_t)l * S + q) * T * X, T, X, &mi, NULL);
+            cJSON_AddItemToArray(ms, cJSON_CreateNumber(mi));
+        }
+    }
+    /* total-variation distance of each step's expert distribution from the layer's */
+    cJSON *tv = cJSON_AddArrayToObject(o, "step_tv");
+    double all = 0;
+    for (int e = 0; e < X; e++) all += load[e];
+    for (int q = 0; q < S; q++) {
+        const int64_t *row = c->by_step + ((size_t)l * S + q) * X;
+        double rt = 0, d = 0;
+        for (int e = 0; e < X; e++) rt += (double)row[e];
+        for (int e = 0; rt > 0 && all > 0 && e < X; e++) d += fabs((double)row[e] / rt - load[e] / all);
+        cJSON_AddItemToArray(tv, cJSON_CreateNumber(0.5 * d));
+    }
+    return o;
+}
+
+static dm_status write_json(const args_t *a, const gathered_t *g, int Xc, const char *path)
+{
+    const dm_route_counts *c = &g->c;
+    const dm_trace_shape *s = &c->shape;
+    const int Lm = s->layers, X = c->X, T = dm_trace_tokens(s), S = c->S, C = s->num_classes;
+    cJSON *o = cJSON_CreateObject();
+    cJSON *dumps = cJSON_AddArrayToObject(o, "dumps");
+    for (int d = 0; d < a->ndumps; d++) cJSON_AddItemToArray(dumps, cJSON_CreateString(a->dumps[d]));
+    cJSON_AddStringToObject(o, "counted", a->uncond ? "unconditional" : "conditional");
+    cJSON_AddStringToObject(o, "counting", "every pick of every token (all k), weights unused");
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(g->head0, "model");
+    const cJSON *sampler = cJSON_GetObjectItemCaseSensitive(g->head0, "sampler");
+    const cJSON *names = cJSON_GetObjectItemCaseSensitive(g->head0, "class_names");
+    if (model) cJSON_AddItemToObject(o, "model", cJSON_Duplicate(model, 1));
+    if (sampler) cJSON_AddItemToObject(o, "sampler", cJSON_Duplicate(sampler, 1));
+    if (cJSON_IsArray(names)) cJSON_AddItemToObject(o, "class_names", cJSON_Duplicate(names, 1));
+    cJSON_AddNumberToObject(o, "layers", Lm);
+    cJSON *ml = cJSON_AddArrayToObject(o, "moe_layers");
+    for (int l = 0; l < Lm; l++) cJSON_AddItemToArray(ml, cJSON_CreateNumber(s->moe_layers[l]));
+    cJSON_AddNumberToObject(o, "experts", X);
+    cJSON_AddNumberToObject(o, "routed_experts", s->num_experts);
+    cJSON_AddNumberToObject(o, "uncond_expert", s->uncond_expert);
+    cJSON_AddNumberToObject(o, "top_k", s->top_k);
+    cJSON *grid = cJSON_AddArrayToObject(o, "grid");
+    cJSON_AddItemToArray(grid, cJSON_CreateNumber(s->grid_h));
+    cJSON_AddItemToArray(grid, cJSON_CreateNumber(s->grid_w));
+    cJSON_AddNumberToObject(o, "tokens", T);
+    cJSON_AddNumberToObject(o, "steps", S);
+    cJSON_AddNumberToObject(o, "num_classes", C);
+    cJSON_AddNumberToObject(o, "rows_counted", (double)c->rows);
+    cJSON_AddNumberToObject(o, "rows_skipped", (double)c->skipped_rows);
+    cJSON_AddNumberToObject(o, "picks", (double)c->picks);
+    cJSON_AddNumberToObject(o, "empty_slots", (double)c->none);
+    cJSON *ts = cJSON_AddArrayToObject(o, "step_t");
+    for (int q = 0; q < S; q++)
+        cJSON_AddItemToArray(ts, isnan(g->step_t[q]) ? cJSON_CreateNull() : cJSON_CreateNumber(g->step_t[q]));
+    cJSON *rows_per_class = cJSON_AddArrayToObject(o, "picks_per_class");
+    for (int k = 0; k < C; k++) {
+        double n = 0;
+        for (int e = 0; e < X; e++) n += (double)c->by_class[(size_t)k * X + e];
+        cJSON_AddItemToArray(rows_per_class, cJSON_CreateNumber(n));
+    }
+    cJSON *cl = cJSON_AddArrayToObject(o, "class_expert");       /* [Lm][C][X] */
+    cJSON *po = cJSON_AddArrayToObject(o, "position_expert");    /* [Lm][T][X] */
+    cJSON *st = cJSON_AddArrayToObject(o, "step_expert");        /* [Lm][S][X] */
+    cJSON *ld = cJSON_AddArrayToObject(o, "layer_stats");
+    for (int l = 0; l < Lm; l++) {
+        cJSON_AddItemToArray(cl, table_json(c->by_class + (size_t)l * C * X, C, X));
+        cJSON_AddItemToArray(po, table_json(c->by_pos + (size_t)l * T * X, T, X));
+        cJSON_AddItemToArray(st, table_json(c->by_step + (size_t)l * S * X, S, X));
+        cJSON_AddItemToArray(ld, layer_stats(c, l, Xc));
+    }
+    cJSON *ov = cJSON_AddObjectToObject(o, "overlay");
+    cJSON_AddNumberToObject(ov, "image_index", (double)g->sample);
+    cJSON_AddNumberToObject(ov, "class", (double)g->ov_class);
+    cJSON *top1 = cJSON_AddArrayToObject(ov, "top1"); /* [Lm][S][T], -2 = not seen */
+    for (int l = 0; l < Lm; l++) {
+        cJSON *ls = cJSON_CreateArray();
+        for (int q = 0; q < S; q++) {
+            cJSON *row = cJSON_CreateArray();
+            for (int j = 0; j < T; j++)
+                cJSON_AddItemToArray(row, cJSON_CreateNumber(g->ov[((size_t)l * S + q) * T + j]));
+            cJSON_AddItemToArray(ls, row);
+        }
+        cJSON_AddItemToArray(top1, ls);
+    }
+    char *text = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!text) return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+    char tmp[DM_ATOMIC_TMP_MAX];
+    FILE *f = dm_atomic_open(path, tmp);
+    if (!f) {
+        free(text);
+        return DM_ERR_IO;
+    }
+    const size_t len = strlen(text);
+    if (fwrite(text, 1, len, f) != len || fputc('\n', f) == EOF) {
+        free(text);
+        dm_atomic_abort(f, tmp);
+        return dm_fail(DM_ERR_IO, "%s: write failed", path);
+    }
+    free(text);
+    return dm_atomic_commit(f, tmp, path);
+}
+
+/* ------------------------------------------------------------------ figures */
+
+static const uint8_t BLACK[3] = {0, 0, 0}, GRAY[3] = {110, 110, 110};
+
+/* ratio of cell (row, e): count * Xc / row total */
+static double ratio(const int64_t *row, int X, int Xc, int e)
+{
+    double t = 0;
+    for (int i = 0; i < X; i++) t += (double)row[i];
+    return t > 0 ? (double)row[e] * Xc / t : NAN;
+}
+
+static void cell_color(double r, uint8_t rgb[3])
+{
+    if (isnan(r)) {
+        rgb[0] = rgb[1] = rgb[2] = 200; /* no data */
+        return;
+    }
+    dm_color_ratio(r, rgb);
+}
+
+/* Colour bar with ticks 1/4 .. 4 and a caption, at (x, y); returns its height. */
+static int legend(dm_canvas *cv, int x, int y, const char *caption)
+{
+    const int w = 240, h = 12;
+    for (int i = 0; i < w; i++) {
+        uint8_t rgb[3];
+        dm_color_ratio(pow(2.0, -2.0 + 4.0 * (i + 0.5) / w), rgb);
+        dm_canvas_rect(cv, x + i, y, 1, h, rgb);
+    }
+    const char *ticks[5] = {"1/4", "1/2", "1", "2", "4"};
+    for (int i = 0; i < 5; i++) {
+        const int tx = x + i * (w - 1) / 4;
+        dm_canvas_rect(cv, tx, y + h, 1, 3, BLACK);
+        dm_canvas_text(cv, tx - dm_text_width(ticks[i], 1) / 2, y + h + 5, 1, ticks[i], BLACK);
+    }
+    dm_canvas_text(cv, x + w + 12, y + 2, 1, caption, BLACK);
+    return h + 16;
+}
+
+static dm_status save(const dm_canvas *cv, const char *dir, const char *name, const args_t *a,
+                      const char *what)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    const char *text[] = {"Software", PROG " " DITMOE_VERSION, "Description", what, "counted",
+                          a->uncond ? "unconditional half" : "conditional half", "dump",
+                          a->dumps[0], NULL};
+    dm_status st = dm_png_write(path, cv->w, cv->h, 3, cv->pix, text);
+    if (!st) dm_log(DM_LOG_INFO, "wrote %s", path);
+    return st;
+}
+
+/* One panel per layer of a [rows, X] table; row labels every `every` rows (label(i) text). */
+static dm_status table_figure(const args_t *a, const gathered_t *g, int Xc, const int64_t *tab,
+                              int rows, const char *row_title, const char *name,
+                              const char *caption, const char *(*label)(const gathered_t *, int,
+                                                                        char *, size_t))
+{
+    const dm_route_counts *c = &g->c;
+    const int Lm = c->shape.layers, X = c->X;
+    const int cw = a->cell, ch = rows * a->cell <= 420 ? a->cell : (420 / rows > 0 ? 420 / rows : 1);
+    const int every = ch >= 9 ? 1 : (9 + ch - 1) / ch <= 5 ? 5 : (9 + ch - 1) / ch <= 10 ? 10 : 50;
+    const int lab_w = 6 * 14 + 6, pw = lab_w + X * cw + 16, ph = 14 + rows * ch + 22;
+    const int cols = Lm < 6 ? Lm : 6, prow = (Lm + cols - 1) / cols;
+    dm_canvas cv;
+    const int W = cols * pw + 20 > 520 ? cols * pw + 20 : 520;
+    dm_status st = dm_canvas_init(&cv, W, 28 + prow * ph + 40);
+    if (st) return st;
+    char title[200];
+    snprintf(title, sizeof title, "%s X EXPERT, %s HALF", row_title, a->uncond ? "UNCONDITIONAL"
+                                                                                : "CONDITIONAL");
+    dm_canvas_text(&cv, 10, 8, 2, title, BLACK);
+    for (int l = 0; l < Lm; l++) {
+        const int x0 = 10 + (l % cols) * pw, y0 = 32 + (l / cols) * ph;
+        char t[64];
+        snprintf(t, sizeof t, "LAYER %d", c->shape.moe_layers[l]);
+        dm_canvas_text(&cv, x0 + lab_w, y0, 1, t, BLACK);
+        const int64_t *T0 = tab + (size_t)l * rows * X;
+        for (int i = 0; i < rows; i++) {
+            for (int e = 0; e < X; e++) {
+                uint8_t rgb[3];
+                cell_color(ratio(T0 + (size_t)i * X, X, Xc, e), rgb);
+                dm_canvas_rect(&cv, x0 + lab_w + e * cw, y0 + 12 + i * ch, cw, ch, rgb);
+            }
+            if (i % every == 0) {
+                char buf[64];
+                const char *s = label(g, i, buf, sizeof buf);
+                dm_canvas_text(&cv, x0 + lab_w - 4 - dm_text_width(s, 1), y0 + 12 + i * ch +
+                               (ch >= 7 ? (ch - 7) / 2 : 0), 1, s, GRAY);
+            }
+        }
+        for (int e = 0; e < X; e++) {
+            char buf[16];
+            snprintf(buf, sizeof buf, "%d", e);
+            if (cw >= 8 || e % 2 == 0)
+                dm_canvas_text(&cv, x0 + lab_w + e * cw + (cw - dm_text_width(buf, 1)) / 2,
+                               y0 + 14 + rows * ch, 1, buf, GRAY);
+        }
+    }
+    legend(&cv, 20, 30 + prow * ph, caption);
+    st = save(&cv, a->out, name, a, title);
+    dm_canvas_free(&cv);
+    return st;
+}
+
+static const char *class_label(const gathered_t *g, int i, char *buf, size_t n)
+{
+    const cJSON *names = cJSON_GetObjectItemCaseSensitive(g->head0, "class_names");
+    const cJSON *nm = cJSON_IsArray(names) ? cJSON_GetArrayItem(names, i) : NULL;
+    if (cJSON_IsString(nm))
+        snprintf(buf, n, "%.9s %d", nm->valuestring, i);
+    else
+        snprintf(buf, n, "%d", i);
+    return buf;
+}
+
+static const char *step_label(const gathered_t *g, int i, char *buf, size_t n)
+{
+    (void)g;
+    snprintf(buf, n, "%d", i);
+    return buf;
+}
+
+/* Token grid maps: a row per layer, a column per expert. */
+static dm_status position_figure(const args_t *a, const gathered_t *g, int Xc)
+{
+    const dm_route_counts *c = &g->c;
+    const int Lm = c->shape.layers, X = c->X, gh = c->shape.grid_h, gw = c->shape.grid_w;
+    int px = 96 / (gw > gh ? gw : gh);
+    if (px < 2) px = 2;
+    const int mw = gw * px, mh = gh * px, gap = 6, left = 70;
+    dm_canvas cv;
+    dm_status st = dm_canvas_init(&cv, left + X * (mw + gap) + 20 > 560 ? left + X * (mw + gap) + 20 : 560,
+                                  48 + Lm * (mh + gap) + 40);
+    if (st) return st;
+    char title[160];
+    snprintf(title, sizeof title, "TOKEN POSITION X EXPERT (%dX%d GRID), %s HALF", gh, gw,
+             a->uncond ? "UNCONDITIONAL" : "CONDITIONAL");
+    dm_canvas_text(&cv, 10, 8, 2, title, BLACK);
+    for (int e = 0; e < X; e++) {
+        char buf[16];
+        snprintf(buf, sizeof buf, "E%d", e);
+        dm_canvas_text(&cv, left + e * (mw + gap) + (mw - dm_text_width(buf, 1)) / 2, 32, 1, buf, BLACK);
+    }
+    for (int l = 0; l < Lm; l++) {
+        const int y0 = 44 + l * (mh + gap);
+        char buf[32];
+        snprintf(buf, sizeof buf, "LAYER %d", c->shape.moe_layers[l]);
+        dm_canvas_text(&cv, 10, y0 + (mh - 7) / 2, 1, buf, BLACK);
+        for (int e = 0; e < X; e++)
+            for (int j = 0; j < gh * gw; j++) {
+                uint8_t rgb[3];
+                cell_color(ratio(c->by_pos + ((size_t)l * gh * gw + j) * X, X, Xc, e), rgb);
+                dm_canvas_rect(&cv, left + e * (mw + gap) + (j % gw) * px, y0 + (j / gw) * px, px,
+                               px, rgb);
+            }
+    }
+    legend(&cv, 20, 50 + Lm * (mh + gap), "P(EXPERT | POSITION) X E");
+    st = save(&cv, a->out, "position_expert.png", a, title);
+    dm_canvas_free(&cv);
+    return st;
+}
+
+/* Find the sample's PNG: --image, else the dump's "images" note (one %d), relative to the
+ * working directory, then to the dump's directory. */
+static int find_image(const args_t *a, const gathered_t *g, char *path, size_t n)
+{
+    if (a->image) {
+        snprintf(path, n, "%s", a->image);
+        return 1;
+    }
+    const cJSON *notes = cJSON_GetObjectItemCaseSensitive(g->head0, "notes");
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(notes, "images");
+    if (!cJSON_IsString(pat) || g->ov_dump != a->dumps[0]) return 0;
+    const char *p = pat->valuestring, *pc = strchr(p, '%');
+    char name[PATH_MAX];
+    if (pc) { /* exactly one %[0-9]*d, no other conversion */
+        const char *q = pc + 1;
+        while (*q >= '0' && *q <= '9') q++;
+        if (*q != 'd' || strchr(q, '%') || q - pc > 4) return 0;
+        char w[8] = "";
+        memcpy(w, pc + 1, (size_t)(q - pc - 1));
+        snprintf(name, sizeof name, "%.*s%0*llu%s", (int)(pc - p), p, w[0] ? atoi(w) : 0,
+                 (unsigned long long)g->sample, q + 1);
+    } else {
+        snprintf(name, sizeof name, "%s", p); /* one image for the run (a grid): unusable */
+        return 0;
+    }
+    struct stat sb;
+    snprintf(path, n, "%s", name);
+    if (stat(path, &sb) == 0) return 1;
+    const char *slash = strrchr(a->dumps[0], '/');
+    if (name[0] != '/' && slash) {
+        const int dl = (int)(slash - a->dumps[0]);
+        if ((size_t)dl + 2 + strlen(name) > n) return 0;
+        memcpy(path, a->dumps[0], (size_t)dl);
+        path[dl] = '/';
+        memcpy(path + dl + 1, name, strlen(name) + 1);
+        if (stat(path, &sb) == 0) return 1;
+    }
+    snprintf(path, n, "%s", name);
+    return 1; /* reported as missing by the reader */
+}
+
+static dm_status overlay_figure(const args_t *a, const gathered_t *g)
+{
+    const dm_route_counts *c = &g->c;
+    const int Lm = c->shape.layers, X = c->X, S = c->S, gh = c->shape.grid_h,
+              gw = c->shape.grid_w, T = gh * gw;
+    if (!g->ov_dump) {
+        dm_log(DM_LOG_INFO, "overlay: image %llu is not in the %s half of the dumps; skipped",
+               (unsigned long long)g->sample, a->uncond ? "unconditional" : "conditional");
+        return a->have_sample ? dm_fail(DM_ERR_ARG, "--sample %llu: no such image in the dumps",
+                                        (unsigned long long)g->sample)
+                              : DM_OK;
+    }
+    int steps[MAX_OV_STEPS], ns = 0;
+    if (a->ov_steps) {
+        const char *p = a->ov_steps;
+        while (*p && ns < MAX_OV_STEPS) {
+            char *end;
+            long v = strtol(p, &end, 10);
+            if (end == p || v < 0 || v >= S || (*end && *end != ','))
+                return dm_fail(DM_ERR_ARG, "--overlay-steps '%s': expected steps in [0,%d) "
+                               "separated by commas", a->ov_steps, S);
+            steps[ns++] = (int)v;
+            p = *end ? end + 1 : end;
+        }
+    } else {
+        ns = S < 5 ? S : 5;
+        for (int i = 0; i < ns; i++) steps[i] = ns > 1 ? (int)((long)i * (S - 1) / (ns - 1)) : 0;
+    }
+    char path[PATH_MAX];
+    int iw = 0, ih = 0;
+    uint8_t *img = NULL;
+    if (find_image(a, g, path, sizeof path)) {
+        dm_status st = dm_png_read_rgb(path, &iw, &ih, &img);
+        if (st) {
+            if (a->image) return st;
+            dm_log(DM_LOG_INFO, "overlay: %s (give --image); drawing the routes on gray",
+                   dm_last_error());
+        }
+    } else {
+        dm_log(DM_LOG_INFO, "overlay: the dump names no per-image PNG for image %llu (give "
+               "--image); drawing the routes on gray", (unsigned long long)g->sample);
+    }
+    if (!img) {
+        iw = gw * 8;
+        ih = gh * 8;
+    }
+    int up = 1;
+    while ((up + 1) * iw <= 112 && (up + 1) * ih <= 112) up++;
+    const int cw = iw * up, chh = ih * up, gap = 8, left = 70, top = 56;
+    dm_canvas cv;
+    dm_status st = dm_canvas_init(&cv, left + (ns + 1) * (cw + gap) + 20 > 600 ? left + (ns + 1) * (cw + gap) + 20 : 600,
+                                  top + Lm * (chh + gap) + 40);
+    if (st) {
+        free(img);
+        return st;
+    }
+    char title[160];
+    snprintf(title, sizeof title, "IMAGE %llu (CLASS %lld): TOP-1 EXPERT PER TOKEN",
+             (unsigned long long)g->sample, (long long)g->ov_class);
+    dm_canvas_text(&cv, 10, 8, 2, title, BLACK);
+    dm_canvas_text(&cv, left, 36, 1, "IMAGE", BLACK);
+    for (int q = 0; q < ns; q++) {
+        char buf[48];
+        snprintf(buf, sizeof buf, "STEP %d", steps[q]);
+        dm_canvas_text(&cv, left + (q + 1) * (cw + gap), 30, 1, buf, BLACK);
+        if (!isnan(g->step_t[steps[q]])) {
+            snprintf(buf, sizeof buf, "T=%.4g", g->step_t[steps[q]]);
+            dm_canvas_text(&cv, left + (q + 1) * (cw + gap), 41, 1, buf, BLACK);
+        }
+    }
+    for (int l = 0; l < Lm; l++) {
+        const int y0 = top + l * (chh + gap);
+        char buf[32];
+        snprintf(buf, sizeof buf, "LAYER %d", c->shape.moe_layers[l]);
+        dm_canvas_text(&cv, 10, y0 + (chh - 7) / 2, 1, buf, BLACK);
+        for (int q = -1; q < ns; q++) {
+            const int x0 = left + (q + 1) * (cw + gap);
+            const int32_t *ids = q >= 0 ? g->ov + ((size_t)l * S + steps[q]) * T : NULL;
+            for (int y = 0; y < chh; y++)
+                for (int x = 0; x < cw; x++) {
+                    uint8_t base[3] = {160, 160, 160}, rgb[3];
+                    if (img) memcpy(base, img + ((size_t)(y / up) * iw + x / up) * 3, 3);
+                    if (!ids) {
+                        memcpy(rgb, base, 3);
+                    } else {
+                        const int j = (y * gh / chh) * gw + x * gw / cw;
+                        uint8_t ec[3];
+                        dm_color_expert(ids[j] >= 0 ? ids[j] : -1, ec);
+                        if (ids[j] == -2) ec[0] = ec[1] = ec[2] = 255;
+                        for (int i = 0; i < 3; i++)
+                            rgb[i] = (uint8_t)((45 * base[i] + 55 * ec[i]) / 100);
+                    }
+                    dm_canvas_rect(&cv, x0 + x, y0 + y, 1, 1, rgb);
+                }
+        }
+    }
+    const int ly = top + Lm * (chh + gap) + 6;
+    for (int e = 0; e < X; e++) {
+        uint8_t ec[3];
+        char buf[16];
+        dm_color_expert(e, ec);
+        dm_canvas_rect(&cv, left + e * 44, ly, 12, 12, ec);
+        snprintf(buf, sizeof buf, "E%d", e);
+        dm_canvas_text(&cv, left + e * 44 + 16, ly + 3, 1, buf, BLACK);
+    }
+    st = save(&cv, a->out, "overlay.png", a, title);
+    dm_canvas_free(&cv);
+    free(img);
+    return st;
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!strcmp(argv[i], "--version")) {
+            printf(PROG " %s\n", DITMOE_VERSION);
+            return 0;
+        }
+    }
+    args_t a;
+    memset(&a, 0, sizeof a);
+    gathered_t g;
+    memset(&g, 0, sizeof g);
+    dm_status st = parse(argc, argv, &a);
+    if (st) goto done;
+    if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
+        st = dm_fail(DM_ERR_IO, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
+        goto done;
+    }
+    const double t0 = dm_time_sec();
+    if ((st = gather(&a, &g))) goto done;
+    const dm_trace_shape *s = &g.c.shape;
+    const int Xc = a.uncond && s->uncond_expert >= 0 ? g.c.X : s->num_experts;
+    dm_log(DM_LOG_INFO, "%d dump(s): %lld %s rows, %lld picks over %d layers, %d steps, %.2f s",
+           a.ndumps, (long long)g.c.rows, a.uncond ? "unconditional" : "conditional",
+           (long long)g.c.picks, s->layers, g.c.S, dm_time_sec() - t0);
+    if (g.c.rows == 0)
+        dm_log(DM_LOG_INFO, "no %s rows in the dumps%s", a.uncond ? "unconditional" : "conditional",
+               a.uncond ? " (was guidance off?)" : "");
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/routes.json", a.out);
+    if ((st = write_json(&a, &g, Xc, path))) goto done;
+    dm_log(DM_LOG_INFO, "wrote %s", path);
+    if (a.no_png) goto done;
+    if ((st = table_figure(&a, &g, Xc, g.c.by_class, s->num_classes, "CLASS", "class_expert.png",
+                           "P(EXPERT | CLASS) X E", class_label)))
+        goto done;
+    if ((st = position_figure(&a, &g, Xc))) goto done;
+    if ((st = table_figure(&a, &g, Xc, g.c.by_step, g.c.S, "STEP (0 = NOISE)", "step_expert.png",
+                           "P(EXPERT | STEP) X E", step_label)))
+        goto done;
+    st = overlay_figure(&a, &g);
+done:
+    if (st) fprintf(stderr, PROG ": %s\n", dm_last_error());
+    dm_route_counts_free(&g.c);
+    cJSON_Delete(g.head0);
+    free(g.step_t);
+    free(g.ov);
+    return st ? dm_exit_code(st) : 0;
+}
