@@ -268,6 +268,7 @@ typedef struct {
     void *ctx;
     int channels, out_channels, height, width;
     int num_classes; /* null class id */
+    float time_scale; /* flow samplers feed time_scale * t (ProMoE 1000); 0 means 1 */
 } dm_denoiser;
 /* A denoiser calling dm_model_forward(m, ...) (no routing record). */
 void dm_model_denoiser(dm_model *m, dm_denoiser *d);

@@ -163,17 +163,19 @@ static dm_status run_flow(run_t *r, float *z, dm_progress_fn progress, void *pct
     const dm_sample_params *p = r->p;
     const int N = p->steps, vs = (int)r->nout;
     const float dt = (float)(1.0 / N);
+    /* The model sees time_scale * t (ProMoE: 1000 * sigma, in float32 as its reference does). */
+    const float ts = r->d->time_scale > 0.0f ? r->d->time_scale : 1.0f;
     dm_status st = DM_OK;
     for (int i = N; i >= 1; i--) {
         const int step = N - i + 1;
         const double t = (double)i / N, tn = (double)(i - 1) / N;
-        if ((st = evaluate(r, z, (float)t, t))) return st;
+        if ((st = evaluate(r, z, (float)t * ts, t))) return st;
         if (p->sampler == DM_SAMPLER_HEUN && i > 1) {
             /* v1 = first slope (first C channels of each row), tmp = predictor */
             for (int b = 0; b < r->B; b++)
                 memcpy(r->v1 + (size_t)b * r->n, r->o + (size_t)b * vs, r->n * sizeof(float));
             euler_update(r, r->tmp, z, r->v1, (int)r->n, dt);
-            if ((st = evaluate(r, r->tmp, (float)tn, tn))) return st;
+            if ((st = evaluate(r, r->tmp, (float)tn * ts, tn))) return st;
             for (int b = 0; b < r->B; b++) {
                 const float *v1 = r->v1 + (size_t)b * r->n, *v2 = r->o + (size_t)b * vs;
                 float *zb = z + (size_t)b * r->n;
@@ -256,4 +258,5 @@ void dm_model_denoiser(dm_model *m, dm_denoiser *d)
     d->height = c->input_size;
     d->width = c->input_size;
     d->num_classes = c->num_classes;
+    d->time_scale = c->time_scale;
 }
