@@ -236,6 +236,13 @@ class TraceModel(unittest.TestCase):
             for png in ("class_expert.png", "position_expert.png", "step_expert.png", "overlay.png"):
                 with open(os.path.join(out, png), "rb") as f:
                     self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", png)
+        # the paper-style plots read that JSON
+        r = subprocess.run([sys.executable, os.path.join(SRC, "tools", "plot_routes.py"),
+                            os.path.join(out, "routes.json"), "-o", self.p("plots")],
+                           capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for png in ("paper_class.png", "paper_patch.png", "paper_step.png", "summary.png"):
+            self.assertTrue(os.path.getsize(os.path.join(self.p("plots"), png)) > 1000, png)
 
     def test_bad_dumps(self):
         dump = self.p("bad-src.dmr")

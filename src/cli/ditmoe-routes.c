@@ -240,6 +240,14 @@ static cJSON *layer_stats(const dm_route_counts *c, int l, int Xc)
     cJSON_AddNumberToObject(o, "mi_position_bits", mi);
     dm_route_table_info(c->by_step + (size_t)l * S * X, S, X, &mi, NULL);
     cJSON_AddNumberToObject(o, "mi_step_bits", mi);
+    /* finite-sample bias of those plug-in estimates (Miller-Madow): (A-1)(X-1) / (2 N ln 2) */
+    double npk = 0;
+    for (int e = 0; e < X; e++) npk += load[e];
+    cJSON *bias = cJSON_AddObjectToObject(o, "mi_bias_bits");
+    const int nA[3] = {C, T, S};
+    const char *nm[3] = {"class", "position", "step"};
+    for (int i = 0; i < 3; i++)
+        cJSON_AddNumberToObject(bias, nm[i], npk > 0 ? (nA[i] - 1.0) * (Xc - 1.0) / (2.0 * npk * log(2.0)) : 0);
     if (c->by_step_pos) {
         cJSON *ms = cJSON_AddArrayToObject(o, "mi_position_by_step_bits");
         for (int q = 0; q < S; q++) {
