@@ -304,6 +304,7 @@ static int default_threads(void)
 
 typedef struct {
     int enabled, width;
+    int tty;             /* redraw one line; else a plain line every 30 s (logs, mpirun) */
     int64_t total, done; /* images this process must make / has made */
     int nb;              /* images in the running batch */
     double t0, last;
@@ -323,7 +324,7 @@ static void prog_draw(prog_t *p, double frac_of_batch, int force)
 {
     if (!p->enabled) return;
     double now = dm_time_sec();
-    if (!force && now - p->last < 0.25) return;
+    if (!force && now - p->last < (p->tty ? 0.25 : 30.0)) return;
     p->last = now;
     double el = now - p->t0, made = (double)p->done + frac_of_batch * p->nb;
     char rate[32] = "-- img/s", eta[32] = "--:--", line[160];
@@ -332,9 +333,13 @@ static void prog_draw(prog_t *p, double frac_of_batch, int force)
         snprintf(rate, sizeof rate, ips >= 1 ? "%.2f img/s" : "%.3f img/s", ips);
         fmt_time(((double)p->total - made) / ips, eta, sizeof eta);
     }
-    int w = snprintf(line, sizeof line, "\r%lld/%lld images  %s  ETA %s", (long long)p->done,
-                     (long long)p->total, rate, eta);
+    int w = snprintf(line, sizeof line, "%s%lld/%lld images  %s  ETA %s", p->tty ? "\r" : "",
+                     (long long)p->done, (long long)p->total, rate, eta);
     if (w < 0) return;
+    if (!p->tty) {
+        fprintf(stderr, "%s\n", line);
+        return;
+    }
     if (w > (int)sizeof line - 1) w = (int)sizeof line - 1;
     fputs(line, stderr);
     for (int i = w; i < p->width; i++) fputc(' ', stderr);
@@ -344,7 +349,7 @@ static void prog_draw(prog_t *p, double frac_of_batch, int force)
 
 static void prog_end(prog_t *p)
 {
-    if (!p->enabled || !p->width) return;
+    if (!p->enabled || !p->tty || !p->width) return;
     prog_draw(p, 0, 1);
     fputc('\n', stderr);
     p->width = 0;
@@ -442,6 +447,7 @@ static int pack_main(int argc, char **argv)
     const int force = fz && *fz && strcmp(fz, "0");
     prog_t prog = {0};
     prog.enabled = !quiet && dm_get_log_level() > 0;
+    prog.tty = isatty(2);
     prog.t0 = dm_time_sec();
     st = dm_batch_pack(dir, num, out, labels, force, on_pack, &prog);
     prog_end(&prog);
@@ -608,6 +614,7 @@ int main(int argc, char **argv)
     dm_denoiser d;
     dm_model_denoiser(m, &d);
     prog.enabled = sh.rank == 0 && !a.quiet && dm_get_log_level() > 0;
+    prog.tty = isatty(2);
     prog.total = ntodo;
     prog.t0 = prog.last = dm_time_sec();
     char seed_s[32], steps_s[16], scale_s[32], interval_s[64], eta_s[32];
@@ -625,7 +632,7 @@ int main(int argc, char **argv)
         }
         prog.nb = nb;
         double ts = dm_time_sec();
-        pad_rows = 1;
+        pad_rows = !getenv("DITMOE_BATCH_NO_PAD"); /* diagnostic: measure the padding */
         st = dm_sample(&d, &p, nb, yb, ib, NULL, z, on_step, &prog);
         pad_rows = 0;
         CHECK(st);
