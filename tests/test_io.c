@@ -579,11 +579,21 @@ static void write_model(const char *path, const mspec *m, const char *meta)
             snprintf(k, sizeof k, "blocks.%d.attn.qkv.weight", i); ADD(k, 2, 3 * D, D);
             snprintf(k, sizeof k, "blocks.%d.attn.proj.weight", i); ADD(k, 2, D, D);
         }
-        if (m->promoe && i % 2 == 1) {
+        if (m->promoe && i % 2 == 1) { /* ProMoE MoE block: 12 routed + 1 uncond expert, 2D wide */
             snprintf(k, sizeof k, "blocks.%d.mlp.cluster_centers", i); ADD(k, 2, 12, D);
+            for (int e = 0; e <= 12; e++) {
+                snprintf(k, sizeof k, "blocks.%d.mlp.experts.%d.up_proj.weight", i, e);
+                ADD(k, 2, 2 * D, D);
+            }
+            snprintf(k, sizeof k, "blocks.%d.mlp.shared_expert.up_proj.weight", i);
+            ADD(k, 2, 2 * D, D);
             continue;
         }
-        if (m->promoe) continue;
+        if (m->promoe) { /* ProMoE dense block */
+            snprintf(k, sizeof k, "blocks.%d.mlp.fc1.weight", i); ADD(k, 2, 4 * D, D);
+            snprintf(k, sizeof k, "blocks.%d.mlp.fc2.weight", i); ADD(k, 2, D, 4 * D);
+            continue;
+        }
         snprintf(k, sizeof k, "blocks.%d.moe.gate.weight", i); ADD(k, 2, m->E, D);
         for (int e = 0; e < m->E; e++) {
             snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, e);
@@ -851,6 +861,15 @@ START_TEST(config_inferred)
     ck_assert_int_eq(c.arch, DM_ARCH_PROMOE);
     ck_assert_int_eq(c.depth, 2);
     ck_assert_int_eq(c.hidden, 384);
+    ck_assert_int_eq(c.num_experts, 12);
+    ck_assert_int_eq(c.top_k, 1);
+    ck_assert_int_eq(c.expert_hidden, 768);
+    ck_assert_int_eq(c.shared_hidden, 768);
+    ck_assert_int_eq(c.mlp_hidden, 1536);
+    ck_assert_int_eq(c.moe_interleave, 1);
+    ck_assert_int_eq(c.objective, DM_OBJ_RF);
+    ck_assert_float_eq(c.time_scale, 1000.0f);
+    ck_assert_int_eq(c.default_steps, 250);
     dm_config_free(&c);
     /* a file without the model tensors */
     write_st(tpath("empty.safetensors"), "{}", NULL, 0);
