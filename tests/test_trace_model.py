@@ -205,6 +205,16 @@ class TraceModel(unittest.TestCase):
     def test_heun(self):
         dump, head, recs = self.check_dump("rf", "heun", 3, True)
         self.routes(dump, recs)
+        # many dumps: counts add up (the same dump twice = twice the counts)
+        out = self.p("routes-2x")
+        r = subprocess.run([os.path.join(BIN, "ditmoe-routes"), "-q", "--no-png", "-o", out,
+                            dump, dump], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(os.path.join(out, "routes.json")) as f:
+            js = json.load(f)
+        cc, pc, sc = self.recount(recs, 0)
+        np.testing.assert_array_equal(np.array(js["class_expert"]), 2 * cc)
+        np.testing.assert_array_equal(np.array(js["step_expert"]), 2 * sc)
 
     def routes(self, dump, recs):
         for uncond in (0, 1):

@@ -689,11 +689,16 @@ int main(int argc, char **argv)
     dm_status st = parse(argc, argv, &a);
     if (st) goto done;
     if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
-        st = dm_fail(DM_ERR_IO, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
+        st = dm_fail(DM_ERR_ARG, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
         goto done;
     }
     const double t0 = dm_time_sec();
     if ((st = gather(&a, &g))) goto done;
+    if (a.have_sample && !g.ov_dump && !a.no_png) {
+        st = dm_fail(DM_ERR_ARG, "--sample %llu: no such image in the %s half of the dumps",
+                     (unsigned long long)a.sample, a.uncond ? "unconditional" : "conditional");
+        goto done;
+    }
     const dm_trace_shape *s = &g.c.shape;
     const int Xc = a.uncond && s->uncond_expert >= 0 ? g.c.X : s->num_experts;
     dm_log(DM_LOG_INFO, "%d dump(s): %lld %s rows, %lld picks over %d layers, %d steps, %.2f s",
