@@ -1,15 +1,23 @@
 #!/usr/bin/python3
-"""Convert an official DiT-MoE PyTorch checkpoint (.pt) to a ditmoe .safetensors model.
+"""Convert an official DiT-MoE or ProMoE PyTorch checkpoint (.pt/.pth) to a ditmoe .safetensors.
 
     /usr/bin/python3 tools/convert_checkpoint.py IN.pt OUT.safetensors [--dtype f32|f16|bf16]
         [--heads N] [--top-k K] [--objective ddpm|rf] [--num-classes N] [--class-names FILE]
         [--name TEXT] [--sampler S] [--steps N] [--cfg-scale F] [--cfg-channels N]
+        [--promoe-variant tc|ec] [--router identity|softmax|sigmoid]      (ProMoE only)
 
-Accepts a bare state dict or one wrapped under "ema", "model", "module" or "state_dict" (checked
-in that order); "module." / "model." key prefixes are stripped; non-tensor entries (e.g. a
-pickled argparse.Namespace under "args") are ignored. Tensor names are kept unchanged. The model
-config is stored as JSON in the header metadata under "ditmoe" (schema: docs/format.md).
-What the weights cannot tell comes from flags, defaulting to the released-config table
+Accepts a bare state dict or one wrapped under "ema_model_state_dict" (ProMoE's train.py),
+"ema", "model", "module", "state_dict" or "model_state_dict" (checked in that order);
+"module." / "model." key prefixes are stripped; non-tensor entries (e.g. a pickled
+argparse.Namespace under "args", a Python int "step", optimizer state next to the weights) are
+ignored. Tensor names are kept unchanged. The model config is stored as JSON in the header
+metadata under "ditmoe" (schema: docs/format.md).
+A ProMoE checkpoint is recognised by blocks.N.mlp.cluster_centers (spec promoe.md 4.1); the
+weights cannot tell token from expert choice, top-k or the router activation, so those come from
+flags, defaulting to the released models (tc, top-1, identity; heads 384/768/1024/1152 ->
+6/12/16/16); objective rf with t fed as 1000*sigma, sampling euler 250 steps, cfg 1.5, all
+channels.
+DiT-MoE: what the weights cannot tell comes from flags, defaulting to the released-config table
 (hidden 384/768/1152/1408 -> 6/12/16/16 heads; top-k 2; qknorm -> rf, timm -> ddpm).
 Exit status: 0 ok, 2 bad input (message on stderr, no output file left behind), 1 other failure.
 """
@@ -25,7 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import safetensors_io  # noqa: E402
 
 RELEASED = {384: ("S", 6), 768: ("B", 12), 1152: ("XL", 16), 1408: ("G", 16)}
-WRAPPERS = ("ema", "model", "module", "state_dict")
+RELEASED_PROMOE = {384: ("S", 6), 768: ("B", 12), 1024: ("L", 16), 1152: ("XL", 16)}
+PROMOE_KEY = re.compile(r"blocks\.(\d+)\.mlp\.cluster_centers$")
+PROMOE_SAMPLING = {"sampler": "euler", "steps": 250, "cfg_scale": 1.5, "cfg_channels": 0}
+WRAPPERS = ("ema_model_state_dict", "ema", "model", "module", "state_dict", "model_state_dict")
 PREFIXES = ("module.", "model.")
 REQUIRED = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
             "t_embedder.mlp.2.weight", "y_embedder.embedding_table.weight",
@@ -82,6 +93,12 @@ def shape_str(s):
 
 
 def infer_config(sd, args):
+    if any(PROMOE_KEY.match(k) for k in sd):
+        return infer_promoe(sd, args)
+    for flag, v in (("--promoe-variant", args.promoe_variant), ("--router", args.router)):
+        if v is not None:
+            raise InputError(f"{flag}: only for ProMoE checkpoints (no blocks.N.mlp.cluster_centers "
+                             f"tensor found)")
     for k in REQUIRED:
         if k not in sd:
             raise InputError(f"missing tensor {k} (not a DiT-MoE state dict?)")
@@ -154,17 +171,7 @@ def infer_config(sd, args):
     elif D in RELEASED:
         cfg["name"] = f"DiT-MoE-{RELEASED[D][0]}/{P}-{E}E{top_k}A"
     if args.class_names:
-        try:
-            with open(args.class_names, encoding="utf-8") as f:
-                names = [ln.rstrip("\r\n") for ln in f]
-        except OSError as e:
-            raise InputError(f"--class-names {args.class_names}: {e.strerror}")
-        while names and not names[-1].strip():
-            names.pop()
-        if len(names) != num_classes:
-            raise InputError(f"--class-names {args.class_names}: {len(names)} names, expected "
-                             f"{num_classes} (num_classes)")
-        cfg["class_names"] = names
+        cfg["class_names"] = read_class_names(args.class_names, num_classes)
     cfg["objective"] = objective
     cfg["vae_scale"] = 0.18215
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
@@ -181,6 +188,160 @@ def infer_config(sd, args):
         cfg["sampling"] = s
     check_shapes(sd, cfg)
     return cfg
+
+
+def read_class_names(path, num_classes):
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [ln.rstrip("\r\n") for ln in f]
+    except OSError as e:
+        raise InputError(f"--class-names {path}: {e.strerror}")
+    while names and not names[-1].strip():
+        names.pop()
+    if len(names) != num_classes:
+        raise InputError(f"--class-names {path}: {len(names)} names, expected "
+                         f"{num_classes} (num_classes)")
+    return names
+
+
+def _rows(sd, name):
+    t = sd.get(name)
+    if t is None:
+        raise InputError(f"missing tensor {name}")
+    if t.dim() != 2:
+        raise InputError(f"{name}: shape {shape_str(t.shape)} expected a 2-D tensor")
+    return int(t.shape[0])
+
+
+def infer_promoe(sd, args):
+    """ProMoE (promoe.md 1.3, 4): odd blocks MoE (cluster_centers, E routed experts + the
+    unconditional expert E, shared expert), even blocks dense fc1/fc2."""
+    for k in ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
+              "t_embedder.mlp.2.weight", "y_embedder.embedding_table.weight",
+              "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"):
+        if k not in sd:
+            raise InputError(f"missing tensor {k} (not a ProMoE state dict?)")
+    xw = sd["x_embedder.proj.weight"]
+    if xw.dim() != 4 or xw.shape[2] != xw.shape[3]:
+        raise InputError(f"x_embedder.proj.weight: shape {shape_str(xw.shape)} expected [D,C,p,p]")
+    D, C, P = int(xw.shape[0]), int(xw.shape[1]), int(xw.shape[2])
+    pe = sd["pos_embed"]
+    T = int(pe.shape[1]) if pe.dim() == 3 else -1
+    grid = int(round(T ** 0.5)) if T > 0 else 0
+    if pe.dim() != 3 or pe.shape[0] != 1 or pe.shape[2] != D or grid * grid != T:
+        raise InputError(f"pos_embed: shape {shape_str(pe.shape)} expected [1,G*G,{D}]")
+    idx = {int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m}
+    depth = max(idx) + 1
+    moe = sorted(int(PROMOE_KEY.match(k).group(1)) for k in sd if PROMOE_KEY.match(k))
+    want = list(range(1, depth, 2))
+    if moe != want:
+        raise InputError(f"MoE blocks (with mlp.cluster_centers) are {moe}, expected the odd "
+                         f"blocks {want} of {depth}")
+    E = _rows(sd, "blocks.1.mlp.cluster_centers")
+    expert_hidden = _rows(sd, "blocks.1.mlp.experts.0.up_proj.weight")
+    mlp_hidden = _rows(sd, "blocks.0.mlp.fc1.weight")
+    sh = "blocks.1.mlp.shared_expert.up_proj.weight"
+    shared_hidden = _rows(sd, sh) if sh in sd else 0
+    qknorm = "blocks.0.attn.q_norm.weight" in sd
+    rows = int(sd["final_layer.linear.weight"].shape[0])
+    if rows not in (P * P * 2 * C, P * P * C):
+        raise InputError(f"final_layer.linear.weight: shape {shape_str(sd['final_layer.linear.weight'].shape)}"
+                         f" expected [{P * P * 2 * C},{D}] or [{P * P * C},{D}]")
+    learn_sigma = rows == P * P * 2 * C
+    if args.heads is not None:
+        heads = args.heads
+    elif D in RELEASED_PROMOE:
+        heads = RELEASED_PROMOE[D][1]
+    else:
+        raise InputError(f"hidden size {D} is not in the ProMoE released-config table "
+                         f"(384/768/1024/1152): pass --heads N")
+    if heads < 1 or D % heads:
+        raise InputError(f"--heads {heads}: hidden size {D} is not divisible by it")
+    top_k = args.top_k if args.top_k is not None else 1
+    if not 1 <= top_k <= E:
+        raise InputError(f"--top-k {top_k}: expected 1..{E} (num_experts from "
+                         f"blocks.1.mlp.cluster_centers)")
+    table_rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+    num_classes = args.num_classes if args.num_classes is not None else table_rows - 1
+    if num_classes < 1 or table_rows != num_classes + 1:
+        raise InputError(f"--num-classes {num_classes}: y_embedder.embedding_table.weight has "
+                         f"{table_rows} rows, expected num_classes + 1 (null class last)")
+    if args.objective not in (None, "rf"):
+        raise InputError(f"--objective {args.objective}: ProMoE models are rectified flow (rf)")
+    variant = args.promoe_variant or "tc"
+    router = args.router or "identity"
+    cfg = {"format_version": 1, "arch": "promoe", "name": "",
+           "hidden_size": D, "depth": depth, "num_heads": heads,
+           "num_experts": E, "top_k": top_k,
+           "expert_hidden": expert_hidden, "shared_hidden": shared_hidden,
+           "mlp_hidden": mlp_hidden, "attention": "qknorm" if qknorm else "timm",
+           "patch_size": P, "input_size": grid * P, "in_channels": C,
+           "learn_sigma": learn_sigma, "num_classes": num_classes}
+    if args.name is not None:
+        cfg["name"] = args.name
+    elif D in RELEASED_PROMOE:
+        cfg["name"] = f"ProMoE-{RELEASED_PROMOE[D][0]}/{P}-{E}E{top_k}A-{variant.upper()}"
+    if args.class_names:
+        cfg["class_names"] = read_class_names(args.class_names, num_classes)
+    cfg["objective"] = "rf"
+    cfg["time_scale"] = 1000.0
+    cfg["vae_scale"] = 0.18215
+    cfg["promoe"] = {"variant": variant, "router": router}
+    s = dict(PROMOE_SAMPLING)
+    given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+             "cfg_channels": args.cfg_channels}
+    s.update({k: v for k, v in given.items() if v is not None})
+    if s["sampler"] not in ("euler", "heun"):
+        raise InputError(f"--sampler {s['sampler']}: ProMoE (rf) needs euler or heun")
+    if s["steps"] < 1:
+        raise InputError(f"--steps {s['steps']}: expected >= 1")
+    if not s["cfg_scale"] >= 0:
+        raise InputError(f"--cfg-scale {s['cfg_scale']}: expected >= 0")
+    if not 0 <= s["cfg_channels"] <= C:
+        raise InputError(f"--cfg-channels {s['cfg_channels']}: expected 0..{C}")
+    cfg["sampling"] = s
+    check_shapes(sd, cfg)
+    return cfg
+
+
+def expected_shapes_promoe(cfg):
+    D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
+    E, Fe, Fs, Fm = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"], cfg["mlp_hidden"]
+    T = (cfg["input_size"] // P) ** 2
+    cout = 2 * C if cfg["learn_sigma"] else C
+    hd = D // cfg["num_heads"]
+    ex = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
+          "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
+          "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
+          "t_embedder.mlp.2.bias": (D,),
+          "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+
+    def mlp(prefix, up, down, F):
+        ex.update({f"{prefix}.{up}.weight": (F, D), f"{prefix}.{up}.bias": (F,),
+                   f"{prefix}.{down}.weight": (D, F), f"{prefix}.{down}.bias": (D,)})
+
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        ex.update({b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,)})
+        if cfg["attention"] == "qknorm":
+            ex.update({b + "attn.q_norm.weight": (hd,), b + "attn.q_norm.bias": (hd,),
+                       b + "attn.k_norm.weight": (hd,), b + "attn.k_norm.bias": (hd,)})
+        ex.update({b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,)})
+        if i % 2 == 0:
+            mlp(b + "mlp", "fc1", "fc2", Fm)
+        else:
+            ex[b + "mlp.cluster_centers"] = (E, D)
+            for e in range(E + 1):          # e == E: the unconditional expert
+                mlp(f"{b}mlp.experts.{e}", "up_proj", "down_proj", Fe)
+            if Fs > 0:
+                mlp(b + "mlp.shared_expert", "up_proj", "down_proj", Fs)
+        ex.update({b + "adaLN_modulation.1.weight": (6 * D, D),
+                   b + "adaLN_modulation.1.bias": (6 * D,)})
+    ex.update({"final_layer.linear.weight": (P * P * cout, D),
+               "final_layer.linear.bias": (P * P * cout,),
+               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+               "final_layer.adaLN_modulation.1.bias": (2 * D,)})
+    return ex
 
 
 def expected_shapes(cfg):
@@ -223,7 +384,7 @@ def expected_shapes(cfg):
 
 
 def check_shapes(sd, cfg):
-    ex = expected_shapes(cfg)
+    ex = expected_shapes_promoe(cfg) if cfg["arch"] == "promoe" else expected_shapes(cfg)
     for k, shape in ex.items():
         if k not in sd:
             raise InputError(f"missing tensor {k}")
@@ -265,15 +426,16 @@ def convert(args):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Convert a DiT-MoE .pt checkpoint to .safetensors")
+    ap = argparse.ArgumentParser(description="Convert a DiT-MoE or ProMoE .pt checkpoint to "
+                                             ".safetensors")
     ap.add_argument("input", help="official checkpoint (.pt)")
     ap.add_argument("output", help="output .safetensors")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="convert floating tensors (default: keep f32/f16/bf16 as stored)")
     ap.add_argument("--heads", type=int, help="attention heads (default: released-config table)")
-    ap.add_argument("--top-k", type=int, help="experts per token (default 2)")
+    ap.add_argument("--top-k", type=int, help="experts per token (default: DiT-MoE 2, ProMoE 1)")
     ap.add_argument("--objective", choices=("ddpm", "rf"),
-                    help="default: rf for qknorm attention, ddpm for timm")
+                    help="default: rf for qknorm attention, ddpm for timm; ProMoE: rf only")
     ap.add_argument("--num-classes", type=int,
                     help="default: rows of y_embedder.embedding_table.weight - 1")
     ap.add_argument("--class-names", metavar="FILE", help="text file, one class name per line")
@@ -284,6 +446,10 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, help="default sampling steps")
     ap.add_argument("--cfg-scale", type=float, help="default guidance scale")
     ap.add_argument("--cfg-channels", type=int, help="guided channels (0 = all)")
+    ap.add_argument("--promoe-variant", choices=("tc", "ec"),
+                    help="ProMoE routing: token choice or expert choice (default tc)")
+    ap.add_argument("--router", choices=("identity", "softmax", "sigmoid"),
+                    help="ProMoE router score activation (default identity)")
     return ap.parse_args(argv)
 
 
@@ -294,10 +460,12 @@ def main(argv=None):
     except InputError as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
-    print(f"convert_checkpoint: wrote {args.output}: {cfg['name'] or 'model'} "
+    extra = (f" {cfg['promoe']['variant']} {cfg['promoe']['router']}"
+             if cfg["arch"] == "promoe" else "")
+    print(f"convert_checkpoint: wrote {args.output}: {cfg['arch']} {cfg['name'] or 'model'} "
           f"D={cfg['hidden_size']} L={cfg['depth']} H={cfg['num_heads']} "
-          f"E={cfg['num_experts']} k={cfg['top_k']} {cfg['attention']} {cfg['objective']}, "
-          f"{n} tensors")
+          f"E={cfg['num_experts']} k={cfg['top_k']} {cfg['attention']} {cfg['objective']}"
+          f"{extra}, {n} tensors")
     return 0
 
 
