@@ -235,12 +235,14 @@ static int env_int(const char *name, int *out)
     return 1;
 }
 
+#ifdef DITMOE_HAVE_MPI
 /* Launched by an MPI launcher? (Only then MPI_Init: a singleton init may need a daemon.) */
 static int under_mpi_launcher(void)
 {
     return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK") ||
            getenv("MPI_LOCALNRANKS");
 }
+#endif
 
 static dm_status pick_shard(const args_t *a, int *argc, char ***argv, shard_t *sh)
 {
@@ -259,9 +261,17 @@ static dm_status pick_shard(const args_t *a, int *argc, char ***argv, shard_t *s
 #else
     (void)argc;
     (void)argv;
-    if (under_mpi_launcher() && !a->shard)
-        dm_log(DM_LOG_INFO, "started by an MPI launcher but built without MPI: every process "
-               "would do every index; pass --shard I/N or rebuild with libopenmpi-dev");
+    /* Built without MPI but started by mpirun: take rank and size from the launcher's
+     * environment (no barrier or gather then; each rank reports only its own count). */
+    int r, n;
+    if ((env_int("OMPI_COMM_WORLD_RANK", &r) && env_int("OMPI_COMM_WORLD_SIZE", &n)) ||
+        (env_int("PMI_RANK", &r) && env_int("PMI_SIZE", &n))) {
+        if (n >= 1 && r < n) {
+            sh->rank = r;
+            sh->size = n;
+            snprintf(sh->source, sizeof sh->source, "MPI launcher environment (built without MPI)");
+        }
+    }
 #endif
     if (a->shard) {
         int r = -1, n = -1;
@@ -274,7 +284,7 @@ static dm_status pick_shard(const args_t *a, int *argc, char ***argv, shard_t *s
         sh->rank = r;
         sh->size = n;
         snprintf(sh->source, sizeof sh->source, "--shard");
-    } else if (!sh->mpi) {
+    } else if (!sh->mpi && sh->size == 1) {
         int r, n;
         if (env_int("SLURM_PROCID", &r) && env_int("SLURM_NTASKS", &n) && n >= 1 && r < n) {
             sh->rank = r;
