@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Train a class-conditional ProMoE (tests/ref/promoe_ref.py, official state-dict names) on the
+cached Fashion-MNIST VAE latents (runs/vae/latents.pt, produced by train_vae.py), at the same
+training compute as the DiT-MoE default model (train_dit.py, runs/dit).
+
+  - odd blocks MoE: 8 routed GELU experts (width 2D) + unconditional expert + shared expert (2D),
+    prototype router (cosine to cluster_centers, identity, top-1, token choice); even blocks dense
+    (4D); label dropout 0.1 (null class 10 -> unconditional expert)
+  - loss = MSE(v_pred[:, :C], eps - x0) + rcl * routing contrastive loss (spec 5, tau 0.07)
+  - rectified flow exactly as train_dit.py: sigma = sigmoid(N(0,1)), z = (1-sigma) x0 + sigma eps;
+    the network is fed t = 1000 * sigma (ProMoE's convention, metadata time_scale 1000)
+  - optimiser, warm-up, EMA decay, batch, grad clip, thread count: train_dit.py's (and by default
+    its hyper-parameters, read from runs/dit/ckpt.pt: --match-run)
+  - compute budget (--match-run): at most the DiT-MoE run's final step count AND at most its
+    cumulative training wall time, whichever comes first
+  - resumable: RUN/ckpt.pt every --ckpt-every seconds; rerun the same command to continue
+  - --wait: first wait until the DiT-MoE training has finished (assets/ditmoe-fmnist.safetensors
+    exists and no train_dit.py process is running), the CPU being shared
+Stages: train, export (EMA -> RUN/ema.pth in the official layout -> convert_checkpoint.py ->
+assets/promoe-fmnist.safetensors).
+
+    nice -n 10 /usr/bin/python3 tools/train/train_promoe.py --wait
+"""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for d in (("tests", "ref"), ("tools",), ("tools", "train")):
+    sys.path.insert(0, os.path.join(ROOT, *d))
+
+import promoe_ref  # noqa: E402
+import fmnist  # noqa: E402
+from train_vae import Logger, save_atomic  # noqa: E402
+from train_dit import lr_at  # noqa: E402  (linear warm-up, as the DiT-MoE run)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=os.path.join(ROOT, "runs", "promoe"))
+    p.add_argument("--latents", default=os.path.join(ROOT, "runs", "vae", "latents.pt"))
+    p.add_argument("--out", default=os.path.join(ROOT, "assets", "promoe-fmnist.safetensors"))
+    p.add_argument("--match-run", default=os.path.join(ROOT, "runs", "dit"),
+                   help="DiT-MoE run whose hyper-parameters, steps and wall time to match ('' = off)")
+    p.add_argument("--wait", action="store_true", help="wait for the DiT-MoE training to finish")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--variant", default="tc", choices=["tc", "ec"])
+    p.add_argument("--router", default="identity", choices=["identity", "softmax", "sigmoid"])
+    p.add_argument("--rcl", type=float, default=1.0, help="routing contrastive loss weight")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--budget-minutes", type=float, default=0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt-every", type=float, default=180.0, help="seconds")
+    p.add_argument("--stages", default="train,export")
+    p.add_argument("--bench", type=int, default=0, help="time N steps and exit")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    return p.parse_args(argv)
+
+
+def wait_for_dit(a, log):
+    asset = os.path.join(ROOT, "assets", "ditmoe-fmnist.safetensors")
+    said = False
+    while True:
+        busy = subprocess.run(["pgrep", "-f", "train_dit.py"], capture_output=True).returncode == 0
+        if os.path.exists(asset) and not busy:
+            return
+        if not said:
+            log(f"waiting for the DiT-MoE training (asset {os.path.exists(asset)}, "
+                f"train_dit.py running {busy})")
+            said = True
+        time.sleep(30)
+
+
+def match_run(a, log):
+    """Take the DiT-MoE run's optimiser settings and its final steps / wall time as budget."""
+    if not a.match_run:
+        return
+    s = torch.load(os.path.join(a.match_run, "ckpt.pt"), map_location="cpu")
+    if not s.get("done"):
+        raise SystemExit(f"{a.match_run}: DiT-MoE training not finished (step {s['step']})")
+    d = s["args"]
+    for k in ("hidden", "depth", "heads", "patch", "batch", "lr", "warmup", "ema", "threads"):
+        setattr(a, k, d[k])
+    a.steps, a.budget_minutes = int(s["step"]), float(s["wall"]) / 60.0
+    a.matched = dict(steps=a.steps, wall_s=float(s["wall"]), run=a.match_run)
+    log(f"matching {a.match_run}: {a.steps} steps, {a.budget_minutes:.1f} min, batch {a.batch}, "
+        f"lr {a.lr}, warmup {a.warmup}, ema {a.ema}, threads {a.threads}")
+
+
+def model_kwargs(a):
+    D = a.hidden
+    return dict(hidden_size=D, depth=a.depth, num_heads=a.heads, num_experts=a.experts,
+                top_k=a.top_k, patch_size=a.patch, input_size=8, in_channels=4,
+                learn_sigma=False, num_classes=10, expert_hidden=2 * D, shared_hidden=2 * D,
+                mlp_hidden=4 * D, variant=a.variant, router=a.router, class_dropout_prob=0.1,
+                rcl_weight=a.rcl)
+
+
+def train(a, log):
+    torch.manual_seed(a.seed)
+    lat = torch.load(a.latents)
+    x_all, y_all = lat["train"].float(), lat["train_y"].long()
+    model = promoe_ref.init_weights_(promoe_ref.ProMoE(**model_kwargs(a)), a.seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    ck = os.path.join(a.run, "ckpt.pt")
+    step, wall = 0, 0.0
+    if os.path.exists(ck):
+        s = torch.load(ck)
+        if s.get("done"):
+            log(f"{ck}: training already finished at step {s['step']}")
+            return True
+        model.load_state_dict(s["model"]); ema.load_state_dict(s["ema"]); opt.load_state_dict(s["opt"])
+        gen.set_state(s["gen"]); torch.set_rng_state(s["torch_rng"])
+        step, wall = s["step"], s["wall"]
+        log(f"resumed from {ck} at step {step}, wall {wall:.0f}s")
+    total, active = promoe_ref.count_params(model)
+    log(f"config {json.dumps(model.config)} params total {total} active {active}; "
+        f"latents {tuple(x_all.shape)} scale {lat['scale']:.5f}")
+    done = False
+
+    def checkpoint():
+        save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                         gen=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
+                         wall=wall, args=vars(a), config=model.config, scale=lat["scale"],
+                         done=step >= a.steps or done), ck)
+
+    ema_params = [p for n, p in ema.named_parameters() if n != "pos_embed"]
+    mod_params = [p for n, p in model.named_parameters() if n != "pos_embed"]
+    t_start = time.time(); t_last = t_start; t_ck = t_start; acc = []
+    model.train()
+    while step < a.steps and not done:
+        for gp in opt.param_groups:
+            gp["lr"] = lr_at(a, step)
+        idx = torch.randint(0, x_all.shape[0], (a.batch,), generator=gen)
+        x0, y = x_all[idx], y_all[idx]
+        eps = torch.randn(x0.shape, generator=gen)
+        sig = torch.sigmoid(torch.randn((a.batch,), generator=gen))
+        sb = sig.view(-1, 1, 1, 1)
+        zt = (1 - sb) * x0 + sb * eps
+        out = model(zt, 1000.0 * sig, y)            # label dropout uses the global torch RNG
+        mse = ((out[:, :x0.shape[1]] - (eps - x0)) ** 2).mean()
+        rcl = sum(model.aux_losses) if model.aux_losses else torch.zeros(())
+        loss = mse + a.rcl * rcl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(a.ema, (1 + step) / (10 + step))
+            torch._foreach_mul_(ema_params, d)
+            torch._foreach_add_(ema_params, mod_params, alpha=1 - d)
+        step += 1
+        now = time.time()
+        wall += now - t_last; t_last = now
+        acc.append((mse.item(), float(rcl), float(gn)))
+        if a.bench and step >= a.bench:
+            log(f"bench: {a.bench} steps in {now - t_start:.1f}s ({(now - t_start) / a.bench:.3f} s/step)")
+            return False
+        if step % 50 == 0 or step == a.steps:
+            m = np.mean(acc, 0); acc = []
+            log(f"step {step}/{a.steps} wall {wall:.0f}s lr {lr_at(a, step - 1):.1e} "
+                f"mse {m[0]:.4f} rcl {m[1]:.4f} gnorm {m[2]:.2f}")
+        if a.budget_minutes and wall >= 60 * a.budget_minutes:
+            done = True
+            log(f"wall-time budget of {a.budget_minutes:.1f} min reached at step {step}")
+            break
+        if now - t_ck > a.ckpt_every:
+            checkpoint(); t_ck = now
+    checkpoint()
+    log(f"training done: {step} steps, wall {wall:.0f}s")
+    return True
+
+
+def load_ema(path, which="ema"):
+    """-> (ProMoE in eval mode with the EMA (or raw) weights, checkpoint dict)."""
+    s = torch.load(path)
+    model = promoe_ref.ProMoE(**model_kwargs(argparse.Namespace(**s["args"])))
+    model.load_state_dict(s[which])
+    return model.eval(), s
+
+
+def export(a, log):
+    import safetensors_io
+    ck = os.path.join(a.run, "ckpt.pt")
+    model, s = load_ema(ck)
+    if not s.get("done"):
+        raise SystemExit(f"{ck}: training not finished (step {s['step']}): train first")
+    sa = argparse.Namespace(**s["args"])
+    pt = os.path.join(a.run, "ema.pth")           # official train.py layout
+    torch.save({"step": int(s["step"]), "ema_model_state_dict": model.state_dict()}, pt)
+    names = os.path.join(a.run, "class_names.txt")
+    with open(names, "w") as f:
+        f.write("\n".join(fmnist.CLASS_NAMES) + "\n")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), pt, a.out,
+           "--dtype", a.dtype, "--heads", str(sa.heads), "--top-k", str(sa.top_k),
+           "--promoe-variant", sa.variant, "--router", sa.router, "--num-classes", "10",
+           "--class-names", names, "--name", "ProMoE-FMNIST", "--sampler", "euler",
+           "--steps", str(a.sample_steps), "--cfg-scale", str(a.cfg_scale), "--cfg-channels", "0"]
+    log("running " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    tensors, meta = safetensors_io.read(a.out)    # our VAE's scale, not SD's 0.18215
+    cfg = json.loads(meta["ditmoe"])
+    cfg["vae_scale"] = float(s["scale"])
+    meta["ditmoe"] = json.dumps(cfg)
+    safetensors_io.write(a.out, tensors, meta)
+    log(f"exported EMA weights (step {s['step']}) to {a.out} ({os.path.getsize(a.out)} bytes); "
+        f"metadata {meta['ditmoe']}")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.makedirs(a.run, exist_ok=True)
+    log = Logger(os.path.join(a.run, "log.txt"))
+    stages = a.stages.split(",")
+    if "train" in stages:
+        if a.wait:
+            wait_for_dit(a, log)
+        if not a.bench:
+            match_run(a, log)
+        torch.set_num_threads(a.threads)
+        if not train(a, log):
+            return 0
+    if "export" in stages:
+        export(a, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
