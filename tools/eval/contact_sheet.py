@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--png-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt", default=None, help="use a training checkpoint's weights instead of assets/")
+    p.add_argument("--which", default="ema", choices=["ema", "model"])
     p.add_argument("-o", "--out", default=os.path.join(shipped.ROOT, "samples", "fmnist-pytorch.png"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -60,7 +62,7 @@ def main(argv=None):
         imgs, labels = read_png_dir(a.png_dir)
         title = f"ditmoe-sample PNGs from {a.png_dir}"
     else:
-        dit, cfg = shipped.load_dit()
+        dit, cfg = shipped.load_dit_ckpt(a.ckpt, a.which) if a.ckpt else shipped.load_dit()
         vae, vm = shipped.load_vae()
         labels = np.repeat(np.arange(10), a.k)
         z = shipped.sample_latents(dit, cfg, labels, seed=a.seed, steps=a.steps or None,

@@ -94,19 +94,31 @@ def main(argv=None):
     p.add_argument("--dit", default=shipped.DIT_PATH)
     p.add_argument("--vae", default=shipped.VAE_PATH)
     p.add_argument("--png-dir", default=None, help="evaluate PNGs (e.g. from ditmoe-sample) instead")
+    p.add_argument("--vae-recon", action="store_true",
+                   help="evaluate VAE reconstructions of test subset B (the VAE's own floor)")
     p.add_argument("--tag", default="")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt", default=None, help="use a training checkpoint's weights instead of assets/")
+    p.add_argument("--which", default="ema", choices=["ema", "model"])
     p.add_argument("--out", default=os.path.join(shipped.ROOT, "runs", "eval", "results.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
     judge = load_classifier()
-    if a.png_dir:
+    if a.vae_recon:
+        lat = torch.load(os.path.join(shipped.ROOT, "runs", "vae", "latents.pt"))
+        _, B = balanced_test_subsets(a.n)
+        vae, vm = shipped.load_vae(a.vae)
+        imgs = shipped.decode(vae, vm, lat["test"][torch.from_numpy(B)].float())
+        labels = lat["test_y"].numpy()[B]
+        n = a.n
+        info = dict(source="vae reconstructions of test subset B")
+    elif a.png_dir:
         imgs, labels = read_png_dir(a.png_dir)
         n = int(np.bincount(labels, minlength=10).min())
         info = dict(source="png", png_dir=a.png_dir, count=len(labels))
     else:
-        dit, cfg = shipped.load_dit(a.dit)
+        dit, cfg = shipped.load_dit_ckpt(a.ckpt, a.which) if a.ckpt else shipped.load_dit(a.dit)
         vae, vm = shipped.load_vae(a.vae)
         labels = np.repeat(np.arange(10), a.n)
         z = shipped.sample_latents(dit, cfg, labels, seed=a.seed, steps=a.steps or None,
@@ -114,7 +126,7 @@ def main(argv=None):
         imgs = shipped.decode(vae, vm, z)
         n = a.n
         smp = cfg.get("sampling", {})
-        info = dict(source="pytorch", dit=os.path.basename(a.dit), seed=a.seed,
+        info = dict(source="pytorch", dit=cfg.get("name") if a.ckpt else os.path.basename(a.dit), seed=a.seed,
                     steps=a.steps or smp.get("steps"),
                     cfg_scale=a.cfg_scale if a.cfg_scale is not None else smp.get("cfg_scale"))
     res = evaluate(imgs, labels, n, judge, print)

@@ -73,3 +73,12 @@ def sample_latents(dit, cfg, labels, seed=0, steps=None, cfg_scale=None, noise=N
 def decode(vae, vmeta, z, batch=500):
     imgs = [vae.decode(z[i:i + batch], vmeta["scaling_factor"]) for i in range(0, len(z), batch)]
     return fmnist.from_model(torch.cat(imgs))
+
+
+def load_dit_ckpt(path, which="ema"):
+    """A training checkpoint (runs/dit/ckpt.pt) instead of the shipped file: (model, cfg)."""
+    from train_dit import load_ema
+    model, s = load_ema(path, which)
+    cfg = dict(model.config, name=f"ckpt step {s['step']} ({which})",
+               sampling={"sampler": "euler", "steps": 50, "cfg_scale": 3.0, "cfg_channels": 0})
+    return model, cfg
