@@ -9,7 +9,6 @@
 #include "batch/batch.h"
 #include "cli/common.h"
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
 #include <sched.h>
@@ -155,64 +154,6 @@ static dm_status sampler_params(const args_t *a, const dm_config *c, dm_sample_p
     if (a->eta && (st = dm_cli_float("--eta", a->eta, &p->eta))) return st;
     p->seed = a->seed;
     return dm_sample_params_check(p, c);
-}
-
-/* ------------------------------------------------------------------ row-invariant sgemm
- * OpenBLAS computes a row of C = A B^T bit-identically whatever the number of rows M, EXCEPT on
- * its small-matrix path, taken for some small M*N*K (measured on this machine: M <= 9 for
- * [*,32] x [128,32]^T, M <= 37 for [*,128] x [32,128]^T, M <= 3 for 384x384). The transformer
- * has such products whose M depends on the batch: adaLN rows (M = B) and expert groups (M = the
- * tokens routed to an expert). So while sampling, this program's cblas_sgemm (which the library,
- * linked statically, binds to) runs any product with M < ROW_PAD as a ROW_PAD-row product padded
- * with zero rows: every row then takes the ordinary path and an image's result no longer depends
- * on its batch-mates. Cost: at most ROW_PAD rows per small product (about 1% of a DiT-S/2 forward
- * at batch 8). The proper home of this is dm_linear() / the attention sgemm in src/backend/cpu;
- * once it is there, delete this block. The VAE (image by image anyway) is not padded. */
-#define ROW_PAD 64
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
-                         int, float, float *, int);
-static sgemm_fn real_sgemm;
-static int pad_rows; /* on while dm_sample runs */
-
-void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
-                 int lda, const float *B, int ldb, float beta, float *C, int ldc);
-void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
-                 int lda, const float *B, int ldb, float beta, float *C, int ldc)
-{
-    enum { ROW_MAJOR = 101, NO_TRANS = 111 };
-    float *Ap = NULL, *Cp = NULL;
-    if (pad_rows && order == ROW_MAJOR && M > 0 && M < ROW_PAD && N > 0 && K > 0) {
-        Ap = calloc((size_t)ROW_PAD * K, sizeof(float));
-        Cp = calloc((size_t)ROW_PAD * N, sizeof(float));
-    }
-    if (!Ap || !Cp) { /* not padded (or no memory: then unpadded, still correct) */
-        free(Ap);
-        free(Cp);
-        real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    int ldap;
-    if (ta == NO_TRANS) { /* A [M, K] rows */
-        for (int i = 0; i < M; i++) memcpy(Ap + (size_t)i * K, A + (size_t)i * lda, (size_t)K * 4);
-        ldap = K;
-    } else { /* A^T stored [K, M] */
-        for (int k = 0; k < K; k++)
-            memcpy(Ap + (size_t)k * ROW_PAD, A + (size_t)k * lda, (size_t)M * 4);
-        ldap = ROW_PAD;
-    }
-    if (beta != 0.0f)
-        for (int i = 0; i < M; i++) memcpy(Cp + (size_t)i * N, C + (size_t)i * ldc, (size_t)N * 4);
-    real_sgemm(order, ta, tb, ROW_PAD, N, K, alpha, Ap, ldap, B, ldb, beta, Cp, N);
-    for (int i = 0; i < M; i++) memcpy(C + (size_t)i * ldc, Cp + (size_t)i * N, (size_t)N * 4);
-    free(Ap);
-    free(Cp);
-}
-
-static dm_status find_real_sgemm(void)
-{
-    real_sgemm = (sgemm_fn)(uintptr_t)dlsym(RTLD_NEXT, "cblas_sgemm");
-    if (!real_sgemm) return dm_fail(DM_ERR_IO, "cannot find OpenBLAS's cblas_sgemm: %s", dlerror());
-    return DM_OK;
 }
 
 /* ------------------------------------------------------------------ who does what */
@@ -510,7 +451,6 @@ int main(int argc, char **argv)
     if (sh.rank != 0) dm_set_log_level(a.quiet ? DM_LOG_QUIET : dm_get_log_level() > DM_LOG_INFO
                                                                      ? DM_LOG_VERBOSE
                                                                      : DM_LOG_QUIET);
-    if ((st = find_real_sgemm())) return fail_code(st);
     dm_set_threads(a.have_threads ? a.threads : default_threads());
 
 #define CHECK(expr)                                                                            \
@@ -642,9 +582,7 @@ int main(int argc, char **argv)
         }
         prog.nb = nb;
         double ts = dm_time_sec();
-        pad_rows = !getenv("DITMOE_BATCH_NO_PAD"); /* diagnostic: measure the padding */
         st = dm_sample(&d, &p, nb, yb, ib, NULL, z, on_step, &prog);
-        pad_rows = 0;
         CHECK(st);
         /* Decode with the model's latent scale (dm_vae_decode divides by the VAE's own). */
         if (c->vae_scale > 0 && vi->scale != c->vae_scale) {
