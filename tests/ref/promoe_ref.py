@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_moe_ref import (AttentionTimm, FinalLayer, LabelEmbedder, PatchEmbed,  # noqa: E402
-                         TimestepEmbedder, modulate, sincos_pos_embed)
+                         TimestepEmbedder, attend, modulate, sincos_pos_embed)
 
 VARIANTS = ("tc", "ec")
 ROUTERS = ("identity", "softmax", "sigmoid")
@@ -198,11 +198,31 @@ class ProtoMoE(nn.Module):
         return torch.stack(losses).mean()
 
 
+class AttentionQKNorm(nn.Module):
+    """qk_norm=True (spec 2.1, no released weights): timm qkv/proj plus nn.LayerNorm(hd) with
+    eps 1e-5 (PyTorch default) on q and k per head, affine shared across heads."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        hd = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.LayerNorm(hd, eps=1e-5)
+        self.k_norm = nn.LayerNorm(hd, eps=1e-5)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]          # [B,H,T,hd]
+        return self.proj(attend(q, k, v).transpose(1, 2).reshape(B, T, D))
+
+
 class ProMoEBlock(nn.Module):
-    def __init__(self, dim, heads, ffn):
+    def __init__(self, dim, heads, ffn, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.attn = AttentionTimm(dim, heads)
+        self.attn = AttentionQKNorm(dim, heads) if qk_norm else AttentionTimm(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
@@ -222,7 +242,8 @@ class ProMoE(nn.Module):
     def __init__(self, hidden_size=384, depth=12, num_heads=6, num_experts=12, top_k=1,
                  patch_size=2, input_size=32, in_channels=4, learn_sigma=True, num_classes=1000,
                  expert_hidden=None, shared_hidden=None, mlp_hidden=None, variant="tc",
-                 router="identity", class_dropout_prob=0.1, rcl_weight=1.0, tau=0.07):
+                 router="identity", class_dropout_prob=0.1, rcl_weight=1.0, tau=0.07,
+                 qk_norm=False):
         super().__init__()
         D = hidden_size
         if D % num_heads:
@@ -241,7 +262,7 @@ class ProMoE(nn.Module):
                            shared_hidden=shared_hidden, mlp_hidden=mlp_hidden,
                            patch_size=patch_size, input_size=input_size, in_channels=in_channels,
                            learn_sigma=bool(learn_sigma), num_classes=num_classes,
-                           variant=variant, router=router)
+                           variant=variant, router=router, qk_norm=bool(qk_norm))
         self.pos_embed = nn.Parameter(
             torch.from_numpy(sincos_pos_embed(D, self.grid)).float().unsqueeze(0),
             requires_grad=False)                                          # [1, T, D]
@@ -255,7 +276,7 @@ class ProMoE(nn.Module):
                                router, num_classes, tau)
             else:
                 ffn = Mlp(D, mlp_hidden)
-            blocks.append(ProMoEBlock(D, num_heads, ffn))
+            blocks.append(ProMoEBlock(D, num_heads, ffn, qk_norm))
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, patch_size, self.out_channels)
         self.aux_losses = []
@@ -317,6 +338,8 @@ def randomize_(model, seed=0):
             p.copy_(torch.from_numpy(sincos_pos_embed(p.shape[-1], model.grid)).float()[None])
         elif name.endswith("cluster_centers") or "embedding_table" in name:
             p.copy_(torch.randn(p.shape, generator=g))
+        elif name.endswith("norm.weight"):                        # q_norm / k_norm affine
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
         elif p.dim() == 1:
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
         else:
@@ -384,4 +407,5 @@ def config_from_metadata(meta):
     pm = meta.get("promoe", {})
     kw["variant"] = pm.get("variant", "tc")
     kw["router"] = pm.get("router", "identity")
+    kw["qk_norm"] = meta.get("attention", "timm") == "qknorm"
     return kw
