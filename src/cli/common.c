@@ -166,3 +166,60 @@ void dm_cli_progress_break(dm_cli_progress *p)
     fputc('\n', stderr);
     p->width = 0;
 }
+
+const char **dm_cli_sampler_flag(dm_cli_sampler_flags *f, const char *flag)
+{
+    return !strcmp(flag, "--sampler")        ? &f->sampler
+           : !strcmp(flag, "--steps")        ? &f->steps
+           : !strcmp(flag, "--cfg-scale")    ? &f->cfg_scale
+           : !strcmp(flag, "--cfg-channels") ? &f->cfg_channels
+           : !strcmp(flag, "--cfg-interval") ? &f->cfg_interval
+           : !strcmp(flag, "--eta")          ? &f->eta
+                                             : NULL;
+}
+
+dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,
+                                dm_sample_params *p)
+{
+    dm_sample_params_init(p, c);
+    dm_status st;
+    if (f->sampler && dm_sampler_from_name(f->sampler, &p->sampler))
+        return dm_fail(DM_ERR_ARG, "--sampler '%s': expected ddpm, ddim, euler or heun", f->sampler);
+    if (f->steps && (st = dm_cli_int("--steps", f->steps, -1000000, 1000000, &p->steps))) return st;
+    if (f->cfg_scale && (st = dm_cli_float("--cfg-scale", f->cfg_scale, &p->cfg_scale))) return st;
+    if (f->cfg_channels) {
+        if (!strcmp(f->cfg_channels, "all"))
+            p->cfg_channels = 0;
+        else if (dm_cli_int("--cfg-channels", f->cfg_channels, 1, 64, &p->cfg_channels))
+            return dm_fail(DM_ERR_ARG, "--cfg-channels '%s': expected 3 or all (1..%d)",
+                           f->cfg_channels, c->in_channels);
+    }
+    if (f->cfg_interval) {
+        char lo[64];
+        const char *comma = strchr(f->cfg_interval, ',');
+        size_t len = comma ? (size_t)(comma - f->cfg_interval) : 0;
+        if (!comma || len >= sizeof lo)
+            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI", f->cfg_interval);
+        memcpy(lo, f->cfg_interval, len);
+        lo[len] = '\0';
+        if (dm_cli_float("--cfg-interval", lo, &p->cfg_t_lo) ||
+            dm_cli_float("--cfg-interval", comma + 1, &p->cfg_t_hi))
+            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI (numbers in [0,1])",
+                           f->cfg_interval);
+    }
+    if (f->eta && (st = dm_cli_float("--eta", f->eta, &p->eta))) return st;
+    p->seed = seed;
+    return dm_sample_params_check(p, c);
+}
+
+dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    long long v = s ? strtoll(s, &end, 10) : 0;
+    if (!s || !*s || *end || errno || v < lo || v > hi)
+        return dm_fail(DM_ERR_ARG, "%s '%s': expected an integer in [%lld, %lld]", flag,
+                       s ? s : "", (long long)lo, (long long)hi);
+    *out = v;
+    return DM_OK;
+}

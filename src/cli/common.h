@@ -12,6 +12,20 @@ dm_status dm_cli_int(const char *flag, const char *s, long lo, long hi, int *out
 dm_status dm_cli_u64(const char *flag, const char *s, uint64_t *out);
 dm_status dm_cli_float(const char *flag, const char *s, float *out); /* finite only */
 
+/* The sampler flags shared by ditmoe-sample and ditmoe-batch (--sampler, --steps, --cfg-scale,
+ * --cfg-channels, --cfg-interval, --eta), kept as given until the model's defaults are known. */
+typedef struct {
+    const char *sampler, *steps, *cfg_scale, *cfg_channels, *cfg_interval, *eta;
+} dm_cli_sampler_flags;
+/* The slot for `flag` if it is a sampler flag, else NULL. */
+const char **dm_cli_sampler_flag(dm_cli_sampler_flags *f, const char *flag);
+/* p = the model's defaults (dm_sample_params_init) with the given flags and seed on top, checked
+ * against the model; errors name the flag. */
+dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,
+                                dm_sample_params *p);
+/* Parse a whole string as an integer in [lo, hi] (64-bit). */
+dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out);
+
 /* Progress bar: "\r<label> step i/N  12.3 it/s  ETA 0:42" on stderr, redrawn at most ~10x/s.
  * total = steps over the whole run (all batches); dm_cli_progress_step() counts one step. */
 typedef struct {

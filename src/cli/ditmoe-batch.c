@@ -52,23 +52,11 @@ static void usage(FILE *f)
 
 typedef struct {
     const char *model, *vae, *out, *classes, *shard;
-    const char *sampler, *steps, *cfg_scale, *cfg_channels, *cfg_interval, *eta;
+    dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
     int64_t num;
     int batch, threads, have_threads, quiet;
     uint64_t seed;
 } args_t;
-
-static dm_status parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = s ? strtoll(s, &end, 10) : 0;
-    if (!s || !*s || *end || errno || v < lo || v > hi)
-        return dm_fail(DM_ERR_ARG, "%s '%s': expected an integer in [%lld, %lld]", flag,
-                       s ? s : "", (long long)lo, (long long)hi);
-    *out = v;
-    return DM_OK;
-}
 
 static dm_status parse(int argc, char **argv, args_t *a)
 {
@@ -82,13 +70,7 @@ static dm_status parse(int argc, char **argv, args_t *a)
                            : !strcmp(s, "--output")       ? &a->out
                            : !strcmp(s, "--classes")      ? &a->classes
                            : !strcmp(s, "--shard")        ? &a->shard
-                           : !strcmp(s, "--sampler")      ? &a->sampler
-                           : !strcmp(s, "--steps")        ? &a->steps
-                           : !strcmp(s, "--cfg-scale")    ? &a->cfg_scale
-                           : !strcmp(s, "--cfg-channels") ? &a->cfg_channels
-                           : !strcmp(s, "--cfg-interval") ? &a->cfg_interval
-                           : !strcmp(s, "--eta")          ? &a->eta
-                                                          : NULL;
+                                                          : dm_cli_sampler_flag(&a->sf, s);
         int takes = str || !strcmp(s, "--num") || !strcmp(s, "-n") || !strcmp(s, "--batch") ||
                     !strcmp(s, "--threads") || !strcmp(s, "--seed");
         if (!strcmp(s, "-q")) {
@@ -107,7 +89,7 @@ static dm_status parse(int argc, char **argv, args_t *a)
         if (str)
             *str = v;
         else if (!strcmp(s, "--num") || !strcmp(s, "-n"))
-            st = parse_i64("--num", v, 1, 1000000000LL, &a->num);
+            st = dm_cli_i64("--num", v, 1, 1000000000LL, &a->num);
         else if (!strcmp(s, "--batch"))
             st = dm_cli_int("--batch", v, 1, 4096, &a->batch);
         else if (!strcmp(s, "--threads")) {
@@ -120,40 +102,6 @@ static dm_status parse(int argc, char **argv, args_t *a)
     if (a->num < 0) return dm_fail(DM_ERR_ARG, "--num N is required (the number of images)");
     if (!a->out) return dm_fail(DM_ERR_ARG, "-o DIR is required (the output directory)");
     return DM_OK;
-}
-
-/* Sampler flags on top of the model's defaults (the same flags as ditmoe-sample). */
-static dm_status sampler_params(const args_t *a, const dm_config *c, dm_sample_params *p)
-{
-    dm_sample_params_init(p, c);
-    dm_status st;
-    if (a->sampler && dm_sampler_from_name(a->sampler, &p->sampler))
-        return dm_fail(DM_ERR_ARG, "--sampler '%s': expected ddpm, ddim, euler or heun", a->sampler);
-    if (a->steps && (st = dm_cli_int("--steps", a->steps, -1000000, 1000000, &p->steps))) return st;
-    if (a->cfg_scale && (st = dm_cli_float("--cfg-scale", a->cfg_scale, &p->cfg_scale))) return st;
-    if (a->cfg_channels) {
-        if (!strcmp(a->cfg_channels, "all"))
-            p->cfg_channels = 0;
-        else if (dm_cli_int("--cfg-channels", a->cfg_channels, 1, 64, &p->cfg_channels))
-            return dm_fail(DM_ERR_ARG, "--cfg-channels '%s': expected 1..%d or all",
-                           a->cfg_channels, c->in_channels);
-    }
-    if (a->cfg_interval) {
-        char lo[64];
-        const char *comma = strchr(a->cfg_interval, ',');
-        size_t len = comma ? (size_t)(comma - a->cfg_interval) : 0;
-        if (!comma || len >= sizeof lo)
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI", a->cfg_interval);
-        memcpy(lo, a->cfg_interval, len);
-        lo[len] = '\0';
-        if (dm_cli_float("--cfg-interval", lo, &p->cfg_t_lo) ||
-            dm_cli_float("--cfg-interval", comma + 1, &p->cfg_t_hi))
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI (numbers in [0,1])",
-                           a->cfg_interval);
-    }
-    if (a->eta && (st = dm_cli_float("--eta", a->eta, &p->eta))) return st;
-    p->seed = a->seed;
-    return dm_sample_params_check(p, c);
 }
 
 /* ------------------------------------------------------------------ who does what */
@@ -376,7 +324,7 @@ static int pack_main(int argc, char **argv)
             dm_set_log_level(DM_LOG_VERBOSE);
         else if (!strcmp(s, "--num") || !strcmp(s, "-n")) {
             if (i + 1 >= argc) return fail_code(dm_fail(DM_ERR_ARG, "%s needs a value", s));
-            if ((st = parse_i64("--num", argv[++i], 1, 1000000000LL, &num))) return fail_code(st);
+            if ((st = dm_cli_i64("--num", argv[++i], 1, 1000000000LL, &num))) return fail_code(st);
         } else if (s[0] == '-' && s[1])
             return fail_code(dm_fail(DM_ERR_ARG, "pack: unknown flag '%s' (see --help)", s));
         else if (!dir)
@@ -482,7 +430,7 @@ int main(int argc, char **argv)
     CHECK(dm_model_load(model_path, &m));
     const dm_config *c = dm_model_config(m);
     dm_sample_params p;
-    CHECK(sampler_params(&a, c, &p));
+    CHECK(dm_cli_sampler_params(&a.sf, c, a.seed, &p));
     CHECK(dm_batch_classes_parse(a.classes, c, &cls));
     CHECK(dm_vae_load(vae_path, &vae));
     const dm_vae_info *vi = dm_vae_get_info(vae);

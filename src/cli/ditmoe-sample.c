@@ -57,8 +57,7 @@ typedef struct {
     int n, batch, threads, grid, latent_only, quiet;
     int have_seed;
     uint64_t seed;
-    /* sampler overrides (have_* = given on the command line) */
-    const char *sampler, *steps, *cfg_scale, *cfg_channels, *cfg_interval, *eta;
+    dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
 } args_t;
 
 static dm_status parse(int argc, char **argv, args_t *a)
@@ -74,13 +73,7 @@ static dm_status parse(int argc, char **argv, args_t *a)
                            : !strcmp(s, "--init-noise")   ? &a->init_noise
                            : !strcmp(s, "--save-latent")  ? &a->save_latent
                            : !strcmp(s, "--dump-routing") ? &a->dump_routing
-                           : !strcmp(s, "--sampler")      ? &a->sampler
-                           : !strcmp(s, "--steps")        ? &a->steps
-                           : !strcmp(s, "--cfg-scale")    ? &a->cfg_scale
-                           : !strcmp(s, "--cfg-channels") ? &a->cfg_channels
-                           : !strcmp(s, "--cfg-interval") ? &a->cfg_interval
-                           : !strcmp(s, "--eta")          ? &a->eta
-                                                          : NULL;
+                                                          : dm_cli_sampler_flag(&a->sf, s);
         int takes = str || !strcmp(s, "--class") || !strcmp(s, "-n") || !strcmp(s, "--batch") ||
                     !strcmp(s, "--threads") || !strcmp(s, "--seed");
         if (!strcmp(s, "-q")) {
@@ -186,39 +179,6 @@ static dm_status parse_classes(const args_t *a, const dm_config *c, int **ids, i
     *ids = v;
     *count = k;
     return DM_OK;
-}
-
-/* Sampler flags on top of the model's defaults. */
-static dm_status sampler_params(const args_t *a, const dm_config *c, dm_sample_params *p)
-{
-    dm_sample_params_init(p, c);
-    dm_status st;
-    if (a->sampler && dm_sampler_from_name(a->sampler, &p->sampler))
-        return dm_fail(DM_ERR_ARG, "--sampler '%s': expected ddpm, ddim, euler or heun", a->sampler);
-    if (a->steps && (st = dm_cli_int("--steps", a->steps, -1000000, 1000000, &p->steps))) return st;
-    if (a->cfg_scale && (st = dm_cli_float("--cfg-scale", a->cfg_scale, &p->cfg_scale))) return st;
-    if (a->cfg_channels) {
-        if (!strcmp(a->cfg_channels, "all"))
-            p->cfg_channels = 0;
-        else if ((st = dm_cli_int("--cfg-channels", a->cfg_channels, 1, 64, &p->cfg_channels)))
-            return dm_fail(DM_ERR_ARG, "--cfg-channels '%s': expected 3 or all (1..%d)",
-                           a->cfg_channels, c->in_channels);
-    }
-    if (a->cfg_interval) {
-        char lo[64], *comma = strchr(a->cfg_interval, ',');
-        size_t len = comma ? (size_t)(comma - a->cfg_interval) : 0;
-        if (!comma || len >= sizeof lo)
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI", a->cfg_interval);
-        memcpy(lo, a->cfg_interval, len);
-        lo[len] = '\0';
-        if (dm_cli_float("--cfg-interval", lo, &p->cfg_t_lo) ||
-            dm_cli_float("--cfg-interval", comma + 1, &p->cfg_t_hi))
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI (numbers in [0,1])",
-                           a->cfg_interval);
-    }
-    if (a->eta && (st = dm_cli_float("--eta", a->eta, &p->eta))) return st;
-    p->seed = a->seed;
-    return dm_sample_params_check(p, c);
 }
 
 /* Output names: exactly one %d-style conversion (optionally 0-padded width), %% allowed. */
@@ -422,7 +382,7 @@ int main(int argc, char **argv)
     CHECK(dm_model_load(model_path, &m));
     const dm_config *c = dm_model_config(m);
     dm_sample_params p;
-    CHECK(sampler_params(&a, c, &p));
+    CHECK(dm_cli_sampler_params(&a.sf, c, a.seed, &p));
     CHECK(parse_classes(&a, c, &cls, &ncls));
     if ((long)ncls * a.n > 10000000L) CHECK(dm_fail(DM_ERR_ARG, "too many images (%ld)", (long)ncls * a.n));
     const int total = ncls * a.n, C = c->in_channels, S = c->input_size;
