@@ -9,6 +9,7 @@ Writes (one panel per MoE layer, titled "MoE Layer i" like the paper's 2x6 grids
   paper_step.png      sampling step x expert, per-layer min-max normalised (cmap Blues)
   summary.png         per layer: mutual information I(view; expert) in bits for class, position
                       and step; the position MI at each step; the load max/mean ratio
+With --table: print the per-layer numbers docs/routing.md quotes (Markdown) instead.
 Needs Debian's python3-matplotlib (use /usr/bin/python3).
 """
 import argparse
@@ -105,10 +106,44 @@ def summary(js, path):
     print(f"wrote {path}")
 
 
+def tv_uniform(tab, E):
+    """[rows, X] counts -> [rows] total-variation distance of P(expert | row) from uniform."""
+    t = np.asarray(tab, float)[:, :E]
+    p = t / np.maximum(t.sum(1, keepdims=True), 1)
+    return 0.5 * np.abs(p - 1.0 / E).sum(1)
+
+
+def table_md(js):
+    """The numbers docs/routing.md quotes, as a Markdown table. I(.; e): mutual information with
+    the chosen expert in bits; TV_x: total-variation distance of P(expert | x) from uniform."""
+    E = js["routed_experts"]
+    S = js["steps"]
+    early, late = slice(0, max(1, S // 10)), slice(S // 2, S)
+    out = ["| layer | load max/mean | load entropy / log2 E | H(expert) bits | I(class; e) | "
+           "I(position; e) | I(step; e) | I(pos; e) step 0 / mid / last | "
+           "TV_step first 10% / second half | mean TV_pos | mean TV_class |",
+           "|---" * 11 + "|"]
+    for l, s in enumerate(js["layer_stats"]):
+        h = -sum(p * math.log2(p) for p in
+                 (np.array(s["picks_per_expert"], float) / sum(s["picks_per_expert"])) if p > 0)
+        m = s.get("mi_position_by_step_bits") or [float("nan")] * S
+        tvs = tv_uniform(js["step_expert"][l], E)
+        tvp = tv_uniform(js["position_expert"][l], E)
+        tvc = tv_uniform(js["class_expert"][l], E)
+        out.append(f"| {s['block']} | {s['max_mean_ratio']:.2f} | {s['entropy_norm']:.3f} | "
+                   f"{h:.3f} | {s['mi_class_bits']:.3f} | {s['mi_position_bits']:.3f} | "
+                   f"{s['mi_step_bits']:.3f} | {m[0]:.3f} / {m[S // 2]:.3f} / {m[-1]:.3f} | "
+                   f"{tvs[early].mean():.3f} / {tvs[late].mean():.3f} | {tvp.mean():.3f} | "
+                   f"{tvc.mean():.3f} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("routes_json", help="routes.json written by ditmoe-routes")
     ap.add_argument("-o", "--out", default=".", help="output directory (default: .)")
+    ap.add_argument("--table", action="store_true",
+                    help="print the per-layer numbers as a Markdown table and exit")
     a = ap.parse_args(argv)
     try:
         with open(a.routes_json) as f:
@@ -119,6 +154,9 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         print(f"plot_routes: {a.routes_json}: {e}", file=sys.stderr)
         return 2
+    if a.table:
+        print(table_md(js))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     names = js.get("class_names") or [str(i) for i in range(js["num_classes"])]
     C = js["num_classes"]
