@@ -400,7 +400,7 @@ typedef struct {
     int64_t *by_class;   /* [Lm, num_classes, X]                                              */
     int64_t *by_pos;     /* [Lm, T, X]                                                        */
     int64_t *by_step;    /* [Lm, S, X]                                                        */
-    int64_t *by_step_pos;/* [Lm, S, T, X] or NULL when too large (> 2^26 cells)              */
+    int64_t *by_step_pos;/* [Lm, S, T, X] or NULL when too large (> 2^24 cells)              */
     int64_t rows, tokens, picks, none; /* counted rows, row-tokens, picks, empty slots      */
     int64_t skipped_rows;/* rows of the other half                                            */
 } dm_route_counts;

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define STEP_POS_MAX_CELLS (1ll << 26)
+#define STEP_POS_MAX_CELLS (1ll << 24) /* 128 MB of counts */
 
 static int64_t *zeros(size_t n) { return calloc(n ? n : 1, sizeof(int64_t)); }
 

@@ -5,6 +5,8 @@
 #include "io/atomic.h"
 
 #include <cjson/cJSON.h>
+
+#define DM_TRACE_LIST_MAX 100000 /* images listed in the header (memory stays bounded) */
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,7 +25,7 @@ struct dm_trace {
     int64_t *y;              /* [B] */
     uint64_t *index;         /* [B] */
     int cap_B;
-    long records, rows;
+    long records, rows, images;
     uint64_t data_bytes;
     uint8_t *buf;            /* one record */
     size_t cap_buf;
@@ -201,7 +203,8 @@ dm_status dm_trace_batch(dm_trace *tr, int B, const int64_t *y, const uint64_t *
     tr->B = B;
     if (tr->batch < 0 || tr->eval > 0) tr->batch++; /* a batch without evals is replaced */
     tr->eval = 0;
-    for (int b = 0; b < B; b++) {
+    for (int b = 0; b < B; b++) { /* the header lists the first images; records have all */
+        if (tr->images++ >= DM_TRACE_LIST_MAX) continue;
         cJSON_AddItemToArray(tr->img_index, cJSON_CreateNumber((double)index[b]));
         cJSON_AddItemToArray(tr->img_class, cJSON_CreateNumber((double)y[b]));
         cJSON_AddItemToArray(tr->img_batch, cJSON_CreateNumber(tr->batch));
@@ -339,6 +342,8 @@ dm_status dm_trace_close(dm_trace *tr)
     cJSON_AddNumberToObject(h, "records", (double)tr->records);
     cJSON_AddNumberToObject(h, "batches", tr->batch + 1);
     cJSON_AddNumberToObject(h, "rows", (double)tr->rows);
+    cJSON_AddNumberToObject(h, "images_total", (double)tr->images);
+    cJSON_AddBoolToObject(h, "images_listed_all", tr->images <= DM_TRACE_LIST_MAX);
     cJSON_AddNumberToObject(h, "data_bytes", (double)tr->data_bytes);
     char *text = cJSON_PrintUnformatted(h);
     if (!text) {
