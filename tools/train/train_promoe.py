@@ -17,7 +17,10 @@ training compute as the DiT-MoE default model (train_dit.py, runs/dit).
   - --wait: first wait until the DiT-MoE training has finished (assets/ditmoe-fmnist.safetensors
     exists and no train_dit.py process is running), the CPU being shared
 Stages: train, export (EMA -> RUN/ema.pth in the official layout -> convert_checkpoint.py ->
-assets/promoe-fmnist.safetensors).
+assets/promoe-fmnist.safetensors), eval (both shipped models through the C ditmoe-sample with
+their metadata defaults, same seed: --eval-n images per class -> tools/eval/eval_samples.py
+--png-dir (judge accuracy, Frechet distance); sampling time per image; parameter counts;
+RUN/eval/summary.json).
 
     nice -n 10 /usr/bin/python3 tools/train/train_promoe.py --wait
 """
@@ -75,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--eval-n", type=int, default=100, help="images per class for the eval stage")
+    p.add_argument("--eval-seed", type=int, default=2024)
+    p.add_argument("--dit", default=os.path.join(ROOT, "assets", "ditmoe-fmnist.safetensors"),
+                   help="the DiT-MoE model compared against in the eval stage")
+    p.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="ditmoe-sample dir")
     return p.parse_args(argv)
 
 
@@ -232,6 +240,71 @@ def export(a, log):
         f"metadata {meta['ditmoe']}")
 
 
+def param_counts(path):
+    """(total, active per token) of a shipped model file, pos_embed excluded (train_dit's rule)."""
+    import safetensors_io
+    tensors, meta = safetensors_io.read(path)
+    cfg = json.loads(meta["ditmoe"])
+    if cfg["arch"] == "promoe":
+        model = promoe_ref.ProMoE(**promoe_ref.config_from_metadata(cfg))
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        return promoe_ref.count_params(model)
+    from train_dit import count_params
+    sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
+    import shipped
+    model, _ = shipped.load_dit(path)
+    return count_params(model, cfg["top_k"], cfg["num_experts"])
+
+
+def evaluate(a, log):
+    import shutil
+    exe = os.path.join(a.bin, "ditmoe-sample")
+    models = (("DiT-MoE", a.dit), ("ProMoE", a.out))
+    out_dir = os.path.join(a.run, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    results = os.path.join(out_dir, "results.jsonl")
+    summary = {}
+    for name, path in models:
+        d = os.path.join(out_dir, name.lower())
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        n_img = 10 * a.eval_n
+        cmd = [exe, "--model", path, "--class", "all", "-n", str(a.eval_n), "--seed",
+               str(a.eval_seed), "--batch", "25", "--threads", "1", "-q",
+               "-o", os.path.join(d, "img_%04d.png")]
+        log("running " + " ".join(cmd))
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        dt = time.time() - t0
+        for i in range(n_img):     # --class all: image i is class i // n
+            os.replace(os.path.join(d, f"img_{i:04d}.png"),
+                       os.path.join(d, f"c{i // a.eval_n}_{i:04d}.png"))
+        # a clean timing: 50 images, default batch, 1 thread
+        t1 = time.time()
+        subprocess.run([exe, "--model", path, "--class", "all", "-n", "5", "--seed", "1",
+                        "--threads", "1", "-q", "-o", os.path.join(out_dir, "t_%03d.png")],
+                       check=True)
+        t_img = (time.time() - t1) / 50
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval", "eval_samples.py"),
+                        "--png-dir", d, "--tag", f"{name} ditmoe-sample seed {a.eval_seed}",
+                        "--out", results], check=True, stdout=subprocess.DEVNULL)
+        with open(results) as f:
+            res = json.loads(f.read().strip().splitlines()[-1])
+        from safetensors_io import read
+        meta = json.loads(read(path)[1]["ditmoe"])
+        total, active = param_counts(path)
+        summary[name] = dict(accuracy=res["accuracy"], fd=res["fd_gen_vs_testA"],
+                             fd_real_floor=res["fd_testB_vs_testA"],
+                             per_class_accuracy=res["per_class_accuracy"],
+                             params_total=total, params_active=active,
+                             sample_s_per_image_1thread=round(t_img, 4),
+                             generation_wall_s=round(dt, 1), n_per_class=a.eval_n,
+                             sampling=meta.get("sampling"), file_bytes=os.path.getsize(path))
+        log(f"{name}: {json.dumps(summary[name])}")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 def main(argv=None):
     a = parse_args(argv)
     os.makedirs(a.run, exist_ok=True)
@@ -247,6 +320,8 @@ def main(argv=None):
             return 0
     if "export" in stages:
         export(a, log)
+    if "eval" in stages:
+        evaluate(a, log)
     return 0
 
 
