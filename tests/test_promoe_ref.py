@@ -10,7 +10,6 @@ import os
 import sys
 import unittest
 
-import numpy as np
 import torch
 
 SRC = os.environ.get("DITMOE_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
