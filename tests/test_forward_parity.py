@@ -3,7 +3,7 @@
 1. Self-check of the reference: a literal float64 NumPy implementation of spec ditmoe.md §2
    (loops over tokens / heads, explicit index formulas) on the same state dict.
    Tolerance: max|diff| <= 1e-5 * RMS(output) (fp32 vs fp64), identical routing.
-2. C parity over attention {timm, qknorm} x E {4, 8} x k {1, 2} x weight dtype {F32, BF16},
+2. C parity over attention {timm, qknorm} x E {4, 8} x k {1, 2} x weight dtype {F32, BF16, F16},
    B = 3 and B = 1: small random models converted with tools/convert_checkpoint.py.
    Tolerance: max|diff| <= 1e-4 * RMS(reference output); BF16 files are compared against the
    reference run on the same bf16-rounded weights (upcast to fp32), so the tolerance is the same.
@@ -258,7 +258,7 @@ class TestForwardParity(unittest.TestCase):
         ("timm", 4, 1, "f32", 8, 3),
         ("timm", 8, 2, "bf16", 16, 3),
         ("qknorm", 4, 2, "bf16", 8, 3),
-        ("qknorm", 8, 1, "f32", 16, 1),
+        ("qknorm", 8, 1, "f16", 16, 1),
         ("qknorm", 8, 2, "f32", 16, 3),
         ("timm", 4, 2, "f32", 16, 1),
     ]
@@ -285,8 +285,8 @@ class TestForwardParity(unittest.TestCase):
             rc = convert_checkpoint.main([pt, st, "--heads", "4", "--top-k", str(k),
                                           "--dtype", dtype])
         self.assertEqual(rc, 0, f"convert_checkpoint failed for {pt}")
-        if dtype == "bf16":
-            round_params_(model, torch.bfloat16)
+        if dtype in ("bf16", "f16"):  # the C engine keeps these 16-bit and widens exactly
+            round_params_(model, torch.bfloat16 if dtype == "bf16" else torch.float16)
         return model, cfg, st
 
     def run_c(self, model_path, x, t, y, extra=()):
@@ -334,7 +334,7 @@ class TestForwardParity(unittest.TestCase):
               file=sys.stderr)
         self.assertLessEqual(total_skip, total_cmp // 20 + 1)
         self.assertEqual(seen, {"attn": {"timm", "qknorm"}, "E": {4, 8}, "k": {1, 2},
-                                "dtype": {"f32", "bf16"}, "B": {1, 3}})
+                                "dtype": {"f32", "bf16", "f16"}, "B": {1, 3}})
 
     def test_bad_inputs(self):
         _, cfg, st = self.build("timm", 4, 2, "f32", 8, 0)

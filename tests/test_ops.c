@@ -73,6 +73,41 @@ START_TEST(packed_linear_matches_reference)
 }
 END_TEST
 
+/* BF16 / F16 weights kept 16-bit: same result as widening them to float32 first. */
+static void check_packed_half(dm_dtype dt)
+{
+    int N = 21, in = 53, out = 70;
+    float *x = rand_buf((size_t)N * in, 1), *b = rand_buf(out, 1), *W = rand_buf((size_t)out * in, 0.2f);
+    uint16_t *h = malloc(sizeof(uint16_t) * out * in);
+    for (int i = 0; i < out * in; i++) {
+        h[i] = dt == DM_BF16 ? dm_f32_to_bf16(W[i]) : dm_f32_to_f16(W[i]);
+        W[i] = dt == DM_BF16 ? dm_bf16_to_f32(h[i]) : dm_f16_to_f32(h[i]);
+    }
+    dm_pmat P16, P32;
+    int r = dm_pmat_pack_half(&P16, h, dt, out, in);
+    if (r == -2) { /* this build cannot run F16 natively: the loader widens instead */
+        ck_assert_int_eq(dt, DM_F16);
+        goto done;
+    }
+    ck_assert_int_eq(r, 0);
+    ck_assert_int_eq(dm_pmat_pack(&P32, W, out, in), 0);
+    ck_assert_uint_eq(dm_pmat_bytes(&P16) * 2, dm_pmat_bytes(&P32));
+    float *y16 = malloc(sizeof(float) * N * out), *y32 = malloc(sizeof(float) * N * out);
+    dm_linear_packed(x, N, &P16, b, y16);
+    dm_linear_packed(x, N, &P32, b, y32);
+    ck_assert_mem_eq(y16, y32, sizeof(float) * N * out); /* widening is exact, order identical */
+    dm_linear_packed_ref(x, N, &P16, b, y32);
+    ck_assert_double_le(rel_err(y16, y32, (size_t)N * out), 1e-5);
+    free(y16), free(y32);
+    dm_pmat_free(&P16), dm_pmat_free(&P32);
+done:
+    free(x), free(b), free(W), free(h);
+}
+START_TEST(packed_linear_bf16) { check_packed_half(DM_BF16); }
+END_TEST
+START_TEST(packed_linear_f16) { check_packed_half(DM_F16); }
+END_TEST
+
 /* A row's result must not depend on the batch around it (images depend only on seed and index):
  * every row of a 29-row product equals the same row computed alone, bit for bit. */
 START_TEST(packed_linear_is_batch_invariant)
@@ -287,6 +322,8 @@ int main(void)
     tcase_add_test(tc, linear_matches_reference);
     tcase_add_test(tc, packed_linear_matches_reference);
     tcase_add_test(tc, packed_linear_is_batch_invariant);
+    tcase_add_test(tc, packed_linear_bf16);
+    tcase_add_test(tc, packed_linear_f16);
     tcase_add_test(tc, layernorm_matches_reference);
     tcase_add_test(tc, attention_matches_reference);
     tcase_add_test(tc, attention_qknorm_matches_reference);

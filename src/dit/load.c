@@ -1,5 +1,6 @@
 /* dm_model_load / dm_model_free: read a DiT-MoE safetensors file into float32 weights. */
 #include "dit/model.h"
+#include "io/st_internal.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -7,11 +8,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-static dm_status own(dm_model *m, float *p)
+#define TRY(call)                         \
+    do {                                  \
+        dm_status st_ = (call);           \
+        if (st_ != DM_OK) return st_;     \
+    } while (0)
+static dm_status own(dm_model *m, void *p)
 {
     if (m->n_owned == m->cap_owned) {
         int cap = m->cap_owned ? 2 * m->cap_owned : 64;
-        float **q = realloc(m->owned, (size_t)cap * sizeof *q);
+        void **q = realloc(m->owned, (size_t)cap * sizeof *q);
         if (!q) {
             free(p);
             return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
@@ -58,28 +64,34 @@ static dm_status pack(dm_model *m, float *W, int out, int in, dm_pmat *pm)
     return own(m, pm->p);
 }
 
-/* Load a matrix stored as [out, in] (or [out, a, b, c] with in = a*b*c) and pack it. */
+/* Load a matrix stored as [out, in] (or [out, a, b, c] with in = a*b*c) and pack it. BF16 and
+ * F16 tensors stay 16-bit (half the memory, same results: widening to float32 is exact). */
 static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
                        int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
     __attribute__((format(printf, 9, 10)));
 static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
                        int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
 {
-    float *W;
+    char name[256];
     va_list ap;
     va_start(ap, fmt);
-    dm_status st = load_raw(m, f, &W, ndim, d0, d1, d2, d3, fmt, ap);
+    vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
-    if (st != DM_OK) return st;
-    int64_t in = d1 * (ndim == 4 ? d2 * d3 : 1);
+    const int64_t shape[4] = {d0, d1, d2, d3};
+    const int64_t in = d1 * (ndim == 4 ? d2 * d3 : 1);
+    const dm_st_tensor *t = dm_st_find(f, name);
+    if (t && (t->dtype == DM_BF16 || t->dtype == DM_F16)) {
+        TRY(dm_st_check_shape(f, name, ndim, shape));
+        int r = dm_pmat_pack_half(pm, t->data, t->dtype, (int)d0, (int)in);
+        if (r == -1) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        if (r == 0) return own(m, pm->p);
+        /* r == -2: this build cannot run the type natively; widen to float32 below */
+    }
+    float *W;
+    TRY(dm_st_load_f32(f, name, ndim, shape, &W));
     return pack(m, W, (int)d0, (int)in, pm);
 }
 
-#define TRY(call)                         \
-    do {                                  \
-        dm_status st_ = (call);           \
-        if (st_ != DM_OK) return st_;     \
-    } while (0)
 #define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), 1, a, 0, 0, 0, __VA_ARGS__))
 #define LOAD2(dst, a, b, ...) TRY(load(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
 #define LOADP(dst, a, b, ...) TRY(loadp(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
@@ -89,15 +101,39 @@ static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, 
 static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefix, int F, int D,
                              dm_mlp_w *w)
 {
-    float *g, *u;
-    LOAD2(g, F, D, "%s.gate_proj.weight", prefix);
-    LOAD2(u, F, D, "%s.up_proj.weight", prefix);
-    float *gu = malloc((size_t)2 * F * D * sizeof(float));
-    if (!gu) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    memcpy(gu, g, (size_t)F * D * sizeof(float));
-    memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
+    char gname[160], uname[160];
+    snprintf(gname, sizeof gname, "%s.gate_proj.weight", prefix);
+    snprintf(uname, sizeof uname, "%s.up_proj.weight", prefix);
     *w = (dm_mlp_w){.act = DM_MLP_SWIGLU, .F = F};
-    TRY(pack(m, gu, 2 * F, D, &w->w1));
+    const int64_t shape[2] = {F, D};
+    const dm_st_tensor *tg = dm_st_find(f, gname), *tu = dm_st_find(f, uname);
+    if (tg && tu && tg->dtype == tu->dtype && (tg->dtype == DM_BF16 || tg->dtype == DM_F16)) {
+        TRY(dm_st_check_shape(f, gname, 2, shape));
+        TRY(dm_st_check_shape(f, uname, 2, shape));
+        unsigned char *raw = malloc(2 * tg->nbytes); /* [2F, D] 16-bit, gate rows then up rows */
+        if (!raw) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        memcpy(raw, tg->data, tg->nbytes);
+        memcpy(raw + tg->nbytes, tu->data, tu->nbytes);
+        int r = dm_pmat_pack_half(&w->w1, raw, tg->dtype, 2 * F, D);
+        free(raw);
+        if (r == -1) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        if (r == 0) TRY(own(m, w->w1.p));
+    }
+    if (!w->w1.p) {
+        float *g = NULL, *u = NULL, *gu = NULL;
+        dm_status st = dm_st_load_f32(f, gname, 2, shape, &g);
+        if (st == DM_OK) st = dm_st_load_f32(f, uname, 2, shape, &u);
+        if (st == DM_OK && !(gu = malloc((size_t)2 * F * D * sizeof(float))))
+            st = dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        if (st == DM_OK) {
+            memcpy(gu, g, (size_t)F * D * sizeof(float));
+            memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
+        }
+        free(g);
+        free(u);
+        if (st != DM_OK) return st;
+        TRY(pack(m, gu, 2 * F, D, &w->w1));
+    }
     LOADP(w->w2, D, F, "%s.down_proj.weight", prefix);
     return DM_OK;
 }

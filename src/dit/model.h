@@ -47,7 +47,7 @@ struct dm_model {
     dm_block_w *blocks;        /* [L] */
     dm_pmat final_mod_w; float *final_mod_b; /* final_layer.adaLN_modulation.1: [2D, D], [2D] */
     dm_pmat final_w; float *final_b; /* final_layer.linear: [p*p*Cout, D], [p*p*Cout] */
-    float **owned;             /* every buffer above (packed ones too), freed by dm_model_free */
+    void **owned;              /* every buffer above (packed ones too), freed by dm_model_free */
     int n_owned, cap_owned;
     dm_workspace ws;
 };

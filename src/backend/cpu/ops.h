@@ -4,23 +4,32 @@
 #ifndef DM_BACKEND_CPU_OPS_H
 #define DM_BACKEND_CPU_OPS_H
 
+#include "ditmoe.h"
+
 #include <stddef.h>
 
 /* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). OpenBLAS sgemm. */
 void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 void dm_linear_ref(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 
-/* Weights packed for dm_linear_packed: [ceil(out/DM_PANEL)][in][DM_PANEL], zero-padded. Every
- * output element is a fixed-order sum over `in`, independent of N, tiling and threads, so a
- * token's result never depends on what else is in the batch. */
+/* Weights packed for dm_linear_packed: [ceil(out/DM_PANEL)][in][DM_PANEL], zero-padded, kept
+ * in float32 or, for BF16/F16 checkpoints, in their 16-bit form (half the memory; converted to
+ * float32 exactly inside the kernel). Every output element is a fixed-order sum over `in`,
+ * independent of N, tiling and threads, so a token's result never depends on what else is in
+ * the batch. */
 #define DM_PANEL 32
 typedef struct {
     int out, in;
-    float *p; /* [ceil(out/32), in, 32] */
+    dm_dtype dtype; /* DM_F32, DM_BF16 or DM_F16 */
+    void *p;        /* [ceil(out/32), in, 32] of dtype */
 } dm_pmat;
 int dm_pmat_pack(dm_pmat *pm, const float *W /* [out, in] */, int out, int in); /* -1: no memory */
+/* Pack 16-bit weights as stored in a file (src may be unaligned). -1: no memory, -2: this build
+ * cannot run `dtype` natively (the caller then converts to float32 and uses dm_pmat_pack). */
+int dm_pmat_pack_half(dm_pmat *pm, const void *src /* [out, in] */, dm_dtype dtype, int out, int in);
 void dm_pmat_free(dm_pmat *pm);
 float dm_pmat_get(const dm_pmat *pm, int o, int i); /* W[o, i] */
+size_t dm_pmat_bytes(const dm_pmat *pm);
 /* y[N, out] = x[N, in] · W^T (+ b[out]). */
 void dm_linear_packed(const float *x, int N, const dm_pmat *W, const float *b, float *y);
 void dm_linear_packed_ref(const float *x, int N, const dm_pmat *W, const float *b, float *y);
