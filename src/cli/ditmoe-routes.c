@@ -540,8 +540,7 @@ static int find_image(const args_t *a, const gathered_t *g, char *path, size_t n
         snprintf(name, sizeof name, "%.*s%0*llu%s", (int)(pc - p), p, w[0] ? atoi(w) : 0,
                  (unsigned long long)g->sample, q + 1);
     } else {
-        snprintf(name, sizeof name, "%s", p); /* one image for the run (a grid): unusable */
-        return 0;
+        snprintf(name, sizeof name, "%s", p); /* a run of one image */
     }
     struct stat sb;
     snprintf(path, n, "%s", name);

@@ -491,7 +491,7 @@ int main(int argc, char **argv)
         dm_trace_shape ts;
         dm_trace_shape_from_model(&ts, c, &p);
         CHECK(dm_trace_open(a.dump_routing, &ts, c, model_path, &p, &trace));
-        if (per_image && !a.grid) CHECK(dm_trace_note(trace, "images", pattern));
+        if (!a.latent_only && !a.grid) CHECK(dm_trace_note(trace, "images", pattern));
         dm_trace_denoiser(trace, m, &tm.inner);
     }
     dm_denoiser d = tm.inner;
