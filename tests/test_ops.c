@@ -125,6 +125,19 @@ START_TEST(packed_linear_is_batch_invariant)
 }
 END_TEST
 
+START_TEST(exp_fast_matches_libm)
+{
+    double worst = 0;
+    for (float x = -87.0f; x <= 88.0f; x += 0.0137f) {
+        double ref = exp((double)x), rel = fabs(dm_exp_fast(x) - ref) / ref;
+        if (rel > worst) worst = rel;
+    }
+    ck_assert_double_le(worst, 5e-7); /* a few float ulp */
+    ck_assert_float_eq(dm_exp_fast(0.0f), 1.0f);
+    ck_assert(dm_exp_fast(-1000.0f) >= 0.0f && dm_exp_fast(-1000.0f) < 1e-37f);
+}
+END_TEST
+
 START_TEST(layernorm_matches_reference)
 {
     int N = 19, D = 96;
@@ -324,6 +337,7 @@ int main(void)
     tcase_add_test(tc, packed_linear_is_batch_invariant);
     tcase_add_test(tc, packed_linear_bf16);
     tcase_add_test(tc, packed_linear_f16);
+    tcase_add_test(tc, exp_fast_matches_libm);
     tcase_add_test(tc, layernorm_matches_reference);
     tcase_add_test(tc, attention_matches_reference);
     tcase_add_test(tc, attention_qknorm_matches_reference);

@@ -50,10 +50,11 @@ void dm_moe_scratch_free(dm_moe_scratch *s)
 
 /* ---- expert MLPs ---- */
 
+/* 0.5 u (1 + tanh(z)) = u / (1 + exp(-2z)), z = sqrt(2/pi) (u + 0.044715 u^3). */
 static inline float gelu_tanh(float u)
 {
     const float c = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * u * (1.0f + tanhf(c * (u + 0.044715f * u * u * u)));
+    return u / (1.0f + dm_exp_fast(-2.0f * c * (u + 0.044715f * u * u * u)));
 }
 
 void dm_mlp_forward(const dm_mlp_w *w, const float *x, int n, int D, float *a, float *h, float *y)

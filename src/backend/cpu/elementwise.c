@@ -3,6 +3,8 @@
 #include "backend/cpu/ops.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 static void layernorm_row(const float *x, int D, float eps, const float *w, const float *b, float *y)
 {
@@ -68,7 +70,7 @@ void dm_gated_add(float *x, const float *y, int B, int T, int D, const float *ga
     }
 }
 
-static inline float silu1(float v) { return v / (1.0f + expf(-v)); }
+static inline float silu1(float v) { return v / (1.0f + dm_exp_fast(-v)); }
 
 void dm_silu(float *x, size_t n)
 {
@@ -81,6 +83,7 @@ void dm_swiglu(const float *gu, int rows, int F, float *h)
     for (int r = 0; r < rows; r++) {
         const float *g = gu + (size_t)r * 2 * F, *u = g + F;
         float *o = h + (size_t)r * F;
+#pragma omp simd
         for (int i = 0; i < F; i++) o[i] = silu1(g[i]) * u[i];
     }
 }

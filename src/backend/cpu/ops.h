@@ -7,6 +7,7 @@
 #include "ditmoe.h"
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). OpenBLAS sgemm. */
 void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
@@ -50,6 +51,29 @@ void dm_gated_add(float *x, const float *y, int B, int T, int D, const float *ga
  * gu [rows, 2F] (gate in [0,F), up in [F,2F)), output h [rows, F]. */
 void dm_silu(float *x, size_t n);
 void dm_swiglu(const float *gu, int rows, int F, float *h);
+
+/* exp(x) for the activations, inline so the loops calling it vectorise (libm's expf is a call
+ * per element): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6
+ * polynomial; within a few ulp of expf over [-87, 88], clamped outside. */
+static inline float dm_exp_fast(float x)
+{
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        uint32_t u;
+        float f;
+    } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
 
 /* Softmax in place over each row of x [N, n]. */
 void dm_softmax_rows(float *x, int N, int n);
