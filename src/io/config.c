@@ -390,20 +390,27 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
         return dm_fail(DM_ERR_FORMAT, "%s: blocks.*: block count %d expected depth %d", p, nb,
                        c->depth);
     for (int i = 0; i < c->depth; i++) {
-        if (c->attn == DM_ATTN_TIMM) {
+        /* DiT-MoE XL/G name their qk-norm attention Wqkv/out_proj; ProMoE keeps qkv/proj. */
+        const int flash = c->attn == DM_ATTN_QKNORM && c->arch == DM_ARCH_DITMOE;
+        if (!flash) {
             snprintf(k, sizeof k, "blocks.%d.attn.qkv.weight", i);
             TRY(check2(f, k, 3 * D, D));
             snprintf(k, sizeof k, "blocks.%d.attn.proj.weight", i);
             TRY(check2(f, k, D, D));
-        } else {
-            snprintf(k, sizeof k, "blocks.%d.attn.Wqkv.weight", i);
-            TRY(check2(f, k, 3 * D, D));
+        }
+        if (c->attn == DM_ATTN_QKNORM) {
+            if (flash) {
+                snprintf(k, sizeof k, "blocks.%d.attn.Wqkv.weight", i);
+                TRY(check2(f, k, 3 * D, D));
+            }
             snprintf(k, sizeof k, "blocks.%d.attn.q_norm.weight", i);
             TRY(dm_st_check_shape(f, k, 1, &hd));
             snprintf(k, sizeof k, "blocks.%d.attn.k_norm.weight", i);
             TRY(dm_st_check_shape(f, k, 1, &hd));
-            snprintf(k, sizeof k, "blocks.%d.attn.out_proj.weight", i);
-            TRY(check2(f, k, D, D));
+            if (flash) {
+                snprintf(k, sizeof k, "blocks.%d.attn.out_proj.weight", i);
+                TRY(check2(f, k, D, D));
+            }
         }
         if (c->arch != DM_ARCH_DITMOE) continue; /* ProMoE blocks: dm_promoe_check */
         snprintf(k, sizeof k, "blocks.%d.moe.gate.weight", i);
@@ -457,7 +464,7 @@ static dm_status infer(const dm_st_file *f, dm_config *c)
         c->top_k = c->num_experts < 2 ? c->num_experts : 2;
     }
     const dm_st_tensor *qn = dm_st_find(f, "blocks.0.attn.q_norm.weight");
-    c->attn = dm_st_find(f, "blocks.0.attn.Wqkv.weight") ? DM_ATTN_QKNORM : DM_ATTN_TIMM;
+    c->attn = dm_st_find(f, "blocks.0.attn.Wqkv.weight") || qn ? DM_ATTN_QKNORM : DM_ATTN_TIMM;
     int ri = released_index(c->hidden);
     if (ri >= 0) {
         c->heads = k_released[ri].heads;
