@@ -30,8 +30,12 @@ def save_sheet(imgs, labels, k, path, title=""):
         for j, im in enumerate(sel):
             y, x = pad + c * (28 + pad), pad + j * (28 + pad)
             sheet[y:y + 28, x:x + 28] = im
-    fig = plt.figure(figsize=(1.6 + 0.45 * k, 0.45 * 10 + 0.5), dpi=100)
-    ax = fig.add_axes([0.16 if k < 12 else 0.1, 0.02, 0.82 if k < 12 else 0.88, 0.9])
+    ax_h = 0.45 * 10                                         # inches for the image rows
+    img_w = ax_h * sheet.shape[1] / sheet.shape[0]
+    left = 1.1                                               # inches for the class names
+    W, H = left + img_w + 0.15, ax_h + 0.45
+    fig = plt.figure(figsize=(W, H), dpi=100)
+    ax = fig.add_axes([left / W, 0.1 / H, img_w / W, ax_h / H])
     ax.imshow(sheet, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([pad + c * (28 + pad) + 14 for c in range(10)])
