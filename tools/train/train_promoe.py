@@ -76,12 +76,16 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="train,export")
     p.add_argument("--bench", type=int, default=0, help="time N steps and exit")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--sample-steps", type=int, default=0,
+                   help="default sampling steps stored in the model (0 = the --dit model's)")
+    p.add_argument("--cfg-scale", type=float, default=0,
+                   help="default guidance stored in the model (0 = the --dit model's)")
     p.add_argument("--eval-n", type=int, default=100, help="images per class for the eval stage")
     p.add_argument("--eval-seed", type=int, default=2024)
     p.add_argument("--dit", default=os.path.join(ROOT, "assets", "ditmoe-fmnist.safetensors"),
                    help="the DiT-MoE model compared against in the eval stage")
+    p.add_argument("--eval-models", default="DiT-MoE,ProMoE",
+                   help="which of DiT-MoE,ProMoE to (re)evaluate; others kept from summary.json")
     p.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"), help="ditmoe-sample dir")
     return p.parse_args(argv)
 
@@ -218,6 +222,11 @@ def export(a, log):
     if not s.get("done"):
         raise SystemExit(f"{ck}: training not finished (step {s['step']}): train first")
     sa = argparse.Namespace(**s["args"])
+    smp = {"steps": 50, "cfg_scale": 3.0}
+    if os.path.exists(a.dit):     # same sampling settings as the DiT-MoE default model
+        smp.update(json.loads(safetensors_io.read(a.dit)[1]["ditmoe"]).get("sampling", {}))
+    steps = a.sample_steps or smp["steps"]
+    cfg_scale = a.cfg_scale or smp["cfg_scale"]
     pt = os.path.join(a.run, "ema.pth")           # official train.py layout
     torch.save({"step": int(s["step"]), "ema_model_state_dict": model.state_dict()}, pt)
     names = os.path.join(a.run, "class_names.txt")
@@ -228,7 +237,7 @@ def export(a, log):
            "--dtype", a.dtype, "--heads", str(sa.heads), "--top-k", str(sa.top_k),
            "--promoe-variant", sa.variant, "--router", sa.router, "--num-classes", "10",
            "--class-names", names, "--name", "ProMoE-FMNIST", "--sampler", "euler",
-           "--steps", str(a.sample_steps), "--cfg-scale", str(a.cfg_scale), "--cfg-channels", "0"]
+           "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--cfg-channels", "0"]
     log("running " + " ".join(cmd))
     subprocess.run(cmd, check=True)
     tensors, meta = safetensors_io.read(a.out)    # our VAE's scale, not SD's 0.18215
@@ -263,8 +272,14 @@ def evaluate(a, log):
     out_dir = os.path.join(a.run, "eval")
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
+    sfile = os.path.join(out_dir, "summary.json")
     summary = {}
+    if os.path.exists(sfile):
+        with open(sfile) as f:
+            summary = json.load(f)
     for name, path in models:
+        if name not in a.eval_models.split(","):
+            continue
         d = os.path.join(out_dir, name.lower())
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
@@ -301,8 +316,9 @@ def evaluate(a, log):
                              generation_wall_s=round(dt, 1), n_per_class=a.eval_n,
                              sampling=meta.get("sampling"), file_bytes=os.path.getsize(path))
         log(f"{name}: {json.dumps(summary[name])}")
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(sfile + ".tmp", "w") as f:
         json.dump(summary, f, indent=1)
+    os.replace(sfile + ".tmp", sfile)
 
 
 def main(argv=None):
