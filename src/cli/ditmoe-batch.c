@@ -38,6 +38,8 @@ static void usage(FILE *f)
 "                      as in ditmoe-sample (defaults: the model's metadata)\n"
 "  --batch B           images per transformer batch, 2B rows with guidance (default: 8)\n"
 "  -o DIR              output directory (required; created; reruns resume it)\n"
+"  --dump-routing F    every evaluation's expert choices to F (F.<rank>of<size> per MPI rank or\n"
+"                      shard; covers the images this run makes; read with ditmoe-routes)\n"
 "  --shard I/N         this process does the indices i with i mod N == I (default: MPI rank\n"
 "                      and size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1)\n"
 "  --threads N         threads (default: the CPUs this process may use, shared among the\n"
@@ -51,7 +53,7 @@ static void usage(FILE *f)
 }
 
 typedef struct {
-    const char *model, *vae, *out, *classes, *shard;
+    const char *model, *vae, *out, *classes, *shard, *dump_routing;
     dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
     int64_t num;
     int batch, threads, have_threads, quiet;
@@ -70,6 +72,7 @@ static dm_status parse(int argc, char **argv, args_t *a)
                            : !strcmp(s, "--output")       ? &a->out
                            : !strcmp(s, "--classes")      ? &a->classes
                            : !strcmp(s, "--shard")        ? &a->shard
+                           : !strcmp(s, "--dump-routing") ? &a->dump_routing
                                                           : dm_cli_sampler_flag(&a->sf, s);
         int takes = str || !strcmp(s, "--num") || !strcmp(s, "-n") || !strcmp(s, "--batch") ||
                     !strcmp(s, "--threads") || !strcmp(s, "--seed");
@@ -393,6 +396,7 @@ int main(int argc, char **argv)
     uint64_t *todo = NULL, *ib = NULL;
     int64_t *yb = NULL;
     float *z = NULL, *img = NULL;
+    dm_trace *trace = NULL;
     prog_t prog = {0};
     long long made = 0, skipped = 0;
     const double t_start = dm_time_sec();
@@ -511,6 +515,20 @@ int main(int argc, char **argv)
 
     dm_denoiser d;
     dm_model_denoiser(m, &d);
+    if (a.dump_routing) { /* every evaluation's expert choices; one file per process */
+        char path[PATH_MAX + 32];
+        if (sh.size > 1)
+            snprintf(path, sizeof path, "%s.%dof%d", a.dump_routing, sh.rank, sh.size);
+        else
+            snprintf(path, sizeof path, "%s", a.dump_routing);
+        dm_trace_shape tshape;
+        dm_trace_shape_from_model(&tshape, c, &p);
+        CHECK(dm_trace_open(path, &tshape, c, model_path, &p, &trace));
+        char pattern[PATH_MAX + 16];
+        snprintf(pattern, sizeof pattern, "%s/%%06d.png", a.out); /* the overlay finds images */
+        CHECK(dm_trace_note(trace, "images", pattern));
+        dm_trace_denoiser(trace, m, &d);
+    }
     prog.enabled = sh.rank == 0 && !a.quiet && dm_get_log_level() > 0;
     prog.tty = isatty(2);
     prog.total = ntodo;
@@ -530,6 +548,7 @@ int main(int argc, char **argv)
         }
         prog.nb = nb;
         double ts = dm_time_sec();
+        if (trace) CHECK(dm_trace_batch(trace, nb, yb, ib));
         st = dm_sample(&d, &p, nb, yb, ib, NULL, z, on_step, &prog);
         CHECK(st);
         /* Decode with the model's latent scale (dm_vae_decode divides by the VAE's own). */
@@ -593,6 +612,11 @@ int main(int argc, char **argv)
 #else
     (void)counts;
 #endif
+    if (trace) {
+        st = dm_trace_close(trace);
+        trace = NULL;
+        CHECK(st);
+    }
     if (sh.rank == 0) {
         int64_t n = 0;
         CHECK(dm_batch_scan(a.out, a.num, NULL, &n, -1, 1));
@@ -610,6 +634,7 @@ int main(int argc, char **argv)
     }
 
 done:
+    dm_trace_abort(trace);
     prog_end(&prog);
     free(done);
     free(todo);
