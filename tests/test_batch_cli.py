@@ -235,9 +235,16 @@ def body(tmp):
 
     # --- Slurm-style shards: explicit --shard, and SLURM_PROCID/SLURM_NTASKS
     for r in range(2):
-        rc, out = run(base + ["--num", str(N), "--batch", "2", "--shard", f"{r}/2", "-o", P("sh")])
+        rc, out = run(base + ["--num", str(N), "--batch", "2", "--shard", f"{r}/2", "-o", P("sh"),
+                              "--dump-routing", P("sh.dmr")])
         check(rc == 0, f"--shard {r}/2 (exit {rc}) {out.strip()[:200]}")
     same_set(P("b1"), P("sh"), "--shard 0/2 + 1/2 vs 1 process")
+    # each shard dumped its own routing; ditmoe-routes reads both: one row per image and step
+    dumps = [P("sh.dmr.0of2"), P("sh.dmr.1of2")]
+    rc, out = run(["-o", P("views")] + dumps, tool=os.path.join(BIN, "ditmoe-routes"))
+    check(rc == 0 and f"2 dump(s): {N * 4} conditional rows" in out
+          and os.path.exists(P("views", "routes.json")),
+          f"--dump-routing per shard, read together by ditmoe-routes: {out.strip()[:300]}")
     for r in range(3):
         rc, out = run(base + ["--num", str(N), "-o", P("slurm")],
                       env={"SLURM_PROCID": str(r), "SLURM_NTASKS": "3"})
