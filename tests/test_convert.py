@@ -230,6 +230,12 @@ class TestMetadata(Base):
         self.assertEqual(meta["shared_hidden"], 0)
         self.assertEqual(meta["expert_hidden"], 256)
 
+    def test_vae_scale(self):
+        _, meta = self.convert_ok(small_sd(0), "--heads", "4", "--vae-scale", "0.379")
+        self.assertAlmostEqual(meta["vae_scale"], 0.379)
+        self.assertIn("--vae-scale", self.convert_fail(small_sd(0), "--heads", "4",
+                                                       "--vae-scale", "0"))
+
 
 class TestBadInput(Base):
     def test_heads_required(self):

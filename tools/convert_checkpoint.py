@@ -173,7 +173,7 @@ def infer_config(sd, args):
     if args.class_names:
         cfg["class_names"] = read_class_names(args.class_names, num_classes)
     cfg["objective"] = objective
-    cfg["vae_scale"] = 0.18215
+    cfg["vae_scale"] = args.vae_scale
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
              "cfg_channels": args.cfg_channels}
     if any(v is not None for v in given.values()):
@@ -285,7 +285,7 @@ def infer_promoe(sd, args):
         cfg["class_names"] = read_class_names(args.class_names, num_classes)
     cfg["objective"] = "rf"
     cfg["time_scale"] = 1000.0
-    cfg["vae_scale"] = 0.18215
+    cfg["vae_scale"] = args.vae_scale
     cfg["promoe"] = {"variant": variant, "router": router}
     s = dict(PROMOE_SAMPLING)
     given = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
@@ -446,6 +446,9 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, help="default sampling steps")
     ap.add_argument("--cfg-scale", type=float, help="default guidance scale")
     ap.add_argument("--cfg-channels", type=int, help="guided channels (0 = all)")
+    ap.add_argument("--vae-scale", type=float, default=0.18215,
+                    help="latent scaling factor of the VAE the model was trained with "
+                         "(default 0.18215, SD-VAE)")
     ap.add_argument("--promoe-variant", choices=("tc", "ec"),
                     help="ProMoE routing: token choice or expert choice (default tc)")
     ap.add_argument("--router", choices=("identity", "softmax", "sigmoid"),
@@ -455,6 +458,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.vae_scale > 0:
+        print("convert_checkpoint: error: --vae-scale must be a positive number", file=sys.stderr)
+        return 2
     try:
         cfg, n = convert(args)
     except InputError as e:
