@@ -145,6 +145,7 @@ static void top_tokens(const float *v, int T, int E, int cap, int32_t *out, uint
         int best = -1;
         for (int t = 0; t < T; t++)
             if (!taken[t] && (best < 0 || v[(size_t)t * E] > v[(size_t)best * E])) best = t;
+        if (best < 0) break; /* cap > T cannot happen (ec_capacity clamps), but never write [-1] */
         taken[best] = 1;
     }
     int n = 0;
