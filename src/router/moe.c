@@ -137,20 +137,22 @@ static int ec_capacity(int T, int E, int k)
     return cap < 1 ? 1 : cap > T ? T : cap;
 }
 
-/* The `cap` largest of v[T] (stride E), as token indices ascending; ties to the lower token. */
-static void top_tokens(const float *v, int T, int E, int cap, int32_t *out, uint8_t *taken)
+/* The `cap` largest of v[T] (stride E), as token indices ascending; ties to the lower token.
+ * Returns how many were written (cap, or T if cap > T). */
+static int top_tokens(const float *v, int T, int E, int cap, int32_t *out, uint8_t *taken)
 {
     memset(taken, 0, (size_t)T);
     for (int j = 0; j < cap; j++) {
         int best = -1;
         for (int t = 0; t < T; t++)
             if (!taken[t] && (best < 0 || v[(size_t)t * E] > v[(size_t)best * E])) best = t;
-        if (best < 0) break; /* cap > T cannot happen (ec_capacity clamps), but never write [-1] */
+        if (best < 0) break; /* only if cap > T, which ec_capacity prevents */
         taken[best] = 1;
     }
     int n = 0;
     for (int t = 0; t < T; t++)
         if (taken[t]) out[n++] = t;
+    return n;
 }
 
 /* Insert (e, wt) into a token's record of k slots kept in descending weight. */
@@ -180,8 +182,8 @@ static void route_expert_choice(const dm_moe_w *w, int N, int T, const int64_t *
         r->offset[e] = n;
         for (int b = 0; b < B && picked && taken; b++) {
             if (is_uncond(w, y, null_id, b * T, T)) continue;
-            top_tokens(s->scores + (size_t)b * T * E + e, T, E, cap, picked, taken);
-            for (int j = 0; j < cap; j++) {
+            const int got = top_tokens(s->scores + (size_t)b * T * E + e, T, E, cap, picked, taken);
+            for (int j = 0; j < got; j++) {
                 int tok = b * T + picked[j];
                 r->rows[n] = tok;
                 r->slot_w[n++] = s->scores[(size_t)tok * E + e];
