@@ -92,16 +92,12 @@ def shape_str(s):
     return "[" + ",".join(str(int(d)) for d in s) + "]"
 
 
-def infer_config(sd, args):
-    if any(PROMOE_KEY.match(k) for k in sd):
-        return infer_promoe(sd, args)
-    for flag, v in (("--promoe-variant", args.promoe_variant), ("--router", args.router)):
-        if v is not None:
-            raise InputError(f"{flag}: only for ProMoE checkpoints (no blocks.N.mlp.cluster_centers "
-                             f"tensor found)")
-    for k in REQUIRED:
+def embed_shapes(sd, required, kind):
+    """Check the `required` tensors exist and read D, C, p, the token grid side and the depth
+    from x_embedder, pos_embed and the block indices (shared by DiT-MoE and ProMoE)."""
+    for k in required:
         if k not in sd:
-            raise InputError(f"missing tensor {k} (not a DiT-MoE state dict?)")
+            raise InputError(f"missing tensor {k} (not a {kind} state dict?)")
     xw = sd["x_embedder.proj.weight"]
     if xw.dim() != 4 or xw.shape[2] != xw.shape[3]:
         raise InputError(f"x_embedder.proj.weight: shape {shape_str(xw.shape)} expected [D,C,p,p]")
@@ -111,9 +107,18 @@ def infer_config(sd, args):
     grid = int(round(T ** 0.5)) if T > 0 else 0
     if pe.dim() != 3 or pe.shape[0] != 1 or pe.shape[2] != D or grid * grid != T:
         raise InputError(f"pos_embed: shape {shape_str(pe.shape)} expected [1,G*G,{D}]")
-
     idx = {int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m}
-    depth = max(idx) + 1
+    return D, C, P, grid, max(idx) + 1
+
+
+def infer_config(sd, args):
+    if any(PROMOE_KEY.match(k) for k in sd):
+        return infer_promoe(sd, args)
+    for flag, v in (("--promoe-variant", args.promoe_variant), ("--router", args.router)):
+        if v is not None:
+            raise InputError(f"{flag}: only for ProMoE checkpoints (no blocks.N.mlp.cluster_centers "
+                             f"tensor found)")
+    D, C, P, grid, depth = embed_shapes(sd, REQUIRED, "DiT-MoE")
     E = int(sd["blocks.0.moe.gate.weight"].shape[0])
     qknorm = "blocks.0.attn.Wqkv.weight" in sd
     attention = "qknorm" if qknorm else "timm"
@@ -216,22 +221,10 @@ def _rows(sd, name):
 def infer_promoe(sd, args):
     """ProMoE (promoe.md 1.3, 4): odd blocks MoE (cluster_centers, E routed experts + the
     unconditional expert E, shared expert), even blocks dense fc1/fc2."""
-    for k in ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
-              "t_embedder.mlp.2.weight", "y_embedder.embedding_table.weight",
-              "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"):
-        if k not in sd:
-            raise InputError(f"missing tensor {k} (not a ProMoE state dict?)")
-    xw = sd["x_embedder.proj.weight"]
-    if xw.dim() != 4 or xw.shape[2] != xw.shape[3]:
-        raise InputError(f"x_embedder.proj.weight: shape {shape_str(xw.shape)} expected [D,C,p,p]")
-    D, C, P = int(xw.shape[0]), int(xw.shape[1]), int(xw.shape[2])
-    pe = sd["pos_embed"]
-    T = int(pe.shape[1]) if pe.dim() == 3 else -1
-    grid = int(round(T ** 0.5)) if T > 0 else 0
-    if pe.dim() != 3 or pe.shape[0] != 1 or pe.shape[2] != D or grid * grid != T:
-        raise InputError(f"pos_embed: shape {shape_str(pe.shape)} expected [1,G*G,{D}]")
-    idx = {int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in sd) if m}
-    depth = max(idx) + 1
+    D, C, P, grid, depth = embed_shapes(sd, (
+        "x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.2.weight", "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"), "ProMoE")
     moe = sorted(int(PROMOE_KEY.match(k).group(1)) for k in sd if PROMOE_KEY.match(k))
     want = list(range(1, depth, 2))
     if moe != want:
