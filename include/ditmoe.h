@@ -24,18 +24,25 @@ extern "C" {
  * ------------------------------------------------------------------------------------------- */
 typedef enum {
     DM_OK = 0,
-    DM_ERR_ARG,     /* bad argument or flag value (user error)                       */
-    DM_ERR_IO,      /* a file could not be opened, read or written                    */
-    DM_ERR_FORMAT,  /* a file is malformed: bad header, dtype, shape, missing tensor  */
-    DM_ERR_NOMEM,   /* allocation failed                                              */
-    DM_ERR_NUMERIC, /* a non-finite value appeared                                    */
+    DM_ERR_ARG,     /* bad argument, flag value or input value (user error)            */
+    DM_ERR_IO,      /* an input file could not be opened or read (missing, directory)   */
+    DM_ERR_FORMAT,  /* a file is malformed: bad header, dtype, shape, missing tensor    */
+    DM_ERR_NOMEM,   /* allocation failed                                                */
+    DM_ERR_NUMERIC, /* a non-finite value appeared during computation                   */
+    DM_ERR_WRITE,   /* an output could not be written (disk full, read-only folder)     */
+    DM_ERR_BACKEND, /* the compute backend failed (device error, driver, library)      */
 } dm_status;
 
 /* The message of the last failure on this thread ("" if none). */
 const char *dm_last_error(void);
 /* Set the message (printf-style) and return `st`, so callers can `return dm_fail(...)`. */
 dm_status dm_fail(dm_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Exit code the CLI uses for a status: 0 ok, 2 bad input (ARG/FORMAT), 1 runtime failure. */
+/* The exit policy of every ditmoe program, applied in one place (dm_exit_code):
+ *   0  success;
+ *   2  bad input: ARG (unknown flag, bad value, non-finite input), IO (an input file missing or
+ *      unreadable), FORMAT (a malformed file);
+ *   1  runtime failure: NOMEM, NUMERIC (non-finite values appeared while computing), WRITE
+ *      (an output could not be written), BACKEND. */
 int dm_exit_code(dm_status st);
 
 /* ---------------------------------------------------------------------------------------------
@@ -50,6 +57,23 @@ void dm_log(dm_log_level level, const char *fmt, ...) __attribute__((format(prin
 void dm_set_threads(int n);
 int dm_get_threads(void);
 double dm_time_sec(void); /* monotonic clock */
+
+/* ---------------------------------------------------------------------------------------------
+ * Backends (src/backend): where the transformer and the VAE compute. Chosen explicitly when a
+ * model or VAE is loaded; asking for one this build lacks is an error, never a silent fallback.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum { DM_BACKEND_CPU = 0, DM_BACKEND_CUDA, DM_BACKEND_COUNT } dm_backend_kind;
+const char *dm_backend_name(dm_backend_kind k);                 /* "cpu", "cuda" */
+int dm_backend_from_name(const char *s, dm_backend_kind *out);  /* 0 ok, -1 unknown */
+/* DM_OK when this build has backend k; else DM_ERR_ARG with a message saying how to get it. */
+dm_status dm_backend_check(dm_backend_kind k);
+
+/* Options of dm_model_load_opts / dm_vae_load_opts; dm_load_opts_init fills every default. */
+typedef struct {
+    dm_backend_kind backend; /* DM_BACKEND_CPU                                            */
+    int device;              /* accelerator ordinal (cuda), 0                             */
+} dm_load_opts;
+void dm_load_opts_init(dm_load_opts *o);
 
 /* ---------------------------------------------------------------------------------------------
  * Data types (enum <-> string tables shared by CLI and library)
@@ -168,6 +192,8 @@ dm_status dm_config_class_id(const dm_config *cfg, const char *s, int *out);
  * ------------------------------------------------------------------------------------------- */
 typedef struct dm_model dm_model;
 dm_status dm_model_load(const char *path, dm_model **out);
+/* Same with explicit options (backend, device); dm_model_load uses the defaults. */
+dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model **out);
 void dm_model_free(dm_model *m);
 const dm_config *dm_model_config(const dm_model *m);
 const char *dm_model_path(const dm_model *m);
@@ -200,6 +226,7 @@ typedef struct {
     float scale;      /* scaling factor, default 0.18215 */
 } dm_vae_info;
 dm_status dm_vae_load(const char *path, dm_vae **out);
+dm_status dm_vae_load_opts(const char *path, const dm_load_opts *o, dm_vae **out);
 void dm_vae_free(dm_vae *v);
 const dm_vae_info *dm_vae_get_info(const dm_vae *v);
 /* img = decoder(z / scale): z [B,zc,h,w] in the diffusion model's latent space,

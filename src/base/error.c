@@ -22,6 +22,7 @@ int dm_exit_code(dm_status st)
     switch (st) {
     case DM_OK: return 0;
     case DM_ERR_ARG:
+    case DM_ERR_IO:
     case DM_ERR_FORMAT: return 2;
     default: return 1;
     }

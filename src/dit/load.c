@@ -277,6 +277,18 @@ static dm_status load_all(dm_model *m, const dm_st_file *f)
 
 dm_status dm_model_load(const char *path, dm_model **out)
 {
+    dm_load_opts o;
+    dm_load_opts_init(&o);
+    return dm_model_load_opts(path, &o, out);
+}
+
+dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model **out)
+{
+    *out = NULL;
+    dm_status bst = dm_backend_check(o->backend);
+    if (bst != DM_OK) return bst;
+    if (o->backend != DM_BACKEND_CPU)
+        return dm_fail(DM_ERR_ARG, "backend %s: not implemented for the transformer yet", dm_backend_name(o->backend));
     *out = NULL;
     dm_model *m = calloc(1, sizeof *m);
     if (!m) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);

@@ -9,6 +9,18 @@
 
 dm_status dm_vae_load(const char *path, dm_vae **out)
 {
+    dm_load_opts o;
+    dm_load_opts_init(&o);
+    return dm_vae_load_opts(path, &o, out);
+}
+
+dm_status dm_vae_load_opts(const char *path, const dm_load_opts *o, dm_vae **out)
+{
+    *out = NULL;
+    dm_status bst = dm_backend_check(o->backend);
+    if (bst != DM_OK) return bst;
+    if (o->backend != DM_BACKEND_CPU)
+        return dm_fail(DM_ERR_ARG, "backend %s: not implemented for the VAE yet", dm_backend_name(o->backend));
     *out = NULL;
     dm_vae *v = calloc(1, sizeof *v);
     if (!v) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
