@@ -440,6 +440,17 @@ void dm_route_counts_free(dm_route_counts *c);
 void dm_route_table_info(const int64_t *tab, int nA, int X, double *mi_bits, double *h_bits);
 
 /* ---------------------------------------------------------------------------------------------
+ * Input limits and checks (hardening, docs/reliability.md). Every reader range-checks a field
+ * before converting it, and sizes what it allocates from what the file can actually hold.
+ * ------------------------------------------------------------------------------------------- */
+#define DM_MAX_CLASSES (1 << 15)     /* num_classes of a model or a routing dump              */
+#define DM_SAMPLE_MAX_STEPS 100000   /* sampler steps (dm_sample_params_check, trace headers) */
+/* 1 when all n values of x are finite; else 0 with *first_bad (may be NULL) = the index of the
+ * first NaN or infinity. For checking inputs where they enter (a non-finite input is DM_ERR_ARG,
+ * exit 2) and outputs where they leave a stage (DM_ERR_NUMERIC, exit 1). */
+int dm_all_finite(const float *x, size_t n, size_t *first_bad);
+
+/* ---------------------------------------------------------------------------------------------
  * Sections added by later stages go above this line (PNG output, sampling, routing dumps).
  * ------------------------------------------------------------------------------------------- */
 

@@ -322,7 +322,7 @@ START_TEST(test_manifest)
     ck_assert_int_eq(dm_batch_manifest_check(dir, &p, &found), DM_ERR_FORMAT);
     ck_assert_ptr_nonnull(strstr(dm_last_error(), "not a ditmoe-batch manifest"));
     f = fopen(path, "wb");
-    fputs("{\"format\": \"ditmoe-batch\"}", f);
+    fputs("{\"format\": \"ditmoe-batch\", \"version\": 1}", f);
     fclose(f);
     ck_assert_int_eq(dm_batch_manifest_check(dir, &p, &found), DM_ERR_ARG); /* fields missing */
     ck_assert_int_eq(dm_batch_manifest_read(dir, &q), DM_ERR_FORMAT);

@@ -5,8 +5,10 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #define MANIFEST_FORMAT "ditmoe-batch"
@@ -68,16 +70,21 @@ dm_status dm_batch_manifest_write(const char *dir, const dm_batch_params *p, int
     FILE *f = dm_atomic_open(path, tmp);
     if (!f) {
         free(text);
-        return DM_ERR_IO;
+        return DM_ERR_WRITE;
     }
     size_t len = strlen(text);
     int ok = fwrite(text, 1, len, f) == len && fputc('\n', f) != EOF;
     free(text);
     if (!ok) {
         dm_atomic_abort(f, tmp);
-        return dm_fail(DM_ERR_IO, "%s: write failed", path);
+        return dm_fail(DM_ERR_WRITE, "%s: write failed", path);
     }
     return dm_atomic_commit(f, tmp, path);
+}
+
+static int num_is(const cJSON *v, double want)
+{
+    return cJSON_IsNumber(v) && v->valuedouble == want;
 }
 
 /* Read and parse; *root NULL and DM_OK if the file does not exist. */
@@ -90,6 +97,13 @@ static dm_status load(const char *dir, cJSON **root)
     if (!f) {
         if (errno == ENOENT) return DM_OK;
         return dm_fail(DM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    }
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        const int dir = S_ISDIR(sb.st_mode);
+        fclose(f);
+        return dm_fail(DM_ERR_IO, "%s: %s (remove it, or use another output directory)", path,
+                       dir ? "is a directory, not a manifest file" : "not a regular file");
     }
     char *buf = NULL;
     size_t len = 0, cap = 0;
@@ -113,7 +127,12 @@ static dm_status load(const char *dir, cJSON **root)
         len += k;
         if (k < 4096) break;
     }
+    const int rerr = ferror(f);
     fclose(f);
+    if (rerr) {
+        free(buf);
+        return dm_fail(DM_ERR_IO, "%s: read error", path);
+    }
     buf[len] = '\0';
     *root = cJSON_Parse(buf);
     free(buf);
@@ -129,6 +148,17 @@ static dm_status load(const char *dir, cJSON **root)
         *root = NULL;
         return dm_fail(DM_ERR_FORMAT, "%s: not a ditmoe-batch manifest (format \"%s\")", path,
                        MANIFEST_FORMAT);
+    }
+    const cJSON *ver = cJSON_GetObjectItemCaseSensitive(*root, "version");
+    if (!num_is(ver, MANIFEST_VERSION)) {
+        char found[32];
+        if (cJSON_IsNumber(ver)) snprintf(found, sizeof found, "%g", ver->valuedouble);
+        else snprintf(found, sizeof found, "%s", ver ? "not a number" : "missing");
+        cJSON_Delete(*root);
+        *root = NULL;
+        return dm_fail(DM_ERR_FORMAT, "%s: version: %s, this ditmoe-batch reads version %d (made "
+                       "by another release; use another output directory)", path, found,
+                       MANIFEST_VERSION);
     }
     return DM_OK;
 }
@@ -147,10 +177,6 @@ static const cJSON *get(const cJSON *root, const char *obj, const char *key)
         goto out;                                                                              \
     } while (0)
 
-static int num_is(const cJSON *v, double want)
-{
-    return cJSON_IsNumber(v) && v->valuedouble == want;
-}
 
 static const char *str_or(const cJSON *v, const char *dflt)
 {
@@ -237,9 +263,24 @@ dm_status dm_batch_manifest_read(const char *dir, dm_batch_params *p)
     }
     p->num = (int64_t)num->valuedouble;
     snprintf(p->classes, sizeof p->classes, "%s", str_or(cls, ""));
-    p->width = (int)num_or(get(root, "params", "width"), 0);
-    p->height = (int)num_or(get(root, "params", "height"), 0);
-    p->channels = (int)num_or(get(root, "params", "channels"), 0);
+    /* Range first, then convert ((int)3e43 is undefined). Absent = 0: pack takes the size from
+     * the first image. */
+    static const struct {
+        const char *key;
+        double max;
+    } dims[3] = {{"width", 65536}, {"height", 65536}, {"channels", 4}};
+    int *dst[3] = {&p->width, &p->height, &p->channels};
+    for (int i = 0; i < 3; i++) {
+        const cJSON *v = get(root, "params", dims[i].key);
+        if (!v) continue;
+        if (!cJSON_IsNumber(v) || !(v->valuedouble >= 1 && v->valuedouble <= dims[i].max) ||
+            v->valuedouble != floor(v->valuedouble)) {
+            cJSON_Delete(root);
+            return dm_fail(DM_ERR_FORMAT, "%s: params.%s: expected an integer in [1, %g]", path,
+                           dims[i].key, dims[i].max);
+        }
+        *dst[i] = (int)v->valuedouble;
+    }
     cJSON_Delete(root);
     return DM_OK;
 }

@@ -478,7 +478,7 @@ int main(int argc, char **argv)
     done = malloc((size_t)a.num);
     if (!done) CHECK(dm_fail(DM_ERR_NOMEM, "out of memory for %lld flags", (long long)a.num));
     int64_t ndone_all = 0;
-    CHECK(dm_batch_scan(a.out, a.num, done, &ndone_all, sh.rank, sh.size));
+    CHECK(dm_batch_scan_complete(a.out, a.num, W, H, oc, done, &ndone_all, sh.rank, sh.size));
     if (sh.rank == 0) CHECK(dm_batch_manifest_write(a.out, &bp, ndone_all));
     int64_t ntodo = 0, nown = 0;
     for (int64_t i = sh.rank; i < a.num; i += sh.size) nown++;

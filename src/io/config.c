@@ -86,10 +86,11 @@ static dm_status get_int(const meta_ctx *m, const cJSON *obj, const char *key, i
         return dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": %s: missing", m->path, key);
     }
     double d = cJSON_IsNumber(j) ? j->valuedouble : NAN;
-    if (!(d == floor(d)) || d < minv || d > 1e9)
+    if (!(d == floor(d)) || d < minv || d > (1 << 24))
         return dm_fail(DM_ERR_FORMAT,
-                       "%s: metadata \"ditmoe\": %s: expected an integer >= %d, found %s", m->path,
-                       key, minv, cJSON_IsNumber(j) ? "a non-integer or out-of-range number"
+                       "%s: metadata \"ditmoe\": %s: expected an integer >= %d (at most %d), "
+                       "found %s", m->path, key, minv, 1 << 24,
+                       cJSON_IsNumber(j) ? "a non-integer or out-of-range number"
                                                     : "a non-number");
     *out = (int)d;
     return DM_OK;
@@ -239,6 +240,11 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
     c->learn_sigma = cJSON_IsTrue(ls);
     c->out_channels = c->learn_sigma ? 2 * c->in_channels : c->in_channels;
     CHK(get_int(&m, root, "num_classes", 1, 1, &c->num_classes));
+    if (c->num_classes > DM_MAX_CLASSES) {
+        st = dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": num_classes: %d is more than %d",
+                     path, c->num_classes, DM_MAX_CLASSES);
+        goto done;
+    }
     s = "ddpm";
     CHK(get_str(&m, root, "objective", moe_req, &s));
     if (dm_objective_from_name(s, &c->objective) != 0) {
@@ -500,6 +506,9 @@ static dm_status infer(const dm_st_file *f, dm_config *c)
                        "%s: y_embedder.embedding_table.weight: %lld rows expected >= 2 "
                        "(classes + the null class)",
                        p, (long long)t->shape[0]);
+    if (t->shape[0] - 1 > DM_MAX_CLASSES)
+        return dm_fail(DM_ERR_FORMAT, "%s: y_embedder.embedding_table.weight: %lld classes, more "
+                       "than %d", p, (long long)(t->shape[0] - 1), DM_MAX_CLASSES);
     c->num_classes = (int)(t->shape[0] - 1);
     c->objective = c->attn == DM_ATTN_QKNORM ? DM_OBJ_RF : DM_OBJ_DDPM;
     c->vae_scale = 0.18215f;

@@ -65,7 +65,8 @@ dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg
     if (dm_sampler_objective(p->sampler) == DM_OBJ_DDPM && p->steps > p->num_train_steps)
         return dm_fail(DM_ERR_ARG, "--steps %d: a %s model has only %d diffusion steps",
                        p->steps, "ddpm", p->num_train_steps);
-    if (p->steps > 100000) return dm_fail(DM_ERR_ARG, "--steps %d: at most 100000", p->steps);
+    if (p->steps > DM_SAMPLE_MAX_STEPS)
+        return dm_fail(DM_ERR_ARG, "--steps %d: at most %d", p->steps, DM_SAMPLE_MAX_STEPS);
     if (!isfinite(p->cfg_scale))
         return dm_fail(DM_ERR_ARG, "--cfg-scale: must be a finite number");
     if (cfg && (p->cfg_channels < 0 || p->cfg_channels > cfg->in_channels))

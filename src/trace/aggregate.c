@@ -8,6 +8,10 @@
 #include <string.h>
 
 #define STEP_POS_MAX_CELLS (1ll << 24) /* 128 MB of counts */
+/* Each of by_class, by_pos, by_step is refused beyond this many cells (128 MiB), before
+ * anything is allocated: a small dump must not be able to ask for gigabytes. Real models stay
+ * far below (ImageNet-21k: 28 layers x 21843 classes x 17 experts = 10.4 M cells). */
+#define TABLE_MAX_CELLS (1ll << 24)
 
 static int64_t *zeros(size_t n) { return calloc(n ? n : 1, sizeof(int64_t)); }
 
@@ -26,8 +30,26 @@ static int64_t *grow_steps(int64_t *old, int Lm, int S_old, int S_new, size_t in
 dm_status dm_route_counts_init(dm_route_counts *c, const dm_trace_shape *s, int count_uncond)
 {
     memset(c, 0, sizeof *c);
+    const long long X_ = s->uncond_expert >= 0 ? (long long)s->uncond_expert + 1 : s->num_experts;
+    const long long T_ = (long long)s->grid_h * s->grid_w;
+    if (s->layers < 1 || s->layers > DM_TRACE_MAX_LAYERS || s->grid_h < 1 || s->grid_w < 1 ||
+        T_ > (1 << 20) || s->top_k < 1 || X_ < 1 || X_ > 65535 || s->num_classes < 1 ||
+        s->num_classes > DM_MAX_CLASSES || s->steps < 0 || s->steps > DM_SAMPLE_MAX_STEPS)
+        return dm_fail(DM_ERR_FORMAT, "routing counts: shape out of range (layers %d, grid %dx%d, "
+                       "k %d, experts %lld, classes %d, steps %d)", s->layers, s->grid_h,
+                       s->grid_w, s->top_k, X_, s->num_classes, s->steps);
+    const struct {
+        const char *what;
+        long long n;
+    } tab[3] = {{"classes", s->num_classes}, {"tokens", T_}, {"steps", s->steps > 0 ? s->steps : 1}};
+    for (int i = 0; i < 3; i++)
+        if (s->layers * tab[i].n * X_ > TABLE_MAX_CELLS)
+            return dm_fail(DM_ERR_FORMAT, "routing counts: %d layers x %lld %s x %lld experts is "
+                           "more than %lld table cells (shape.num_classes, shape.grid or "
+                           "shape.steps too large for a real model)", s->layers, tab[i].n,
+                           tab[i].what, X_, TABLE_MAX_CELLS);
     c->shape = *s;
-    c->X = s->uncond_expert >= 0 ? s->uncond_expert + 1 : s->num_experts;
+    c->X = (int)X_;
     c->S = s->steps > 0 ? s->steps : 0;
     c->count_uncond = count_uncond ? 1 : 0;
     const size_t Lm = (size_t)s->layers, T = (size_t)dm_trace_tokens(s), X = (size_t)c->X;
@@ -48,10 +70,16 @@ dm_status dm_route_counts_add(dm_route_counts *c, const dm_trace_record *rec)
 {
     const dm_trace_shape *s = &c->shape;
     const int Lm = s->layers, T = dm_trace_tokens(s), k = s->top_k, X = c->X;
-    if (rec->step < 0 || (s->steps > 0 && rec->step >= s->steps) || rec->step > (1 << 24))
-        return dm_fail(DM_ERR_FORMAT, "record of step %d outside [0,%d)", rec->step, c->S);
+    if (rec->step < 0 || (s->steps > 0 && rec->step >= s->steps) || rec->step >= DM_SAMPLE_MAX_STEPS)
+        return dm_fail(DM_ERR_FORMAT, "record of step %d outside [0,%d)", rec->step,
+                       s->steps > 0 ? s->steps : DM_SAMPLE_MAX_STEPS);
     if (rec->step >= c->S) { /* unknown step count: grow */
-        const int S_new = rec->step + 1 > 2 * c->S ? rec->step + 1 : 2 * c->S;
+        int S_new = rec->step + 1 > 2 * c->S ? rec->step + 1 : 2 * c->S;
+        if (S_new > DM_SAMPLE_MAX_STEPS) S_new = DM_SAMPLE_MAX_STEPS;
+        if ((long long)Lm * S_new * X > TABLE_MAX_CELLS)
+            return dm_fail(DM_ERR_FORMAT, "record of step %d: layers x steps x experts (%d x %d x "
+                           "%d) is more than %lld table cells", rec->step, Lm, S_new, X,
+                           TABLE_MAX_CELLS);
         const size_t TX = (size_t)T * X;
         int64_t *bs = grow_steps(c->by_step, Lm, c->S, S_new, (size_t)X);
         if (!bs) return dm_fail(DM_ERR_NOMEM, "out of memory for routing counts");

@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,11 +31,12 @@ struct dm_trace_reader {
     size_t cap_rows;
 };
 
+/* An integer field in [lo, hi]; the range is checked before the conversion to int. */
 static int get_int(const cJSON *o, const char *key, int lo, int hi, int *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble < lo || v->valuedouble > hi ||
-        v->valuedouble != (double)(int)v->valuedouble)
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi) ||
+        v->valuedouble != floor(v->valuedouble))
         return -1;
     *out = (int)v->valuedouble;
     return 0;
@@ -68,8 +70,9 @@ static dm_status parse_header(dm_trace_reader *r)
                       : get_int(s, "experts", 1, 65533, &sh->num_experts) ? "shape.experts"
                       : get_int(s, "uncond_expert", -1, 65533, &sh->uncond_expert)
                           ? "shape.uncond_expert"
-                      : get_int(s, "num_classes", 1, 1 << 30, &sh->num_classes) ? "shape.num_classes"
-                      : get_int(s, "steps", 0, 1 << 30, &sh->steps) ? "shape.steps"
+                      : get_int(s, "num_classes", 1, DM_MAX_CLASSES, &sh->num_classes)
+                          ? "shape.num_classes"
+                      : get_int(s, "steps", 0, DM_SAMPLE_MAX_STEPS, &sh->steps) ? "shape.steps"
                       : get_int(h, "records", 0, 1 << 30, &records) ? "records"
                                                                       : NULL;
     if (!bad) {
@@ -79,16 +82,23 @@ static dm_status parse_header(dm_trace_reader *r)
             !cJSON_IsNumber(cJSON_GetArrayItem(g, 0)) || !cJSON_IsNumber(cJSON_GetArrayItem(g, 1)))
             bad = "shape.grid";
         else {
-            double gh = cJSON_GetArrayItem(g, 0)->valuedouble, gw = cJSON_GetArrayItem(g, 1)->valuedouble;
-            if (gh < 1 || gw < 1 || gh * gw > (1 << 20) || gh != (int)gh || gw != (int)gw)
+            /* Range first, then convert: (int)1e30 is undefined behaviour. */
+            const double gh = cJSON_GetArrayItem(g, 0)->valuedouble,
+                         gw = cJSON_GetArrayItem(g, 1)->valuedouble;
+            if (!(gh >= 1 && gw >= 1 && gh <= (1 << 20) && gw <= (1 << 20) &&
+                  gh * gw <= (1 << 20) && gh == floor(gh) && gw == floor(gw)))
                 bad = "shape.grid";
-            sh->grid_h = (int)gh;
-            sh->grid_w = (int)gw;
+            else {
+                sh->grid_h = (int)gh;
+                sh->grid_w = (int)gw;
+            }
         }
         if (!bad && (!cJSON_IsArray(ml) || cJSON_GetArraySize(ml) != sh->layers)) bad = "shape.moe_layers";
         for (int l = 0; !bad && l < sh->layers; l++) {
             const cJSON *v = cJSON_GetArrayItem(ml, l);
-            if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 1e6) bad = "shape.moe_layers";
+            if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= 1e6) ||
+                v->valuedouble != floor(v->valuedouble))
+                bad = "shape.moe_layers";
             else sh->moe_layers[l] = (int)v->valuedouble;
         }
         const cJSON *heun = cJSON_GetObjectItemCaseSensitive(s, "heun");
@@ -108,6 +118,18 @@ static dm_status parse_header(dm_trace_reader *r)
     }
     if (bad) {
         st = dm_fail(DM_ERR_FORMAT, "%s: header field \"%s\" missing or out of range", path, bad);
+        goto done;
+    }
+    /* What the file can hold: every record has at least one row with Lm*T*k ids, so the
+     * records promised must fit between the file head and the JSON header. */
+    const uint64_t min_rec = DM_TRACE_REC_HEAD + DM_TRACE_ROW_BYTES +
+                             (uint64_t)sh->layers * dm_trace_tokens(sh) * sh->top_k *
+                                 dm_trace_id_bytes(sh);
+    const uint64_t room = r->data_end - DM_TRACE_HEAD_BYTES;
+    if ((uint64_t)records > room / min_rec) {
+        st = dm_fail(DM_ERR_FORMAT, "%s: header field \"records\" is %d, but the %llu record "
+                     "bytes hold at most %llu records of this shape (truncated or corrupt)", path,
+                     records, (unsigned long long)room, (unsigned long long)(room / min_rec));
         goto done;
     }
     r->records = records;
@@ -167,10 +189,10 @@ dm_status dm_trace_read_open(const char *path, dm_trace_reader **out)
         goto fail;
     }
     r->json[len] = '\0';
+    r->data_end = off;
     if ((st = parse_header(r))) goto fail;
     r->T = dm_trace_tokens(&r->s);
     r->idb = dm_trace_id_bytes(&r->s);
-    r->data_end = off;
     r->pos = DM_TRACE_HEAD_BYTES;
     if (fseek(r->f, DM_TRACE_HEAD_BYTES, SEEK_SET) != 0) {
         st = dm_fail(DM_ERR_IO, "%s: cannot seek", path);
