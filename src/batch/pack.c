@@ -1,6 +1,7 @@
 /* pack: DIR/{index:06d}.png -> OUT.npz for the ADM evaluator (arr_0 uint8 [N,H,W,3], optional
  * arr_1 int64 [N] labels), streaming one PNG at a time through libpng. */
 #include "batch/batch.h"
+#include "io/png_scan.h"
 
 #include <errno.h>
 #include <png.h>
@@ -34,6 +35,11 @@ static dm_status read_png(const char *path, int *w, int *h, uint8_t **rgb, uint8
 {
     FILE *f = fopen(path, "rb");
     if (!f) return dm_fail(DM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    dm_status pst = dm_png_prescan(f, path); /* chunk lengths bounded by the file (png_scan.h) */
+    if (pst) {
+        fclose(f);
+        return pst;
+    }
     png_err_t err = {path, ""};
     png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &err, on_png_error,
                                              on_png_warning);
@@ -48,6 +54,7 @@ static dm_status read_png(const char *path, int *w, int *h, uint8_t **rgb, uint8
         st = dm_fail(DM_ERR_FORMAT, "%s: not a readable PNG: %s", path, err.msg);
         goto out;
     }
+    png_set_user_limits(png, 65536, 65536);
     png_init_io(png, f);
     png_read_info(png, info);
     png_uint_32 pw = png_get_image_width(png, info), ph = png_get_image_height(png, info);
@@ -58,7 +65,7 @@ static dm_status read_png(const char *path, int *w, int *h, uint8_t **rgb, uint8
                      "%d with %d-bit samples", path, ct, bd);
         goto out;
     }
-    if (pw > 65536 || ph > 65536) {
+    if (pw > 65536 || ph > 65536 || (uint64_t)pw * ph > (1u << 26)) {
         st = dm_fail(DM_ERR_FORMAT, "%s: %ux%u image is too large", path, (unsigned)pw,
                      (unsigned)ph);
         goto out;
