@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs every Debian package ditmoe needs to build, test and train. Idempotent.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config
+# clang + libclang-rt-dev: the sanitizer build with float-cast-overflow and libFuzzer
+# (libclang_rt.fuzzer) for tests/fuzz; libomp-dev: OpenMP for clang builds.
+pkgs=(build-essential cmake pkg-config clang libclang-rt-dev libomp-dev
       libopenblas-dev libopenblas0 libopenblas-openmp-dev libcjson-dev libpng-dev libstb-dev check
       python3-torch python3-numpy python3-matplotlib
       dataset-fashion-mnist openmpi-bin libopenmpi-dev)

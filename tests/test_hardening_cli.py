@@ -1,0 +1,171 @@
+"""The reproducers of the hardening issue (16), as a new user would meet them, through the programs.
+
+Each bad input must give exactly one line on stderr naming the file and the field, exit code 2
+(include/ditmoe.h: ARG/IO/FORMAT -> 2), no sanitizer report (in the clang ASan/UBSan build
+ctest runs this against build-asan/bin), nothing written, and must not allocate a lot.
+- ditmoe-routes: a dump whose header says "grid": [1e30, 1]; a 274-byte dump claiming 2^22 (and
+  2^30) classes; a dump promising a million records it does not hold;
+- ditmoe-batch pack / generation: manifest.json with "height": 3e43, with "version": 99, and a
+  manifest.json that is a directory;
+- resume: a 0-byte, a truncated and a wrong-size NNNNNN.png are made again, and the folder ends
+  with exactly the bytes of an uninterrupted run.
+"""
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+
+SRC = os.environ.get("DITMOE_SRC", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+BIN = os.environ.get("DITMOE_BIN", os.path.join(SRC, "build", "bin"))
+ROUTES = os.path.join(BIN, "ditmoe-routes")
+BATCH = os.path.join(BIN, "ditmoe-batch")
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+
+def run(cmd, mem_mb=None):
+    """-> (exit code, stderr, peak RSS of the child in MiB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return r.returncode, r.stderr, max(peak, before) / 1024.0
+
+
+def bad_input(what, cmd, path, field, max_mb=None):
+    rc, err, peak = run(cmd)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    ok = rc == 2 and len(lines) == 1 and path in err and field in err and "runtime error" not in err
+    check(ok, f"{what}: exit {rc}, {len(lines)} line(s): {err.strip()[:300]}")
+    if max_mb is not None:
+        # ru_maxrss of children is a running maximum; checked only as an upper bound
+        check(peak < max_mb, f"{what}: peak RSS {peak:.0f} MiB of child processes < {max_mb} MiB")
+
+
+# ------------------------------------------------------------------ routing dumps
+
+def dump(path, grid=(4, 4), classes=10, steps=50, records=0):
+    header = {"format": "ditmoe-routing", "version": 1,
+              "shape": {"layers": 1, "moe_layers": [0], "grid": list(grid), "tokens": 16,
+                        "top_k": 2, "experts": 8, "uncond_expert": -1, "num_classes": classes,
+                        "steps": steps, "heun": False, "id_dtype": "u8", "weights": "f16"},
+              "records": records}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    data = b"DMROUTE1" + struct.pack("<QQ", 24, len(h)) + h
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def routes_cases(d):
+    out = os.path.join(d, "routes-out")
+    p = os.path.join(d, "grid.dmr")
+    with open(p, "wb") as f:  # the issue's spelling: a float the JSON writer would never emit
+        h = (b'{"format":"ditmoe-routing","version":1,"shape":{"layers":1,"moe_layers":[0],'
+             b'"grid":[1e30,1],"tokens":16,"top_k":2,"experts":8,"uncond_expert":-1,'
+             b'"num_classes":10,"steps":50,"heun":false,"id_dtype":"u8","weights":"f16"},'
+             b'"records":0}')
+        f.write(b"DMROUTE1" + struct.pack("<QQ", 24, len(h)) + h)
+    bad_input("routes: grid [1e30, 1]", [ROUTES, "-q", "-o", out, p], p, "shape.grid")
+    for classes in (1 << 22, 1 << 30):
+        p = os.path.join(d, f"classes{classes}.dmr")
+        n = dump(p, classes=classes)
+        bad_input(f"routes: {n}-byte dump claiming {classes} classes", [ROUTES, "-q", "-o", out, p],
+                  p, "shape.num_classes", max_mb=400)
+    p = os.path.join(d, "records.dmr")
+    dump(p, records=1000000)
+    bad_input("routes: a million records promised, none held", [ROUTES, "-q", "-o", out, p], p,
+              "records")
+    check(not os.path.exists(out) or not os.listdir(out), "routes: nothing written for bad dumps")
+
+
+# ------------------------------------------------------------------ batch manifest and resume
+
+def tiny_png():
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 0, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(b"\x00\x10\x20\x00\x30\x40")) + chunk(b"IEND", b""))
+
+
+def manifest_cases(d):
+    run_dir = os.path.join(d, "run")
+    rc, err, _ = run([BATCH, "-q", "--num", "4", "--steps", "2", "--seed", "3", "-o", run_dir])
+    check(rc == 0, f"batch: a first run of 4 images: exit {rc} {err.strip()[:200]}")
+    if rc:
+        return
+    mf = os.path.join(run_dir, "manifest.json")
+    good = open(mf).read()
+    m = json.loads(good)
+    gen = [BATCH, "-q", "--num", "4", "--steps", "2", "--seed", "3", "-o", run_dir]
+    pack = [BATCH, "pack", run_dir, os.path.join(d, "s.npz")]
+
+    m["params"]["height"] = 3e43
+    with open(mf, "w") as f:
+        f.write(json.dumps(m).replace("3e+43", "3e43"))
+    bad_input("pack: manifest height 3e43", pack, mf, "params.height")
+
+    m = json.loads(good)
+    m["version"] = 99
+    with open(mf, "w") as f:
+        json.dump(m, f)
+    bad_input("pack: manifest version 99", pack, mf, "version")
+    bad_input("batch resume: manifest version 99", gen, mf, "version")
+
+    os.unlink(mf)
+    os.mkdir(mf)
+    bad_input("pack: manifest.json is a directory", pack, mf, "is a directory")
+    bad_input("batch resume: manifest.json is a directory", gen, mf, "is a directory")
+    os.rmdir(mf)
+    with open(mf, "w") as f:
+        f.write(good)
+    check(not os.path.exists(os.path.join(d, "s.npz")), "pack: no .npz left by the failures")
+
+    # resume: foreign leftovers under final names are made again, bit for bit
+    want = {n: open(os.path.join(run_dir, n), "rb").read() for n in sorted(os.listdir(run_dir))
+            if n.endswith(".png")}
+    open(os.path.join(run_dir, "000001.png"), "wb").close()  # 0 bytes
+    with open(os.path.join(run_dir, "000002.png"), "wb") as f:
+        f.write(want["000002.png"][:-12])  # IEND cut off
+    # a complete, valid PNG of the wrong size (2x2 gray) as 000003.png
+    with open(os.path.join(run_dir, "000003.png"), "wb") as f:
+        f.write(tiny_png())
+    r = subprocess.run([BATCH, "--num", "4", "--steps", "2", "--seed", "3", "-o", run_dir],
+                       capture_output=True, text=True, timeout=300)
+    check(r.returncode == 0, f"batch resume over bad PNGs: exit {r.returncode} {r.stderr[-300:]}")
+    remade = [ln for ln in r.stderr.splitlines() if "making it again" in ln]
+    check(len(remade) == 3 and all(any(f"{i:06d}.png" in ln for ln in remade) for i in (1, 2, 3)),
+          f"batch resume: one line for each of 000001..3 ({len(remade)} lines)")
+    check("1 already done" in r.stderr or "1 were already" in r.stderr or
+          "(1 were already there)" in r.stderr,
+          "batch resume: only 000000.png counted as done")
+    got = {n: open(os.path.join(run_dir, n), "rb").read() for n in sorted(os.listdir(run_dir))
+           if n.endswith(".png")}
+    check(got == want, "batch resume: the folder holds exactly the uninterrupted run's PNGs")
+    check(not [n for n in os.listdir(run_dir) if ".tmp." in n], "batch resume: no temp files left")
+
+
+def main():
+    if not os.path.exists(ROUTES) or not os.path.exists(BATCH):
+        print(f"SKIP: programs not built in {BIN}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="ditmoe-hard-cli-") as d:
+        routes_cases(d)
+        manifest_cases(d)
+    if failures:
+        print(f"{len(failures)} failure(s)", file=sys.stderr)
+        return 1
+    print("all ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
