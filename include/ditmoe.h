@@ -145,6 +145,27 @@ typedef enum { DM_OBJ_DDPM = 0, DM_OBJ_RF } dm_objective;
 const char *dm_arch_name(dm_arch a);             /* "dit-moe", "promoe" */
 const char *dm_objective_name(dm_objective o);   /* "ddpm", "rf" */
 int dm_objective_from_name(const char *s, dm_objective *out);
+/* Samplers (src/sampler, see the sampling section below); the one name table. */
+typedef enum {
+    DM_SAMPLER_UNSET = -1, /* dm_config.default_sampler: the file names none                 */
+    DM_SAMPLER_DDPM = 0, /* ancestral p_sample loop, learned-range variance (ddpm models)      */
+    DM_SAMPLER_DDIM,     /* DDIM with eta (ddpm models)                                         */
+    DM_SAMPLER_EULER,    /* rectified-flow Euler z <- z - v/N from t=1 down to 1/N (rf models)  */
+    DM_SAMPLER_HEUN,     /* rectified-flow Heun; last step Euler so t=0 is never evaluated (rf) */
+    DM_SAMPLER_COUNT
+} dm_sampler_kind;
+const char *dm_sampler_name(dm_sampler_kind k);                 /* "ddpm", "ddim", "euler", "heun" */
+int dm_sampler_from_name(const char *s, dm_sampler_kind *out);  /* 0 ok, -1 unknown */
+dm_objective dm_sampler_objective(dm_sampler_kind k);           /* the objective it samples */
+/* ProMoE prototype-score activation (promoe.md §4.1); the metadata's promoe.router names. */
+typedef enum {
+    DM_ROUTER_IDENTITY = 0, /* raw cosine scores (released configs) */
+    DM_ROUTER_SOFTMAX = 1,
+    DM_ROUTER_SIGMOID = 2,
+    DM_ROUTER_COUNT
+} dm_router_act;
+const char *dm_router_act_name(dm_router_act a);                /* "identity", "softmax", ... */
+int dm_router_act_from_name(const char *s, dm_router_act *out); /* 0 ok, -1 unknown */
 
 #define DM_MAX_CLASS_NAME 64
 typedef struct {
@@ -171,14 +192,16 @@ typedef struct {
     int moe_interleave;  /* 0: every block is MoE (DiT-MoE); 1: odd blocks MoE, even dense */
     int mlp_hidden;      /* dense blocks' GELU-tanh MLP width (4D), 0 when no dense block */
     int promoe_ec;       /* 1: expert-choice routing, 0: token-choice */
-    int router_act;      /* prototype score activation: 0 identity, 1 softmax, 2 sigmoid */
+    dm_router_act router_act; /* prototype score activation (DM_ROUTER_IDENTITY default)  */
     float qk_norm_eps;   /* q/k LayerNorm eps: 1e-6 DiT-MoE, 1e-5 ProMoE */
     float time_scale;    /* samplers feed time_scale * flow time: 1 DiT-MoE, 1000 ProMoE */
-    /* Sampling defaults (metadata "sampling" object; filled from the objective when absent). */
-    char default_sampler[16]; /* "ddpm", "ddim", "euler", "heun" */
-    int default_steps;
-    float default_cfg_scale;
-    int cfg_channels;         /* channels guided: 3 = DiT's DDPM quirk, 0 = all */
+    /* Sampling defaults as the file states them (metadata "sampling" object), nothing filled
+     * in: dm_sample_params_init holds the defaults per (arch, objective) for what is unset. */
+    dm_sampler_kind default_sampler; /* DM_SAMPLER_UNSET when the file names none          */
+    int default_steps;               /* 0 = unset                                           */
+    float default_cfg_scale;         /* 0 = unset                                           */
+    int cfg_channels;                /* channels guided: 3 = DiT's DDPM quirk, 0 = all,
+                                        -1 = unset                                          */
 } dm_config;
 
 /* Fill `cfg` from an opened file (metadata first, then inference). */
@@ -258,16 +281,6 @@ void dm_image_to_u8(int channels, int h, int w, const float *chw, uint8_t *hwc);
  * pure noise, for every sampler: DDPM/DDIM t = timestep / (num_train_steps - 1) (999 -> 1.0,
  * 0 -> 0.0); Euler/Heun t = the flow time itself (i/N, and the Heun corrector's t - 1/N).
  * ------------------------------------------------------------------------------------------- */
-typedef enum {
-    DM_SAMPLER_DDPM = 0, /* ancestral p_sample loop, learned-range variance (ddpm models)      */
-    DM_SAMPLER_DDIM,     /* DDIM with eta (ddpm models)                                         */
-    DM_SAMPLER_EULER,    /* rectified-flow Euler z <- z - v/N from t=1 down to 1/N (rf models)  */
-    DM_SAMPLER_HEUN,     /* rectified-flow Heun; last step Euler so t=0 is never evaluated (rf) */
-    DM_SAMPLER_COUNT
-} dm_sampler_kind;
-const char *dm_sampler_name(dm_sampler_kind k);                 /* "ddpm", "ddim", "euler", "heun" */
-int dm_sampler_from_name(const char *s, dm_sampler_kind *out);  /* 0 ok, -1 unknown */
-dm_objective dm_sampler_objective(dm_sampler_kind k);           /* the objective it samples */
 
 typedef struct {
     dm_sampler_kind sampler;
@@ -280,8 +293,10 @@ typedef struct {
     uint64_t seed;        /* noise key; image i's noise depends only on (seed, index, step)*/
     int num_train_steps;  /* T of the base DDPM schedule (1000)                            */
 } dm_sample_params;
-/* Every default in one place: sampler/steps/cfg from cfg (its metadata or objective defaults;
- * cfg may be NULL -> ddpm, 250 steps, cfg 4.0, 3 channels), interval [0,1], eta 0, seed 0. */
+/* Every default in one place: sampler, steps, cfg scale and cfg channels from the one table
+ * of defaults per (arch, objective) (DiT-MoE ddpm: ddpm 250 4.0 3; DiT-MoE rf: euler 50 4.0 all;
+ * ProMoE: the same samplers and channels, 250 steps, cfg 1.5), overridden by what cfg's file
+ * sets; cfg may be NULL (DiT-MoE ddpm). Interval [0,1], eta 0, seed 0, 1000 train steps. */
 void dm_sample_params_init(dm_sample_params *p, const dm_config *cfg);
 /* Check p against a model: sampler/objective pair, steps, channels, interval. DM_ERR_ARG. */
 dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg);

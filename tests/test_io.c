@@ -544,6 +544,22 @@ END_TEST
 /* ---------------------------------------------------------------------------------------------
  * Model config
  * ------------------------------------------------------------------------------------------- */
+/* A config from a file without "sampling" metadata records nothing (unset), and
+ * dm_sample_params_init supplies the table's defaults for its (arch, objective). */
+static void expect_sampling(const dm_config *c, dm_sampler_kind k, int steps, float cfg, int ch)
+{
+    ck_assert_int_eq(c->default_sampler, DM_SAMPLER_UNSET);
+    ck_assert_int_eq(c->default_steps, 0);
+    ck_assert(c->default_cfg_scale == 0.0f);
+    ck_assert_int_eq(c->cfg_channels, -1);
+    dm_sample_params p;
+    dm_sample_params_init(&p, c);
+    ck_assert_int_eq(p.sampler, k);
+    ck_assert_int_eq(p.steps, steps);
+    ck_assert(p.cfg_scale == cfg);
+    ck_assert_int_eq(p.cfg_channels, ch);
+}
+
 typedef struct {
     int D, L, E, eh, sh, C, p, in, out, classes, qknorm, hd, promoe;
 } mspec;
@@ -672,7 +688,7 @@ START_TEST(config_metadata)
     ck_assert_str_eq(c.class_names[9], "Ankle boot");
     ck_assert_int_eq(c.objective, DM_OBJ_DDPM);
     ck_assert(c.vae_scale == 0.5f);
-    ck_assert_str_eq(c.default_sampler, "ddim");
+    ck_assert_int_eq(c.default_sampler, DM_SAMPLER_DDIM);
     ck_assert_int_eq(c.default_steps, 30);
     ck_assert(c.default_cfg_scale == 1.5f);
     ck_assert_int_eq(c.cfg_channels, 4);
@@ -722,10 +738,7 @@ START_TEST(config_metadata)
     ck_assert_int_eq(c.attn, DM_ATTN_QKNORM);
     ck_assert_int_eq(c.objective, DM_OBJ_RF);
     ck_assert_int_eq(c.out_channels, 3);
-    ck_assert_str_eq(c.default_sampler, "euler");
-    ck_assert_int_eq(c.default_steps, 50);
-    ck_assert(c.default_cfg_scale == 4.0f);
-    ck_assert_int_eq(c.cfg_channels, 0);
+    expect_sampling(&c, DM_SAMPLER_EULER, 50, 4.0f, 0);
     ck_assert(fabsf(c.vae_scale - 0.18215f) < 1e-7f);
     ck_assert_ptr_null(c.class_names);
     ck_assert_int_eq(dm_config_class_id(&c, "4", &id), DM_OK);
@@ -809,9 +822,7 @@ START_TEST(config_inferred)
     ck_assert_int_eq(c.num_classes, 10);
     ck_assert_ptr_null(c.class_names);
     ck_assert_int_eq(c.objective, DM_OBJ_DDPM);
-    ck_assert_str_eq(c.default_sampler, "ddpm");
-    ck_assert_int_eq(c.default_steps, 250);
-    ck_assert_int_eq(c.cfg_channels, 3);
+    expect_sampling(&c, DM_SAMPLER_DDPM, 250, 4.0f, 3);
     ck_assert(fabsf(c.vae_scale - 0.18215f) < 1e-7f);
     ck_assert_str_eq(c.name, "DiT-MoE-S/2-4E2A");
     dm_config_free(&c);
@@ -833,8 +844,7 @@ START_TEST(config_inferred)
     ck_assert_int_eq(c.learn_sigma, 0);
     ck_assert_int_eq(c.num_classes, 5);
     ck_assert_int_eq(c.objective, DM_OBJ_RF);
-    ck_assert_str_eq(c.default_sampler, "euler");
-    ck_assert_int_eq(c.cfg_channels, 0);
+    expect_sampling(&c, DM_SAMPLER_EULER, 50, 4.0f, 0);
     dm_config_free(&c);
 
     /* qk-norm, released size 1152 (16 heads) but q_norm says 64 -> mismatch named */
@@ -869,7 +879,7 @@ START_TEST(config_inferred)
     ck_assert_int_eq(c.moe_interleave, 1);
     ck_assert_int_eq(c.objective, DM_OBJ_RF);
     ck_assert_float_eq(c.time_scale, 1000.0f);
-    ck_assert_int_eq(c.default_steps, 250);
+    expect_sampling(&c, DM_SAMPLER_EULER, 250, 1.5f, 0); /* ProMoE's reference settings */
     dm_config_free(&c);
     /* a file without the model tensors */
     write_st(tpath("empty.safetensors"), "{}", NULL, 0);
@@ -893,6 +903,20 @@ START_TEST(enum_names)
     ck_assert_int_eq(dm_objective_from_name("ddpm", &o), 0);
     ck_assert_int_eq(o, DM_OBJ_DDPM);
     ck_assert_int_eq(dm_objective_from_name("edm", &o), -1);
+    const char *acts[] = {"identity", "softmax", "sigmoid"};
+    for (int i = 0; i < DM_ROUTER_COUNT; i++) {
+        dm_router_act a;
+        ck_assert_str_eq(dm_router_act_name((dm_router_act)i), acts[i]);
+        ck_assert_int_eq(dm_router_act_from_name(acts[i], &a), 0);
+        ck_assert_int_eq(a, i);
+    }
+    dm_router_act a;
+    ck_assert_int_eq(dm_router_act_from_name("relu", &a), -1);
+    ck_assert_str_eq(dm_router_act_name(DM_ROUTER_COUNT), "?");
+    /* values load.c relies on (it casts router_act to the gate's activation) */
+    ck_assert_int_eq(DM_ROUTER_IDENTITY, 0);
+    ck_assert_int_eq(DM_ROUTER_SOFTMAX, 1);
+    ck_assert_int_eq(DM_ROUTER_SIGMOID, 2);
 }
 END_TEST
 

@@ -417,7 +417,7 @@ START_TEST(test_names_and_checks)
     memset(&c, 0, sizeof c);
     c.in_channels = 4;
     c.objective = DM_OBJ_RF;
-    snprintf(c.default_sampler, sizeof c.default_sampler, "heun");
+    c.default_sampler = DM_SAMPLER_HEUN;
     c.default_steps = 20;
     c.default_cfg_scale = 1.5f;
     c.cfg_channels = 0;
@@ -455,6 +455,30 @@ START_TEST(test_names_and_checks)
     ck_assert_int_eq(p.sampler, DM_SAMPLER_DDPM);
     ck_assert_int_eq(p.steps, 250);
     ck_assert_int_eq(p.cfg_channels, 3);
+    /* the table of defaults, one row per (arch, objective); unset fields fall through to it */
+    const struct {
+        dm_arch arch;
+        dm_objective obj;
+        dm_sampler_kind k;
+        int steps;
+        float cfg;
+        int ch;
+    } rows[] = {{DM_ARCH_DITMOE, DM_OBJ_DDPM, DM_SAMPLER_DDPM, 250, 4.0f, 3},
+                {DM_ARCH_DITMOE, DM_OBJ_RF, DM_SAMPLER_EULER, 50, 4.0f, 0},
+                {DM_ARCH_PROMOE, DM_OBJ_DDPM, DM_SAMPLER_DDPM, 250, 1.5f, 3},
+                {DM_ARCH_PROMOE, DM_OBJ_RF, DM_SAMPLER_EULER, 250, 1.5f, 0}};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        memset(&c, 0, sizeof c);
+        c.arch = rows[i].arch;
+        c.objective = rows[i].obj;
+        c.default_sampler = DM_SAMPLER_UNSET;
+        c.cfg_channels = -1;
+        dm_sample_params_init(&p, &c);
+        ck_assert_int_eq(p.sampler, rows[i].k);
+        ck_assert_int_eq(p.steps, rows[i].steps);
+        ck_assert(p.cfg_scale == rows[i].cfg);
+        ck_assert_int_eq(p.cfg_channels, rows[i].ch);
+    }
 }
 END_TEST
 

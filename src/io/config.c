@@ -1,6 +1,7 @@
 /* Model configuration: the "ditmoe" metadata JSON (docs/format.md), validated and cross-checked
  * against the tensors; or, without metadata, inferred from tensor names/shapes and the released
- * config table (spec/ditmoe.md §1, §3.1). Also class-id parsing and the enum <-> name tables. */
+ * config table (spec/ditmoe.md §1, §3.1). Also class-id parsing and the arch/objective name
+ * tables. Sampling defaults are not filled here: dm_sample_params_init owns them. */
 #include "io/st_internal.h"
 
 #include <cjson/cJSON.h>
@@ -15,7 +16,6 @@
 static const char *const k_arch_names[] = {[DM_ARCH_DITMOE] = "dit-moe", [DM_ARCH_PROMOE] = "promoe"};
 static const char *const k_obj_names[] = {[DM_OBJ_DDPM] = "ddpm", [DM_OBJ_RF] = "rf"};
 static const char *const k_attn_names[] = {[DM_ATTN_TIMM] = "timm", [DM_ATTN_QKNORM] = "qknorm"};
-static const char *const k_samplers[] = {"ddpm", "ddim", "euler", "heun"};
 
 const char *dm_arch_name(dm_arch a) { return (unsigned)a <= DM_ARCH_PROMOE ? k_arch_names[a] : "?"; }
 const char *dm_objective_name(dm_objective o)
@@ -52,24 +52,6 @@ void dm_config_free(dm_config *cfg)
     if (!cfg) return;
     free(cfg->class_names);
     cfg->class_names = NULL;
-}
-
-static void set_sampling_defaults(dm_config *c)
-{
-    if (c->objective == DM_OBJ_RF) {
-        snprintf(c->default_sampler, sizeof c->default_sampler, "euler");
-        c->default_steps = 50;
-        c->cfg_channels = 0;
-    } else {
-        snprintf(c->default_sampler, sizeof c->default_sampler, "ddpm");
-        c->default_steps = 250;
-        c->cfg_channels = 3;
-    }
-    c->default_cfg_scale = 4.0f;
-    if (c->arch == DM_ARCH_PROMOE) { /* ProMoE's reference: 250 Euler steps, cfg 1.5 */
-        c->default_steps = 250;
-        c->default_cfg_scale = 1.5f;
-    }
 }
 
 /* ---- metadata parsing ---- */
@@ -283,7 +265,6 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
     }
 
     if (c->arch == DM_ARCH_PROMOE) CHK(dm_promoe_meta(path, root, c));
-    set_sampling_defaults(c);
     const cJSON *sm = cJSON_GetObjectItemCaseSensitive(root, "sampling");
     if (sm && !cJSON_IsNull(sm)) {
         if (!cJSON_IsObject(sm)) {
@@ -294,16 +275,15 @@ static dm_status parse_meta(const char *path, const char *text, dm_config *c)
         s = NULL;
         CHK(get_str(&m, sm, "sampler", 0, &s));
         if (s) {
-            int ok = 0;
-            for (int i = 0; i < 4; i++) ok |= strcmp(s, k_samplers[i]) == 0;
-            if (!ok) {
+            dm_sampler_kind k;
+            if (dm_sampler_from_name(s, &k) != 0 || strcmp(s, dm_sampler_name(k)) != 0) {
                 st = dm_fail(DM_ERR_FORMAT,
                              "%s: metadata \"ditmoe\": sampling.sampler: expected ddpm, ddim, euler "
                              "or heun, found \"%s\"",
                              path, s);
                 goto done;
             }
-            snprintf(c->default_sampler, sizeof c->default_sampler, "%s", s);
+            c->default_sampler = k;
         }
         CHK(get_int(&m, sm, "steps", 0, 1, &c->default_steps));
         CHK(get_float(&m, sm, "cfg_scale", 0.0, 0, &c->default_cfg_scale));
@@ -516,7 +496,6 @@ static dm_status infer(const dm_st_file *f, dm_config *c)
     if (ri >= 0 && c->arch == DM_ARCH_DITMOE)
         snprintf(c->name, sizeof c->name, "DiT-MoE-%s/%d-%dE%dA", k_released[ri].size, c->patch,
                  c->num_experts, c->top_k);
-    set_sampling_defaults(c);
     dm_log(DM_LOG_INFO,
            "%s: no \"ditmoe\" metadata; inferred config from tensors: %s%s%s D=%d L=%d H=%d E=%d "
            "k=%d attention=%s objective=%s",
@@ -530,6 +509,8 @@ dm_status dm_config_from_file(const dm_st_file *f, dm_config *cfg)
     memset(cfg, 0, sizeof *cfg);
     cfg->qk_norm_eps = 1e-6f;
     cfg->time_scale = 1.0f;
+    cfg->default_sampler = DM_SAMPLER_UNSET; /* sampling fields: only what the file says */
+    cfg->cfg_channels = -1;
     const char *meta = dm_st_meta(f, "ditmoe");
     dm_status st;
     if (meta) {

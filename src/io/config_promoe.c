@@ -8,7 +8,24 @@
 #include <stdio.h>
 #include <string.h>
 
-static const char *const k_router_names[] = {"identity", "softmax", "sigmoid"};
+static const char *const k_router_names[DM_ROUTER_COUNT] = {
+    [DM_ROUTER_IDENTITY] = "identity", [DM_ROUTER_SOFTMAX] = "softmax",
+    [DM_ROUTER_SIGMOID] = "sigmoid"};
+
+const char *dm_router_act_name(dm_router_act a)
+{
+    return (unsigned)a < DM_ROUTER_COUNT ? k_router_names[a] : "?";
+}
+
+int dm_router_act_from_name(const char *s, dm_router_act *out)
+{
+    for (int i = 0; s && i < DM_ROUTER_COUNT; i++)
+        if (!strcmp(s, k_router_names[i])) {
+            *out = (dm_router_act)i;
+            return 0;
+        }
+    return -1;
+}
 
 static void promoe_defaults(dm_config *c)
 {
@@ -47,13 +64,9 @@ dm_status dm_promoe_meta(const char *path, const void *root_, dm_config *c)
     }
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(p, "router");
     if (r) {
-        int found = -1;
-        for (int i = 0; i < 3 && cJSON_IsString(r); i++)
-            if (strcmp(r->valuestring, k_router_names[i]) == 0) found = i;
-        if (found < 0)
+        if (!cJSON_IsString(r) || dm_router_act_from_name(r->valuestring, &c->router_act) != 0)
             return dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": promoe.router: expected "
                            "\"identity\", \"softmax\" or \"sigmoid\"", path);
-        c->router_act = found;
     }
     return DM_OK;
 }
@@ -81,7 +94,7 @@ dm_status dm_promoe_infer(const dm_st_file *f, dm_config *c)
         (st = rows_of(f, "blocks.1.mlp.shared_expert.up_proj.weight", &c->shared_hidden)))
         return st;
     c->top_k = 1; /* released configs: top-1, identity router, token choice */
-    c->router_act = 0;
+    c->router_act = DM_ROUTER_IDENTITY;
     c->promoe_ec = 0;
     return DM_OK;
 }

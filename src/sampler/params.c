@@ -29,17 +29,39 @@ dm_objective dm_sampler_objective(dm_sampler_kind k)
     return (unsigned)k < DM_SAMPLER_COUNT ? k_sampler_objective[k] : DM_OBJ_DDPM;
 }
 
+/* The one table of sampling defaults: a row per (arch, objective). A model file's "sampling"
+ * metadata overrides any of them (dm_config records only what the file says). DiT-MoE follows
+ * DiT's sample.py (250 DDPM steps, cfg 4.0 on the first 3 latent channels) and its rectified-
+ * flow scripts (Euler, 50 steps, all channels); ProMoE's reference samples 250 Euler steps at
+ * cfg 1.5 (promoe.md). */
+static const struct {
+    dm_arch arch;
+    dm_objective objective;
+    dm_sampler_kind sampler;
+    int steps;
+    float cfg_scale;
+    int cfg_channels; /* 0 = all */
+} k_defaults[] = {
+    {DM_ARCH_DITMOE, DM_OBJ_DDPM, DM_SAMPLER_DDPM, 250, 4.0f, 3},
+    {DM_ARCH_DITMOE, DM_OBJ_RF, DM_SAMPLER_EULER, 50, 4.0f, 0},
+    {DM_ARCH_PROMOE, DM_OBJ_DDPM, DM_SAMPLER_DDPM, 250, 1.5f, 3},
+    {DM_ARCH_PROMOE, DM_OBJ_RF, DM_SAMPLER_EULER, 250, 1.5f, 0},
+};
+
 void dm_sample_params_init(dm_sample_params *p, const dm_config *cfg)
 {
     memset(p, 0, sizeof *p);
-    const int rf = cfg && cfg->objective == DM_OBJ_RF;
-    p->sampler = rf ? DM_SAMPLER_EULER : DM_SAMPLER_DDPM;
-    p->steps = rf ? 50 : 250;
-    p->cfg_scale = 4.0f;
-    p->cfg_channels = rf ? 0 : 3;
-    if (cfg) {
-        dm_sampler_kind k;
-        if (!dm_sampler_from_name(cfg->default_sampler, &k)) p->sampler = k;
+    const dm_arch arch = cfg ? cfg->arch : DM_ARCH_DITMOE;
+    const dm_objective obj = cfg ? cfg->objective : DM_OBJ_DDPM;
+    int row = 0;
+    for (int i = 0; i < (int)(sizeof k_defaults / sizeof k_defaults[0]); i++)
+        if (k_defaults[i].arch == arch && k_defaults[i].objective == obj) row = i;
+    p->sampler = k_defaults[row].sampler;
+    p->steps = k_defaults[row].steps;
+    p->cfg_scale = k_defaults[row].cfg_scale;
+    p->cfg_channels = k_defaults[row].cfg_channels;
+    if (cfg) { /* what the file says */
+        if ((unsigned)cfg->default_sampler < DM_SAMPLER_COUNT) p->sampler = cfg->default_sampler;
         if (cfg->default_steps > 0) p->steps = cfg->default_steps;
         if (cfg->default_cfg_scale > 0.0f && isfinite(cfg->default_cfg_scale))
             p->cfg_scale = cfg->default_cfg_scale;
