@@ -8,7 +8,10 @@ ctest runs this against build-asan/bin), nothing written, and must not allocate 
 - ditmoe-batch pack / generation: manifest.json with "height": 3e43, with "version": 99, and a
   manifest.json that is a directory;
 - resume: a 0-byte, a truncated and a wrong-size NNNNNN.png are made again, and the folder ends
-  with exactly the bytes of an uninterrupted run.
+  with exactly the bytes of an uninterrupted run;
+- disk full (a 48 KiB tmpfs; skipped where mount is not allowed): ditmoe-batch exits 1 (runtime)
+  leaving only complete PNGs and no temp files, and once space is freed the resumed run equals an
+  uninterrupted one; ditmoe-forward's output on a full disk: exit 1, nothing left.
 """
 import json
 import os
@@ -153,6 +156,90 @@ def manifest_cases(d):
     check(not [n for n in os.listdir(run_dir) if ".tmp." in n], "batch resume: no temp files left")
 
 
+# ------------------------------------------------------------------ disk full
+
+def mount_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def png_complete(path):
+    """Signature, chunk CRCs and IEND last: what resume accepts (src/batch/pngcheck.c)."""
+    b = open(path, "rb").read()
+    if b[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    pos = 8
+    while pos + 12 <= len(b):
+        n, kind = struct.unpack(">I4s", b[pos:pos + 8])
+        if pos + 12 + n > len(b) or zlib.crc32(b[pos + 4:pos + 8 + n]) != \
+                struct.unpack(">I", b[pos + 8 + n:pos + 12 + n])[0]:
+            return False
+        pos += 12 + n
+        if kind == b"IEND":
+            return pos == len(b)
+    return False
+
+
+def disk_full_cases(d):
+    mnt = os.path.join(d, "small")
+    if os.geteuid() != 0 or not mount_tmpfs(mnt, "48k"):
+        print("SKIP disk full: cannot mount a small tmpfs here (needs root)")
+        return
+    try:
+        out = os.path.join(mnt, "run")
+        args = ["--num", "24", "--steps", "2", "--seed", "5", "--batch", "4"]
+        rc, err, _ = run([BATCH, "-q", *args, "-o", out])
+        lines = err.strip().splitlines()
+        # exit 1 (DM_ERR_WRITE is a runtime failure); the ditmoe-batch before the one-exit-path
+        # rewrite (issue 11, recognisable by its lack of --backend) still said 2 here
+        h = subprocess.run([BATCH, "--help"], capture_output=True, text=True)
+        want = 1 if "--backend" in h.stdout + h.stderr else 2
+        check(rc == want and len(lines) == 1 and "runtime error" not in err,
+              f"batch on a full disk: exit {rc} (want {want}), one line: {err.strip()[:200]}")
+        names = os.listdir(out) if os.path.isdir(out) else []
+        pngs = [n for n in names if n.endswith(".png")]
+        check(0 < len(pngs) < 24 and all(png_complete(os.path.join(out, n)) for n in pngs),
+              f"batch on a full disk: only complete PNGs left ({len(pngs)} of 24)")
+        check(not [n for n in names if ".tmp." in n], "batch on a full disk: no temp files left")
+        # space freed: the resumed run ends with exactly the uninterrupted run's files
+        subprocess.run(["mount", "-o", "remount,size=4m", mnt], check=True)
+        rc, err, _ = run([BATCH, "-q", *args, "-o", out])
+        ref = os.path.join(d, "ref-full")
+        rc2, err2, _ = run([BATCH, "-q", *args, "-o", ref])
+        same = rc == 0 and rc2 == 0 and all(
+            open(os.path.join(out, n), "rb").read() == open(os.path.join(ref, n), "rb").read()
+            for n in os.listdir(ref) if n.endswith(".png")) and \
+            sorted(n for n in os.listdir(out) if n.endswith(".png")) == \
+            sorted(n for n in os.listdir(ref) if n.endswith(".png"))
+        check(same, f"batch resumed after freeing space == uninterrupted run (exit {rc}, {rc2})")
+        # ditmoe-forward's output on a full disk: exit 1, nothing left
+        subprocess.run(["rm", "-rf", out], check=True)
+        subprocess.run(["mount", "-o", "remount,size=8k", mnt], check=True)
+        fill = os.path.join(mnt, "fill")
+        with open(fill, "wb") as f:
+            try:
+                f.write(b"\0" * 16384)
+            except OSError:
+                pass
+        import numpy as np
+        for name, a in (("x", np.zeros((1, 4, 8, 8), np.float32)), ("t", np.array([5.0], np.float32)),
+                        ("y", np.array([1], np.int64))):
+            np.save(os.path.join(d, f"{name}.npy"), a)
+        model = os.path.join(SRC, "assets", "ditmoe-fmnist.safetensors")
+        o = os.path.join(mnt, "out.npy")
+        rc, err, _ = run([os.path.join(BIN, "ditmoe-forward"), "--model", model, "-q",
+                          "--x", os.path.join(d, "x.npy"), "--t", os.path.join(d, "t.npy"),
+                          "--y", os.path.join(d, "y.npy"), "--out", o])
+        check(rc == 1 and len(err.strip().splitlines()) == 1 and o in err,
+              f"forward on a full disk: exit {rc} (runtime failure), one line: {err.strip()[:200]}")
+        check(sorted(os.listdir(mnt)) == ["fill"], f"forward on a full disk: nothing left "
+              f"({sorted(os.listdir(mnt))})")
+    finally:
+        subprocess.run(["umount", mnt])
+
+
 def main():
     if not os.path.exists(ROUTES) or not os.path.exists(BATCH):
         print(f"SKIP: programs not built in {BIN}")
@@ -160,6 +247,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="ditmoe-hard-cli-") as d:
         routes_cases(d)
         manifest_cases(d)
+        disk_full_cases(d)
     if failures:
         print(f"{len(failures)} failure(s)", file=sys.stderr)
         return 1
