@@ -20,7 +20,7 @@ fi
 # known finding: FUZZ_CFLAGS=-fno-sanitize=float-cast-overflow bash scripts/fuzz.sh 60 fuzz_model
 B=build-fuzz${FUZZ_CFLAGS:+-$(echo "$FUZZ_CFLAGS" | tr -c 'A-Za-z0-9_\n-' '_')}
 CC=clang cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_FUZZ=ON \
-  -DCMAKE_C_FLAGS="${FUZZ_CFLAGS:-}" >/dev/null
+  -DDITMOE_SAN_EXTRA="${FUZZ_CFLAGS:-}" >/dev/null
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   for f in tests/fuzz/fuzz_*.c; do targets+=("$(basename "$f" .c)"); done
