@@ -7,6 +7,7 @@
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,7 +100,7 @@ static dm_status get_float(const meta_ctx *m, const cJSON *obj, const char *key,
     const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!j) return DM_OK;
     double d = cJSON_IsNumber(j) ? j->valuedouble : NAN;
-    if (!isfinite(d) || (strict ? !(d > minv) : !(d >= minv)))
+    if (!isfinite(d) || fabs(d) > FLT_MAX || (strict ? !(d > minv) : !(d >= minv)))
         return dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": %s: expected a number %s %g",
                        m->path, key, strict ? ">" : ">=", minv);
     *out = (float)d;

@@ -5,6 +5,8 @@
 #include "io/st_internal.h"
 
 #include <cjson/cJSON.h>
+#include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -40,13 +42,14 @@ dm_status dm_promoe_meta(const char *path, const void *root_, dm_config *c)
     const cJSON *root = root_;
     promoe_defaults(c);
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "mlp_hidden");
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e9)
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 1 && v->valuedouble <= (1 << 24)) ||
+        v->valuedouble != floor(v->valuedouble))
         return dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": mlp_hidden: expected a positive "
                        "integer (the dense blocks' MLP width)", path);
-    c->mlp_hidden = v->valueint;
+    c->mlp_hidden = (int)v->valuedouble;
     v = cJSON_GetObjectItemCaseSensitive(root, "time_scale");
     if (v) {
-        if (!cJSON_IsNumber(v) || !(v->valuedouble > 0))
+        if (!cJSON_IsNumber(v) || !(v->valuedouble > 0 && v->valuedouble <= FLT_MAX))
             return dm_fail(DM_ERR_FORMAT, "%s: metadata \"ditmoe\": time_scale: expected a "
                            "positive number", path);
         c->time_scale = (float)v->valuedouble;
