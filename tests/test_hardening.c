@@ -299,6 +299,24 @@ START_TEST(test_png_check)
 }
 END_TEST
 
+/* pack's N (a flag, or a hand-edited manifest's params.num) sizes nothing before the folder is
+ * known to hold N images: 10^12 asked of a folder of 3 is refused at once, naming the first. */
+START_TEST(test_pack_huge_num)
+{
+    uint8_t px[2 * 2 * 3] = {0};
+    char name[32];
+    for (int i = 0; i < 3; i++) {
+        snprintf(name, sizeof name, "%06d.png", i == 2 ? 3 : i);
+        ck_assert_int_eq(dm_png_write(tmp(name), 2, 2, 3, px, NULL), DM_OK);
+    }
+    ck_assert_int_eq(dm_batch_pack(g_dir, 1000000000000LL, tmp("o.npz"), 0, 0, NULL, NULL),
+                     DM_ERR_ARG);
+    ck_assert_msg(strstr(dm_last_error(), "000002.png") != NULL, "%s", dm_last_error());
+    ck_assert_int_eq(access(tmp("o.npz"), F_OK), -1);
+    ck_assert_int_eq(dm_batch_pack(g_dir, 2, tmp("o.npz"), 0, 0, NULL, NULL), DM_OK);
+}
+END_TEST
+
 START_TEST(test_all_finite)
 {
     float x[16];
@@ -328,6 +346,7 @@ int main(void)
     tcase_add_test(tc, test_route_counts_caps);
     tcase_add_test(tc, test_manifest_fields);
     tcase_add_test(tc, test_png_check);
+    tcase_add_test(tc, test_pack_huge_num);
     tcase_add_test(tc, test_all_finite);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

@@ -123,6 +123,13 @@ def manifest_cases(d):
     bad_input("pack: manifest version 99", pack, mf, "version")
     bad_input("batch resume: manifest version 99", gen, mf, "version")
 
+    m = json.loads(good)
+    m["params"]["num"] = 1e12
+    with open(mf, "w") as f:
+        json.dump(m, f)
+    bad_input("pack: manifest num 1e12 over a folder of 4", pack, "000004.png", "missing",
+              max_mb=400)
+
     os.unlink(mf)
     os.mkdir(mf)
     bad_input("pack: manifest.json is a directory", pack, mf, "is a directory")

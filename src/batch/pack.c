@@ -125,24 +125,28 @@ dm_status dm_batch_pack(const char *dir, int64_t num, const char *outp, int labe
                         dm_progress_fn progress, void *progress_ctx)
 {
     if (num < 1) return dm_fail(DM_ERR_ARG, "pack: N must be at least 1");
-    uint8_t *done = malloc((size_t)num);
-    if (!done) return dm_fail(DM_ERR_NOMEM, "out of memory");
+    /* Count first: N comes from a flag or a hand-editable manifest, and nothing of size N is
+     * allocated before the folder is known to hold N images. */
     int64_t ndone = 0;
-    dm_status st = dm_batch_scan(dir, num, done, &ndone, -1, 1);
-    if (st) {
-        free(done);
-        return st;
-    }
+    dm_status st = dm_batch_scan(dir, num, NULL, &ndone, -1, 1);
+    if (st) return st;
     if (ndone < num) {
-        int64_t first = 0;
-        while (done[first]) first++;
+        /* ndone files below N: one of the indices 0..ndone is missing */
+        const int64_t m = ndone + 1;
+        uint8_t *done = malloc((size_t)m);
+        if (!done) return dm_fail(DM_ERR_NOMEM, "out of memory");
+        int64_t first = 0, n2 = 0;
+        if ((st = dm_batch_scan(dir, m, done, &n2, -1, 1))) {
+            free(done);
+            return st;
+        }
+        while (first < m - 1 && done[first]) first++;
+        free(done);
         char p[4096];
         dm_batch_png_path(dir, (uint64_t)first, p, sizeof p);
-        free(done);
         return dm_fail(DM_ERR_ARG, "pack %s: %lld of %lld images missing, the first is %s "
                        "(finish the run first)", dir, (long long)(num - ndone), (long long)num, p);
     }
-    free(done);
 
     int64_t *lab = labels ? malloc((size_t)num * sizeof(int64_t)) : NULL;
     uint8_t *rgb = NULL, *row = NULL;
