@@ -59,6 +59,28 @@ int dm_get_threads(void);
 double dm_time_sec(void); /* monotonic clock */
 
 /* ---------------------------------------------------------------------------------------------
+ * Input limits and checks (hardening, docs/reliability.md). Every reader range-checks a field
+ * before converting it, and sizes what it allocates from what the file can actually hold.
+ * ------------------------------------------------------------------------------------------- */
+#define DM_MAX_CLASSES (1 << 15)     /* num_classes of a model or a routing dump              */
+#define DM_SAMPLE_MAX_STEPS 100000   /* sampler steps (dm_sample_params_check, trace headers) */
+/* 1 when all n values of x are finite; else 0 with *first_bad (may be NULL) = the index of the
+ * first NaN or infinity. For checking inputs where they enter (a non-finite input is DM_ERR_ARG,
+ * exit 2) and outputs where they leave a stage (DM_ERR_NUMERIC, exit 1). */
+int dm_all_finite(const float *x, size_t n, size_t *first_bad);
+/* Resume's test of a finished image (src/batch/pngcheck.c). DM_OK when path is a complete PNG
+ * of w x h, 8-bit, `channels` (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA): signature, IHDR first with
+ * that size and colour type, every chunk's CRC, at least one IDAT, IEND last and nothing after
+ * it. Else DM_ERR_FORMAT (DM_ERR_IO if unreadable) naming the file and what is wrong. */
+dm_status dm_batch_png_check(const char *path, int w, int h, int channels);
+/* dm_batch_scan (the resume scan of a batch output folder), then every image found that the
+ * shard (clean_rank, clean_size) owns (all of them when clean_rank < 0) is checked with
+ * dm_batch_png_check; one that fails is logged, not counted and not marked done, so resume makes
+ * it again (its rename replaces the bad file). */
+dm_status dm_batch_scan_complete(const char *dir, int64_t num, int w, int h, int channels,
+                                 uint8_t *done, int64_t *ndone, int clean_rank, int clean_size);
+
+/* ---------------------------------------------------------------------------------------------
  * Backends (src/backend): where the transformer and the VAE compute. Chosen explicitly when a
  * model or VAE is loaded; asking for one this build lacks is an error, never a silent fallback.
  * ------------------------------------------------------------------------------------------- */
@@ -453,17 +475,6 @@ void dm_route_counts_free(dm_route_counts *c);
 /* Mutual information I(A; expert) in bits of a count table [nA, X] (picks as samples), and
  * the entropy H(expert) in bits; either pointer may be NULL. */
 void dm_route_table_info(const int64_t *tab, int nA, int X, double *mi_bits, double *h_bits);
-
-/* ---------------------------------------------------------------------------------------------
- * Input limits and checks (hardening, docs/reliability.md). Every reader range-checks a field
- * before converting it, and sizes what it allocates from what the file can actually hold.
- * ------------------------------------------------------------------------------------------- */
-#define DM_MAX_CLASSES (1 << 15)     /* num_classes of a model or a routing dump              */
-#define DM_SAMPLE_MAX_STEPS 100000   /* sampler steps (dm_sample_params_check, trace headers) */
-/* 1 when all n values of x are finite; else 0 with *first_bad (may be NULL) = the index of the
- * first NaN or infinity. For checking inputs where they enter (a non-finite input is DM_ERR_ARG,
- * exit 2) and outputs where they leave a stage (DM_ERR_NUMERIC, exit 1). */
-int dm_all_finite(const float *x, size_t n, size_t *first_bad);
 
 /* ---------------------------------------------------------------------------------------------
  * Sections added by later stages go above this line (PNG output, sampling, routing dumps).

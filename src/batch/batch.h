@@ -75,18 +75,6 @@ void dm_batch_png_path(const char *dir, uint64_t index, char *buf, size_t n);
 dm_status dm_batch_scan(const char *dir, int64_t num, uint8_t *done, int64_t *ndone,
                         int clean_rank, int clean_size);
 
-/* ------------------------------------------------------------------ resume check (pngcheck.c) */
-/* DM_OK when path is a complete PNG of w x h, 8-bit, `channels` (1 gray, 2 gray+alpha, 3 RGB,
- * 4 RGBA): signature, IHDR first with that size and colour type, every chunk's CRC, at least one
- * IDAT, IEND last and nothing after it. Else DM_ERR_FORMAT (DM_ERR_IO if unreadable) naming the
- * file and what is wrong. */
-dm_status dm_batch_png_check(const char *path, int w, int h, int channels);
-/* dm_batch_scan, then every image found that the shard (clean_rank, clean_size) owns (all of
- * them when clean_rank < 0) is checked with dm_batch_png_check; one that fails is logged, not
- * counted and not marked done, so resume makes it again (its rename replaces the bad file). */
-dm_status dm_batch_scan_complete(const char *dir, int64_t num, int w, int h, int channels,
-                                 uint8_t *done, int64_t *ndone, int clean_rank, int clean_size);
-
 /* ------------------------------------------------------------------ manifest (manifest.c) */
 typedef struct {
     char model_file[256], vae_file[256]; /* base names, informational (not compared) */
