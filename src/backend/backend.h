@@ -28,6 +28,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Width of the timestep sinusoid (timestep_embed). */
+#define DM_TIME_FREQ_DIM 256
+
 /* ---- memory ----------------------------------------------------------------------------------- */
 
 /* Memory a backend owns (host memory for the CPU, device memory for a GPU). */
@@ -143,6 +146,8 @@ typedef struct {
 typedef struct dm_backend_ops {
     const char *name; /* "cpu", "cuda": as dm_backend_name */
 
+    void (*close)(void *ctx); /* frees the instance's scratch (called by dm_backend_close) */
+
     /* -- memory -- */
     dm_status (*alloc)(void *ctx, size_t bytes, dm_buf *out); /* contents undefined */
     void (*release)(void *ctx, dm_buf *b);                     /* NULL-safe; zeroes *b */
@@ -223,6 +228,7 @@ void dm_backend_close(dm_backend *be); /* NULL-safe */
 int dm_backend_compiled(dm_backend_kind *kinds, int cap);
 /* DM_OK when every op named in `ops` (comma-separated field names, e.g. "linear,ffn") is present,
  * else DM_ERR_BACKEND naming the first missing one and `who` (a model path). */
+int dm_backend_has(const dm_backend *be, const char *op); /* op: a field name of dm_backend_ops */
 dm_status dm_backend_require(const dm_backend *be, const char *ops, const char *who);
 
 /* Convenience for model code: create a weight from a host float32 array. */
@@ -230,7 +236,10 @@ dm_status dm_backend_weight_f32(dm_backend *be, const char *name, dm_weight_role
                                 dm_weight_use use, int rows, int cols, const float *data,
                                 dm_weight **out);
 
-/* Per-backend constructors (backend/<name>/backend.c). */
+/* Per-backend constructors (backend/<name>/backend.c): fill be->ops and be->ctx. */
 dm_status dm_backend_cpu_open(dm_backend *be);
+#ifdef DITMOE_HAVE_CUDA
+dm_status dm_backend_cuda_open(dm_backend *be);
+#endif
 
 #endif
