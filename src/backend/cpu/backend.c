@@ -194,7 +194,8 @@ static dm_status cpu_ffn(void *ctx, const dm_ffn_layer *L, const float *h, int N
     for (int e = 0; e < d->n_experts; e++)
         if (L->experts[e].F > F_max) F_max = L->experts[e].F;
     const int dense = d->kind == DM_ROUTE_DENSE;
-    if (dm_moe_scratch_reserve(&c->moe, N, d->D, F_max, dense ? 1 : d->n_experts, dense ? 1 : d->k))
+    if (dm_moe_scratch_reserve(&c->moe, N, d->D, F_max, dense ? 1 : d->n_experts,
+                               dense ? 1 : dm_moe_rows_per_token(d, T)))
         return dm_fail(DM_ERR_NOMEM, "cpu: ffn: out of memory for %d tokens", N);
     if (dense) {
         dm_mlp_forward(&L->experts[0], h, N, c->moe.a, c->moe.h, out);

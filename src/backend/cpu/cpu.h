@@ -42,6 +42,9 @@ typedef struct {
     dm_routing r;
 } dm_moe_scratch;
 
+/* Grouped rows per token (the `k` to reserve): k, or more for expert choice with a clamped
+ * capacity. */
+int dm_moe_rows_per_token(const dm_moe_desc *d, int T);
 int dm_moe_scratch_reserve(dm_moe_scratch *s, int N, int D, int F_max, int n_experts, int k);
 void dm_moe_scratch_free(dm_moe_scratch *s);
 

@@ -16,6 +16,16 @@ static int grow(void **p, size_t bytes)
     return 0;
 }
 
+int dm_moe_rows_per_token(const dm_moe_desc *d, int T)
+{
+    if (d->kind != DM_ROUTE_PROTO_EC) return d->k;
+    /* E * cap rows per image, which exceeds T * k when the capacity is clamped up to 1
+     * (T * k < E); an image of the null class has T rows instead */
+    const int cap = dm_moe_ec_capacity(T, d->E, d->k);
+    const int need = (d->E * cap + T - 1) / T;
+    return need > d->k ? need : d->k;
+}
+
 int dm_moe_scratch_reserve(dm_moe_scratch *s, int N, int D, int F_max, int n_experts, int k)
 {
     if (N <= s->cap_tokens && D == s->D && F_max <= s->F_max && n_experts <= s->E && k <= s->k)
