@@ -13,8 +13,8 @@
  *  - an op may run asynchronously; download() and sync() order it against the host;
  *  - a NULL entry in the table means "not supported by this backend": the model checks at load
  *    (dm_backend_require) and fails with DM_ERR_BACKEND, never falls back silently mid-run;
- *  - results must not depend on the batch size or the thread count (a token's output depends only
- *    on its own image), except where an op's comment says otherwise.
+ *  - a token's result should depend only on its own image (batch invariance) and not on the thread
+ *    count; a backend that cannot promise it for an op says so (docs/architecture.md).
  *
  * Semantics (what each op computes) are defined by the plain references: src/router/moe.h
  * (*_ref, the MoE rules), src/vae/vae_internal.h (VAE *_ref) and backend/cpu/ops.h (*_ref of the

@@ -1,8 +1,8 @@
-/* The 2-D sin-cos position table, and plain references of the embedding ops (patchify,
- * unpatchify, timestep sinusoid) that every backend is tested against. The traps
- * (docs/traps.md): patch vectors are (c, pi, pj) with c slowest, the final layer's per-token
- * output is (pi, pj, c) with c fastest; the timestep sinusoid is [cos, sin], the position table
- * is [sin, cos] per half with the first half encoding the column. */
+/* The 2-D sin-cos position table, and plain references of the embedding ops (patchify, unpatchify,
+ * timestep sinusoid) that every backend is tested against. The traps (docs/spec/ditmoe.md §11,
+ * docs/traps.md): patch vectors are (c, pi, pj) with c slowest, the final layer's per-token output
+ * is (pi, pj, c) with c fastest; the timestep sinusoid is [cos, sin], the position table is [sin,
+ * cos] per half with the first half encoding the column. */
 #include "dit/model.h"
 
 #include <math.h>

@@ -1,6 +1,7 @@
 /* dm_model_forward: the DiT-MoE / ProMoE forward pass, top to bottom as in the papers' figure
- * (patch embedding + position, conditioning, blocks of attention then FFN/MoE, final layer).
- * Every step is one op of the model's backend (backend/backend.h). */
+ * (docs/spec/ditmoe.md §2, docs/spec/promoe.md §2): patch embedding + position, conditioning,
+ * blocks of attention then FFN/MoE, final layer. Every step is one op of the model's backend
+ * (backend/backend.h). */
 #include "dit/model.h"
 
 #include <math.h>

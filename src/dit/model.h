@@ -1,7 +1,8 @@
-/* DiT-MoE / ProMoE weights and activations (internal to src/dit). Shapes follow the PyTorch
- * state dicts (docs/format.md). Every weight is a handle of the model's backend (backend.h),
- * created from the file's bytes and dtype: the backend picks the storage (the CPU keeps BF16/F16
- * matrices 16-bit in its packed panels, F32 as float32). Activations are backend memory. */
+/* DiT-MoE / ProMoE weights and activations (internal to src/dit). Shapes follow the PyTorch state
+ * dicts (docs/spec/ditmoe.md §3.1, docs/spec/promoe.md §4, docs/format.md). Every weight is a
+ * handle of the model's backend (backend.h), created from the file's bytes and dtype: the backend
+ * picks the storage (the CPU keeps BF16/F16 matrices 16-bit in its packed panels, F32 as float32).
+ * Activations are backend memory. */
 #ifndef DM_DIT_MODEL_H
 #define DM_DIT_MODEL_H
 

@@ -1,4 +1,5 @@
-/* MoE routing rules and the plain references (docs/traps.md, DiT-MoE and ProMoE sections). */
+/* MoE routing rules and the plain references (docs/spec/ditmoe.md §2.8, docs/spec/promoe.md §3,
+ * docs/traps.md). */
 #include "router/moe.h"
 
 #include <math.h>

@@ -1,15 +1,15 @@
-/* The routing rules of the MoE feed-forward layers, and the plain references every backend's
- * `ffn` op is tested against (tests/test_backend_ops.c). The layer description (dm_moe_desc,
+/* The routing rules of the MoE feed-forward layers, and the plain references every backend's `ffn`
+ * op is tested against (tests/test_backend_ops.c). The layer description (dm_moe_desc,
  * dm_ffn_layer) is in backend/backend.h because it crosses the seam; what it means is here.
  *
- * DiT-MoE (docs/traps.md, "MoE"): linear gate, softmax over all experts, top-k without
- * renormalisation, SwiGLU experts without bias, an always-on shared SwiGLU expert.
- * ProMoE: samples whose label is the null class send every token to the unconditional expert
- * (index E) with weight 1; other tokens are scored by cosine similarity to unit-norm prototypes
- * (identity / softmax / sigmoid activation), token-choice top-k or expert-choice (each expert
- * takes its top tokens of each image, capacity dm_moe_ec_capacity); GELU-tanh experts with
- * biases; a shared expert on every token.
- * Tie-breaking: token choice prefers the lower expert id, expert choice the lower token index. */
+ * DiT-MoE (docs/spec/ditmoe.md §2.8): linear gate, softmax over all experts, top-k without
+ * renormalisation, SwiGLU experts without bias, an always-on shared SwiGLU expert. ProMoE
+ * (docs/spec/promoe.md §3): samples whose label is the null class send every token to the
+ * unconditional expert (index E) with weight 1; other tokens are scored by cosine similarity to
+ * unit-norm prototypes (identity / softmax / sigmoid activation), token-choice top-k or
+ * expert-choice (each expert takes its top tokens of each image, capacity dm_moe_ec_capacity);
+ * GELU-tanh experts with biases; a shared expert on every token. Tie-breaking: token choice prefers
+ * the lower expert id, expert choice the lower token index. */
 #ifndef DM_ROUTER_MOE_H
 #define DM_ROUTER_MOE_H
 

@@ -1,6 +1,7 @@
-/* VAE decoder forward (docs/vae.md) and the public dm_vae_* API, through the backend's ops
- * (backend/backend.h). One image at a time: three activation buffers of the largest map (the
- * backend keeps its own conv/attention scratch), so memory is bounded for any batch. */
+/* VAE decoder forward (docs/spec/vae_samplers.md A.2-A.6, docs/vae.md) and the public dm_vae_* API,
+ * through the backend's ops (backend/backend.h). One image at a time: three activation buffers of
+ * the largest map (the backend keeps its own conv/attention scratch), so memory is bounded for any
+ * batch. */
 #include "vae/vae_internal.h"
 
 #include <math.h>

@@ -1,6 +1,6 @@
-/* SD KL-f8 VAE decoder internals (docs/vae.md). Not part of the public API.
- * Activations are one image at a time, channel-major: x [C, H, W] row-major float32, in memory
- * of the decoder's backend; weights are backend handles. The ops it calls are in
+/* SD KL-f8 VAE decoder internals (docs/spec/vae_samplers.md part A, docs/vae.md). Not part of the
+ * public API. Activations are one image at a time, channel-major: x [C, H, W] row-major float32, in
+ * memory of the decoder's backend; weights are backend handles. The ops it calls are in
  * backend/backend.h, what they compute in vae/vae_ref.h. */
 #ifndef DM_VAE_INTERNAL_H
 #define DM_VAE_INTERNAL_H

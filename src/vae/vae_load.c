@@ -1,7 +1,8 @@
-/* VAE decoder loading: naming-scheme detection (diffusers current / diffusers 0.4.2 legacy /
- * ldm, with or without "first_stage_model."), configuration inferred from tensor shapes (plus the
+/* VAE decoder loading: naming-scheme detection (diffusers current / diffusers 0.4.2 legacy / ldm,
+ * with or without "first_stage_model."), configuration inferred from tensor shapes (plus the
  * optional "__metadata__" key "ditmoe.vae"), weights converted to float32. Encoder tensors are
- * ignored. See docs/vae.md. Weights become backend handles (float32). */
+ * ignored. See docs/vae.md and docs/spec/vae_samplers.md A.8-A.9. Weights become backend handles
+ * (float32). */
 #include "vae/vae_internal.h"
 
 #include <cjson/cJSON.h>

@@ -1,7 +1,7 @@
-/* The CPU backend's embedding kernels: patchify, unpatchify (OpenMP over tokens) and the
- * timestep sinusoid. Layouts (docs/traps.md): patch vectors are (c, pi, pj) with c slowest, the
- * final layer's per-token output is (pi, pj, c) with c fastest, the sinusoid is [cos, sin].
- * References: src/dit/embed.c. */
+/* The CPU backend's embedding kernels: patchify, unpatchify (OpenMP over tokens) and the timestep
+ * sinusoid. Layouts (docs/spec/ditmoe.md §2.1, §2.3, §2.10): patch vectors are (c, pi, pj) with c
+ * slowest, the final layer's per-token output is (pi, pj, c) with c fastest, the sinusoid is [cos,
+ * sin]. References: src/dit/embed.c. */
 #include "backend/cpu/cpu.h"
 
 #include <math.h>
