@@ -648,7 +648,7 @@ int main(int argc, char **argv)
             dm_model *m = (dm_model *)1;
             dm_vae *v = (dm_vae *)1;
             dm_backend *be = (dm_backend *)1;
-            const int ok = dm_backend_open(o.backend, &be) == DM_ERR_ARG && !be &&
+            const int ok = dm_backend_open(&o, &be) == DM_ERR_ARG && !be &&
                            dm_model_load_opts("no-such-model.safetensors", &o, &m) == DM_ERR_ARG &&
                            !m && dm_vae_load_opts("no-such-vae.safetensors", &o, &v) == DM_ERR_ARG &&
                            !v;
@@ -660,7 +660,10 @@ int main(int argc, char **argv)
     for (int bi = 0; bi < nk; bi++) {
         if (only_be && strcmp(only_be, dm_backend_name(kinds[bi]))) continue;
         dm_backend *be;
-        if (dm_backend_open(kinds[bi], &be) != DM_OK) {
+        dm_load_opts o;
+        dm_load_opts_init(&o);
+        o.backend = kinds[bi];
+        if (dm_backend_open(&o, &be) != DM_OK) {
             printf("FAIL %s: cannot open: %s\n", dm_backend_name(kinds[bi]), dm_last_error());
             fail++;
             continue;

@@ -5,18 +5,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-dm_status dm_backend_open(dm_backend_kind kind, dm_backend **out)
+dm_status dm_backend_open(const dm_load_opts *o, dm_backend **out)
 {
     *out = NULL;
+    const dm_backend_kind kind = o->backend;
     dm_status st = dm_backend_check(kind);
     if (st != DM_OK) return st;
     dm_backend *be = calloc(1, sizeof *be);
     if (!be) return dm_fail(DM_ERR_NOMEM, "backend %s: out of memory", dm_backend_name(kind));
     be->kind = kind;
     switch (kind) {
-    case DM_BACKEND_CPU: st = dm_backend_cpu_open(be); break;
+    case DM_BACKEND_CPU: st = dm_backend_cpu_open(be, o); break;
 #ifdef DITMOE_HAVE_CUDA
-    case DM_BACKEND_CUDA: st = dm_backend_cuda_open(be); break;
+    case DM_BACKEND_CUDA: st = dm_backend_cuda_open(be, o); break;
 #endif
     default:
         st = dm_fail(DM_ERR_BACKEND, "backend %s: no implementation in this build",

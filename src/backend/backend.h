@@ -17,8 +17,9 @@
  *    count; a backend that cannot promise it for an op says so (docs/architecture.md).
  *
  * Semantics (what each op computes) are defined by the plain references: src/router/moe.h
- * (*_ref, the MoE rules), src/vae/vae_internal.h (VAE *_ref) and backend/cpu/ops.h (*_ref of the
- * dense kernels); tests/test_backend_ops.c runs every op of every compiled backend against them.
+ * (*_ref, the MoE rules), src/vae/vae_ref.h (VAE), src/dit/model.h (embedding *_ref) and
+ * backend/cpu/ops.h (*_ref of the dense kernels); tests/test_backend_ops.c runs every op of every
+ * compiled backend against them.
  * See docs/architecture.md for how a new backend plugs in. */
 #ifndef DM_BACKEND_BACKEND_H
 #define DM_BACKEND_BACKEND_H
@@ -42,8 +43,9 @@ typedef struct {
 /* ---- weights ---------------------------------------------------------------------------------- */
 
 /* What a weight is FOR. A backend may choose storage per role: e.g. quantise routed experts only
- * (int8), keep routers and norms in float32. Every role must give results within the tolerance
- * of test_backend_ops; the CPU backend today stores every role the same way. */
+ * (int8), keep routers and norms in float32. Such a precision choice arrives as a field of
+ * dm_load_opts, which dm_backend_open passes to the backend, so model code does not change; the
+ * CPU backend today stores every role the same way (the file's F32, or its BF16/F16 as 16-bit). */
 typedef enum {
     DM_ROLE_EMBED = 0, /* patch embedding, timestep MLP, label table, position table */
     DM_ROLE_MOD,       /* adaLN modulation linears */
@@ -221,8 +223,9 @@ typedef struct dm_backend {
 
 /* ---- registry (backend/backend.c) ------------------------------------------------------------- */
 
-/* Open an instance of `kind` (dm_backend_check first: a backend this build lacks is DM_ERR_ARG). */
-dm_status dm_backend_open(dm_backend_kind kind, dm_backend **out);
+/* Open an instance of o->backend (dm_backend_check first: a backend this build lacks is
+ * DM_ERR_ARG). The whole dm_load_opts reaches the backend (device index, later precision). */
+dm_status dm_backend_open(const dm_load_opts *o, dm_backend **out);
 void dm_backend_close(dm_backend *be); /* NULL-safe */
 /* Backends compiled into this build, in order (CPU first). */
 int dm_backend_compiled(dm_backend_kind *kinds, int cap);
@@ -237,9 +240,9 @@ dm_status dm_backend_weight_f32(dm_backend *be, const char *name, dm_weight_role
                                 dm_weight **out);
 
 /* Per-backend constructors (backend/<name>/backend.c): fill be->ops and be->ctx. */
-dm_status dm_backend_cpu_open(dm_backend *be);
+dm_status dm_backend_cpu_open(dm_backend *be, const dm_load_opts *o);
 #ifdef DITMOE_HAVE_CUDA
-dm_status dm_backend_cuda_open(dm_backend *be);
+dm_status dm_backend_cuda_open(dm_backend *be, const dm_load_opts *o);
 #endif
 
 #endif

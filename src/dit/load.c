@@ -312,7 +312,7 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
 {
     *out = NULL;
     dm_backend *be = NULL;
-    dm_status st = dm_backend_open(o->backend, &be);
+    dm_status st = dm_backend_open(o, &be);
     if (st != DM_OK) return st;
     st = dm_backend_require(be, "alloc,release,upload,download,sync,weight,weight_free,"
                             "weight_bytes,linear,layernorm_mod,gated_add,silu,timestep_embed,"

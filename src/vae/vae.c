@@ -19,7 +19,7 @@ dm_status dm_vae_load_opts(const char *path, const dm_load_opts *o, dm_vae **out
 {
     *out = NULL;
     dm_backend *be = NULL;
-    dm_status st = dm_backend_open(o->backend, &be);
+    dm_status st = dm_backend_open(o, &be);
     if (st != DM_OK) return st;
     st = dm_backend_require(be, "alloc,release,upload,download,sync,weight,weight_free,conv2d,"
                             "group_norm,upsample2x,vae_attention", path);

@@ -302,8 +302,9 @@ static void cpu_close(void *ctx)
     free(c);
 }
 
-dm_status dm_backend_cpu_open(dm_backend *be)
+dm_status dm_backend_cpu_open(dm_backend *be, const dm_load_opts *o)
 {
+    (void)o; /* the CPU has no device index and, today, no precision options */
     dm_cpu_ctx *c = calloc(1, sizeof *c);
     if (!c) return dm_fail(DM_ERR_NOMEM, "cpu: out of memory");
     be->ops = &k_cpu_ops;
