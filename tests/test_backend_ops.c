@@ -20,8 +20,9 @@
  * Exit status 1 if any FAIL. Options:
  *   --op NAME       only cases of this op (a field name of dm_backend_ops)
  *   --backend NAME  only this backend (cpu, cuda)
- *   --perf          also time each case: GFLOP/s (or GB/s) of the backend and of the reference
- *                   in the same run, and their ratio (for humans; slow references are timed once)
+ *   --perf          also time each case and add model-sized cases: GFLOP/s (or GB/s) of the
+ *                   backend, of the reference and (other backends) of the CPU backend, measured
+ *                   in the same run, with the ratios (for humans; references are timed once)
  *   --list          list the cases */
 #include "backend/backend.h"
 #include "backend/cpu/cpu.h" /* the CPU fast kernels' references and the MoE grouping internals */
@@ -164,6 +165,7 @@ struct tcase {
     const char *desc; /* the shape, for the report */
     run_fn run;
     int a[8];         /* shape parameters, per runner */
+    int perf_only;    /* model-sized shapes, run with --perf only */
 };
 
 #define OPS(c) ((c)->be->ops)
@@ -544,55 +546,62 @@ enum { TC = DM_ROUTE_PROTO_TC, EC = DM_ROUTE_PROTO_EC, SM = DM_ROUTE_SOFTMAX_TOP
 enum { ID = DM_GATE_IDENTITY, SMX = DM_GATE_SOFTMAX, SIG = DM_GATE_SIGMOID };
 
 static const tcase k_cases[] = {
-    {"linear", "N 37 in 70 out 45 +bias f32", run_linear, {37, 70, 45, 1, DM_F32}},
-    {"linear", "N 37 in 70 out 45 f32", run_linear, {37, 70, 45, 0, DM_F32}},
-    {"linear", "N 1 in 256 out 100 +bias f32", run_linear, {1, 256, 100, 1, DM_F32}},
-    {"linear", "N 256 in 96 out 288 +bias f32", run_linear, {256, 96, 288, 1, DM_F32}},
-    {"linear", "N 1024 in 64 out 33 +bias f32", run_linear, {1024, 64, 33, 1, DM_F32}},
-    {"linear", "N 61 in 48 out 70 +bias bf16", run_linear, {61, 48, 70, 1, DM_BF16}},
-    {"linear", "N 61 in 48 out 70 +bias f16", run_linear, {61, 48, 70, 1, DM_F16}},
-    {"layernorm_mod", "B 3 T 19 D 40 modulate", run_layernorm_mod, {3, 19, 40, 1}},
-    {"layernorm_mod", "B 2 T 256 D 96 modulate", run_layernorm_mod, {2, 256, 96, 1}},
-    {"layernorm_mod", "B 1 T 1024 D 64 plain", run_layernorm_mod, {1, 1024, 64, 0}},
-    {"gated_add", "B 3 T 19 D 40", run_gated_add, {3, 19, 40}},
-    {"gated_add", "B 2 T 256 D 96", run_gated_add, {2, 256, 96}},
-    {"silu", "n 1000", run_silu, {1000}},
-    {"silu", "n 65537", run_silu, {65537}},
-    {"timestep_embed", "B 5 (t 0, 999, random)", run_timestep_embed, {5}},
-    {"patchify", "B 2 C 3 S 8 p 2", run_patch, {2, 3, 8, 2, 0}},
-    {"patchify", "B 3 C 4 S 32 p 2 (T 256)", run_patch, {3, 4, 32, 2, 0}},
-    {"unpatchify", "B 2 C 3 S 8 p 2", run_patch, {2, 3, 8, 2, 1}},
-    {"unpatchify", "B 2 C 4 S 64 p 2 (T 1024)", run_patch, {2, 4, 64, 2, 1}},
-    {"add_rows", "B 3 n 256*40", run_add, {3, 256 * 40, 1, 0}},
-    {"embed_add", "B 5 D 40 rows 11", run_add, {5, 40, 11, 1}},
-    {"attention", "B 2 T 23 H 3 hd 16", run_attention, {2, 23, 3, 16, 0}},
-    {"attention", "B 2 T 23 H 3 hd 16 qk-norm", run_attention, {2, 23, 3, 16, 1}},
-    {"attention", "B 1 T 256 H 2 hd 32 qk-norm", run_attention, {1, 256, 2, 32, 1}},
-    {"attention", "B 1 T 1024 H 1 hd 8", run_attention, {1, 1024, 1, 8, 0}},
+    {"linear", "N 37 in 70 out 45 +bias f32", run_linear, {37, 70, 45, 1, DM_F32}, 0},
+    {"linear", "N 37 in 70 out 45 f32", run_linear, {37, 70, 45, 0, DM_F32}, 0},
+    {"linear", "N 1 in 256 out 100 +bias f32", run_linear, {1, 256, 100, 1, DM_F32}, 0},
+    {"linear", "N 256 in 96 out 288 +bias f32", run_linear, {256, 96, 288, 1, DM_F32}, 0},
+    {"linear", "N 1024 in 64 out 33 +bias f32", run_linear, {1024, 64, 33, 1, DM_F32}, 0},
+    {"linear", "N 61 in 48 out 70 +bias bf16", run_linear, {61, 48, 70, 1, DM_BF16}, 0},
+    {"linear", "N 61 in 48 out 70 +bias f16", run_linear, {61, 48, 70, 1, DM_F16}, 0},
+    {"layernorm_mod", "B 3 T 19 D 40 modulate", run_layernorm_mod, {3, 19, 40, 1}, 0},
+    {"layernorm_mod", "B 2 T 256 D 96 modulate", run_layernorm_mod, {2, 256, 96, 1}, 0},
+    {"layernorm_mod", "B 1 T 1024 D 64 plain", run_layernorm_mod, {1, 1024, 64, 0}, 0},
+    {"gated_add", "B 3 T 19 D 40", run_gated_add, {3, 19, 40}, 0},
+    {"gated_add", "B 2 T 256 D 96", run_gated_add, {2, 256, 96}, 0},
+    {"silu", "n 1000", run_silu, {1000}, 0},
+    {"silu", "n 65537", run_silu, {65537}, 0},
+    {"timestep_embed", "B 5 (t 0, 999, random)", run_timestep_embed, {5}, 0},
+    {"patchify", "B 2 C 3 S 8 p 2", run_patch, {2, 3, 8, 2, 0}, 0},
+    {"patchify", "B 3 C 4 S 32 p 2 (T 256)", run_patch, {3, 4, 32, 2, 0}, 0},
+    {"unpatchify", "B 2 C 3 S 8 p 2", run_patch, {2, 3, 8, 2, 1}, 0},
+    {"unpatchify", "B 2 C 4 S 64 p 2 (T 1024)", run_patch, {2, 4, 64, 2, 1}, 0},
+    {"add_rows", "B 3 n 256*40", run_add, {3, 256 * 40, 1, 0}, 0},
+    {"embed_add", "B 5 D 40 rows 11", run_add, {5, 40, 11, 1}, 0},
+    {"attention", "B 2 T 23 H 3 hd 16", run_attention, {2, 23, 3, 16, 0}, 0},
+    {"attention", "B 2 T 23 H 3 hd 16 qk-norm", run_attention, {2, 23, 3, 16, 1}, 0},
+    {"attention", "B 1 T 256 H 2 hd 32 qk-norm", run_attention, {1, 256, 2, 32, 1}, 0},
+    {"attention", "B 1 T 1024 H 1 hd 8", run_attention, {1, 1024, 1, 8, 0}, 0},
     /* ffn: {kind, E, k, shared, act, B, T, null image} */
-    {"ffn", "softmax top-2 E 8 +shared B 3 T 19", run_ffn, {SM, 8, 2, 1, 0, 3, 19, -1}},
-    {"ffn", "softmax top-1 E 16 B 2 T 3 (empty groups)", run_ffn, {SM, 16, 1, 0, 0, 2, 3, -1}},
-    {"ffn", "softmax top-2 E 16 +shared B 1 T 256", run_ffn, {SM, 16, 2, 1, 0, 1, 256, -1}},
-    {"ffn", "softmax top-3 E 3 (k = E) +shared B 2 T 17", run_ffn, {SM, 3, 3, 1, 0, 2, 17, -1}},
-    {"ffn", "proto TC top-1 E 12+1 identity +shared B 3 T 19 null 1", run_ffn, {TC, 12, 1, 1, ID, 3, 19, 1}},
-    {"ffn", "proto TC top-2 E 12+1 softmax +shared B 2 T 256 null 0", run_ffn, {TC, 12, 2, 1, SMX, 2, 256, 0}},
-    {"ffn", "proto EC k 1 E 12+1 identity +shared B 3 T 19 null 1", run_ffn, {EC, 12, 1, 1, ID, 3, 19, 1}},
-    {"ffn", "proto EC k 2 E 8+1 sigmoid B 2 T 256 null 1", run_ffn, {EC, 8, 2, 0, SIG, 2, 256, 1}},
-    {"ffn", "proto EC k 4 E 4+1 (capacity T: full groups) B 2 T 16", run_ffn, {EC, 4, 4, 1, ID, 2, 16, -1}},
-    {"ffn", "proto EC k 1 E 16+1 (capacity 1) B 2 T 9 null 0", run_ffn, {EC, 16, 1, 1, SMX, 2, 9, 0}},
-    {"ffn", "dense GELU B 3 T 19", run_ffn, {DN, 0, 1, 0, 0, 3, 19, -1}},
-    {"ffn", "dense GELU B 1 T 1024", run_ffn, {DN, 0, 1, 0, 0, 1, 1024, -1}},
+    {"ffn", "softmax top-2 E 8 +shared B 3 T 19", run_ffn, {SM, 8, 2, 1, 0, 3, 19, -1}, 0},
+    {"ffn", "softmax top-1 E 16 B 2 T 3 (empty groups)", run_ffn, {SM, 16, 1, 0, 0, 2, 3, -1}, 0},
+    {"ffn", "softmax top-2 E 16 +shared B 1 T 256", run_ffn, {SM, 16, 2, 1, 0, 1, 256, -1}, 0},
+    {"ffn", "softmax top-3 E 3 (k = E) +shared B 2 T 17", run_ffn, {SM, 3, 3, 1, 0, 2, 17, -1}, 0},
+    {"ffn", "proto TC top-1 E 12+1 identity +shared B 3 T 19 null 1", run_ffn, {TC, 12, 1, 1, ID, 3, 19, 1}, 0},
+    {"ffn", "proto TC top-2 E 12+1 softmax +shared B 2 T 256 null 0", run_ffn, {TC, 12, 2, 1, SMX, 2, 256, 0}, 0},
+    {"ffn", "proto EC k 1 E 12+1 identity +shared B 3 T 19 null 1", run_ffn, {EC, 12, 1, 1, ID, 3, 19, 1}, 0},
+    {"ffn", "proto EC k 2 E 8+1 sigmoid B 2 T 256 null 1", run_ffn, {EC, 8, 2, 0, SIG, 2, 256, 1}, 0},
+    {"ffn", "proto EC k 4 E 4+1 (capacity T: full groups) B 2 T 16", run_ffn, {EC, 4, 4, 1, ID, 2, 16, -1}, 0},
+    {"ffn", "proto EC k 1 E 16+1 (capacity 1) B 2 T 9 null 0", run_ffn, {EC, 16, 1, 1, SMX, 2, 9, 0}, 0},
+    {"ffn", "dense GELU B 3 T 19", run_ffn, {DN, 0, 1, 0, 0, 3, 19, -1}, 0},
+    {"ffn", "dense GELU B 1 T 1024", run_ffn, {DN, 0, 1, 0, 0, 1, 1024, -1}, 0},
     /* conv2d: {Cin, H, W, Cout, k, acc, bias} */
-    {"conv2d", "Cin 5 7x9 Cout 6 k 3", run_conv2d, {5, 7, 9, 6, 3, 0, 1}},
-    {"conv2d", "Cin 5 7x9 Cout 6 k 3 acc", run_conv2d, {5, 7, 9, 6, 3, 1, 1}},
-    {"conv2d", "Cin 3 16x16 Cout 8 k 1 no bias", run_conv2d, {3, 16, 16, 8, 1, 0, 0}},
-    {"conv2d", "Cin 16 33x31 Cout 12 k 3 acc", run_conv2d, {16, 33, 31, 12, 3, 1, 1}},
-    {"conv2d", "Cin 8 1x1 Cout 4 k 3", run_conv2d, {8, 1, 1, 4, 3, 0, 1}},
-    {"group_norm", "C 64 HW 221 G 32 silu", run_group_norm, {64, 221, 32, 1, 0}},
-    {"group_norm", "C 48 HW 64 G 16 in place", run_group_norm, {48, 64, 16, 0, 1}},
-    {"upsample2x", "C 5 7x9", run_upsample, {5, 7, 9}},
-    {"vae_attention", "C 32 N 63 G 8", run_vae_attention, {32, 63, 8}},
-    {"vae_attention", "C 48 N 256 G 16", run_vae_attention, {48, 256, 16}},
+    {"conv2d", "Cin 5 7x9 Cout 6 k 3", run_conv2d, {5, 7, 9, 6, 3, 0, 1}, 0},
+    {"conv2d", "Cin 5 7x9 Cout 6 k 3 acc", run_conv2d, {5, 7, 9, 6, 3, 1, 1}, 0},
+    {"conv2d", "Cin 3 16x16 Cout 8 k 1 no bias", run_conv2d, {3, 16, 16, 8, 1, 0, 0}, 0},
+    {"conv2d", "Cin 16 33x31 Cout 12 k 3 acc", run_conv2d, {16, 33, 31, 12, 3, 1, 1}, 0},
+    {"conv2d", "Cin 8 1x1 Cout 4 k 3", run_conv2d, {8, 1, 1, 4, 3, 0, 1}, 0},
+    {"group_norm", "C 64 HW 221 G 32 silu", run_group_norm, {64, 221, 32, 1, 0}, 0},
+    {"group_norm", "C 48 HW 64 G 16 in place", run_group_norm, {48, 64, 16, 0, 1}, 0},
+    {"upsample2x", "C 5 7x9", run_upsample, {5, 7, 9}, 0},
+    {"vae_attention", "C 32 N 63 G 8", run_vae_attention, {32, 63, 8}, 0},
+    {"vae_attention", "C 48 N 256 G 16", run_vae_attention, {48, 256, 16}, 0},
+    /* --perf only: the shipped models' shapes (D 128, T 16, batch 32 with guidance) */
+    {"linear", "N 512 in 128 out 384 (qkv)", run_linear, {512, 128, 384, 1, DM_F32}, 1},
+    {"linear", "N 512 in 128 out 768 (adaLN-sized)", run_linear, {512, 128, 768, 1, DM_F32}, 1},
+    {"linear", "N 512 in 128 out 384 bf16", run_linear, {512, 128, 384, 1, DM_BF16}, 1},
+    {"attention", "B 32 T 16 H 4 hd 32", run_attention, {32, 16, 4, 32, 0}, 1},
+    {"ffn", "softmax top-2 E 8 +shared B 32 T 16", run_ffn, {SM, 8, 2, 1, 0, 32, 16, -1}, 1},
+    {"conv2d", "Cin 64 32x32 Cout 64 k 3", run_conv2d, {64, 32, 32, 64, 3, 0, 1}, 1},
 };
 
 static double tol_of(const char *op)
@@ -639,6 +648,7 @@ int main(int argc, char **argv)
         if (st != DM_OK) return printf("SKIP %s: %s\n", only_be, dm_last_error()), 0;
     }
     int pass = 0, fail = 0, skip = 0, matched = 0;
+    double t_cpu[sizeof k_cases / sizeof *k_cases] = {0}; /* --perf: the CPU backend's time */
     if (!only_op) { /* selection: a backend this build lacks is DM_ERR_ARG, never a fallback */
         for (int k = 0; k < DM_BACKEND_COUNT; k++) {
             if (dm_backend_check((dm_backend_kind)k) == DM_OK) continue;
@@ -670,7 +680,7 @@ int main(int argc, char **argv)
         }
         for (size_t i = 0; i < ncases; i++) {
             const tcase *t = &k_cases[i];
-            if (only_op && strcmp(only_op, t->op)) continue;
+            if ((only_op && strcmp(only_op, t->op)) || (t->perf_only && !g_perf)) continue;
             matched++;
             if (!dm_backend_has(be, t->op)) {
                 printf("SKIP %-5s %-14s %s: not in this backend's table\n", be->ops->name, t->op, t->desc);
@@ -695,6 +705,10 @@ int main(int argc, char **argv)
                 printf("  %s %.2f %s", be->ops->name, r.work * u / r.t_be, r.bytes_metric ? "GB/s" : "GFLOP/s");
                 if (r.t_ref > 0)
                     printf(", reference %.3f (x%.1f)", r.work * u / r.t_ref, r.t_ref / r.t_be);
+                if (be->kind == DM_BACKEND_CPU)
+                    t_cpu[i] = r.t_be;
+                else if (t_cpu[i] > 0)
+                    printf(", cpu %.2f (x%.1f)", r.work * u / t_cpu[i], t_cpu[i] / r.t_be);
             }
             printf("\n");
             ok ? pass++ : fail++;
