@@ -6,7 +6,9 @@
 
 #include <stddef.h>
 
+#ifndef DM_VAE_EPS
 #define DM_VAE_EPS 1e-6f /* every GroupNorm of the decoder */
+#endif
 
 /* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
  * zero padding (k-1)/2, k odd; sums in double. */
@@ -18,12 +20,16 @@ void dm_vae_conv2d_ref(const float *x, int Cin, int H, int W, const float *w, co
 void dm_vae_group_norm_ref(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
                            const float *beta, int silu, float *y);
 
-/* Mid-block attention weights, host float32 (weights [C, C] (out, in), vectors [C]). */
+/* Mid-block attention weights, host float32 (weights [C, C] (out, in), vectors [C]). The guard
+ * lets backend/cpu's kernel header declare the same struct. */
+#ifndef DM_VAE_ATTN_W_DEFINED
+#define DM_VAE_ATTN_W_DEFINED
 typedef struct {
     const float *gn_g, *gn_b;      /* [C] */
     const float *wq, *bq, *wk, *bk; /* [C, C], [C] */
     const float *wv, *bv, *wo, *bo; /* [C, C], [C] */
 } dm_vae_attn_w;
+#endif
 /* In place: x [C, N] += Wo·attn(GN(x)) + bo, single head of dim C, scale 1/sqrt(C), tokens
  * n = y*W + x, G norm groups (eps 1e-6). */
 void dm_vae_attention_ref(float *x, int C, int N, int G, const dm_vae_attn_w *aw);
