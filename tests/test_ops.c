@@ -1,8 +1,7 @@
 /* Op-level tests: every fast CPU kernel against its plain reference (tolerances stated inline),
  * and the embedding layouts against independent formulas. */
-#include "backend/cpu/ops.h"
+#include "backend/cpu/cpu.h"
 #include "dit/model.h"
-#include "router/moe.h"
 
 #include <check.h>
 #include <math.h>
@@ -170,113 +169,8 @@ END_TEST
 START_TEST(attention_qknorm_matches_reference) { check_attention(1); }
 END_TEST
 
-static dm_mlp_w rand_mlp(dm_mlp_act act, int D, int F)
-{
-    int F1 = act == DM_MLP_SWIGLU ? 2 * F : F, bias = act == DM_MLP_GELU_TANH;
-    return (dm_mlp_w){act, F, rand_pmat(F1, D, 0.3f), bias ? rand_buf(F1, 0.3f) : NULL,
-                      rand_pmat(D, F, 0.3f), bias ? rand_buf(D, 0.3f) : NULL};
-}
-static void free_mlp(dm_mlp_w *m) { dm_pmat_free(&m->w1), free(m->b1), dm_pmat_free(&m->w2), free(m->b2); }
-
-/* DiT-MoE layer (softmax top-k, SwiGLU) or ProMoE layer (prototypes, GELU, uncond expert). */
-static void make_moe(dm_moe_w *w, dm_route_kind kind, int E, int k, int D, int F, int Fs)
-{
-    int promoe = kind != DM_ROUTE_SOFTMAX_TOPK;
-    dm_mlp_act act = promoe ? DM_MLP_GELU_TANH : DM_MLP_SWIGLU;
-    *w = (dm_moe_w){.kind = kind, .E = E, .k = k, .D = D, .n_experts = E + promoe};
-    float *g = rand_buf((size_t)E * D, 1);
-    if (promoe) /* unit-norm prototypes, as the loader stores them */
-        for (int e = 0; e < E; e++) {
-            double nn = 0;
-            for (int d = 0; d < D; d++) nn += g[e * D + d] * g[e * D + d];
-            for (int d = 0; d < D; d++) g[e * D + d] /= (float)sqrt(nn);
-        }
-    ck_assert_int_eq(dm_pmat_pack(&w->gate, g, E, D), 0);
-    free(g);
-    w->experts = calloc(w->n_experts, sizeof *w->experts);
-    for (int e = 0; e < w->n_experts; e++) w->experts[e] = rand_mlp(act, D, F);
-    w->shared = Fs ? rand_mlp(act, D, Fs) : (dm_mlp_w){0};
-}
-static void free_moe(dm_moe_w *w)
-{
-    for (int e = 0; e < w->n_experts; e++) free_mlp(&w->experts[e]);
-    free(w->experts), dm_pmat_free(&w->gate), free_mlp(&w->shared);
-}
-
-static void check_moe(dm_route_kind kind, int E, int k, int shared, dm_gate_act act)
-{
-    int T = 19, B = 3, N = B * T, D = 32, F = 64;
-    int64_t y[3] = {2, 10, 5}; /* image 1 is unconditional (null id 10) */
-    dm_moe_w w;
-    make_moe(&w, kind, E, k, D, F, shared ? 48 : 0);
-    w.act = act;
-    float *h = rand_buf((size_t)N * D, 1.5f);
-    float *out = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
-    int32_t *ids = malloc(sizeof(int32_t) * N * k);
-    float *wts = malloc(sizeof(float) * N * k);
-    dm_moe_scratch s = {0};
-    ck_assert_int_eq(dm_moe_scratch_reserve(&s, N, D, F, w.n_experts, k), 0);
-    dm_moe_route(&w, h, N, T, y, 10, &s);
-    dm_moe_route_ref(&w, h, N, T, y, 10, ids, wts);
-    /* Grouping: each expert's slice holds tokens that chose it, ascending, weights matching. */
-    for (int e = 0; e < w.n_experts; e++) {
-        int prev = -1;
-        for (int i = s.r.offset[e]; i < s.r.offset[e + 1]; i++) {
-            int tok = s.r.rows[i];
-            ck_assert_int_gt(tok, prev);
-            prev = tok;
-            if (kind != DM_ROUTE_PROTO_EC) {
-                int found = 0;
-                for (int j = 0; j < k; j++) found |= s.r.ids[tok * k + j] == e;
-                ck_assert(found);
-            }
-        }
-    }
-    for (int i = 0; i < N * k; i++) {
-        ck_assert_int_eq(s.r.ids[i], ids[i]);
-        ck_assert_float_eq_tol(s.r.weights[i], wts[i], 1e-5f);
-    }
-    for (int n = 0; n < N; n++) { /* descending weights; uncond tokens -> expert E, weight 1 */
-        for (int j = 1; j < k; j++)
-            if (s.r.ids[n * k + j] >= 0) ck_assert_float_ge(s.r.weights[n * k + j - 1], s.r.weights[n * k + j]);
-        if (kind != DM_ROUTE_SOFTMAX_TOPK && n / T == 1) {
-            ck_assert_int_eq(s.r.ids[n * k], E);
-            ck_assert_float_eq(s.r.weights[n * k], 1.0f);
-        }
-    }
-    dm_moe_apply(&w, h, N, &s, out);
-    dm_moe_forward_ref(&w, h, N, T, y, 10, r);
-    ck_assert_double_le(rel_err(out, r, (size_t)N * D), 1e-5);
-    dm_moe_scratch_free(&s);
-    free_moe(&w), free(h), free(out), free(r), free(ids), free(wts);
-}
-START_TEST(moe_top2_shared) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 8, 2, 1, 0); }
-END_TEST
-START_TEST(moe_top1_no_shared) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 4, 1, 0, 0); }
-END_TEST
-START_TEST(moe_topk_equals_e) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 3, 3, 1, 0); }
-END_TEST
-START_TEST(promoe_token_choice) { check_moe(DM_ROUTE_PROTO_TC, 6, 1, 1, DM_GATE_IDENTITY); }
-END_TEST
-START_TEST(promoe_token_choice_top2_softmax) { check_moe(DM_ROUTE_PROTO_TC, 6, 2, 1, DM_GATE_SOFTMAX); }
-END_TEST
-START_TEST(promoe_expert_choice) { check_moe(DM_ROUTE_PROTO_EC, 4, 1, 1, DM_GATE_IDENTITY); }
-END_TEST
-START_TEST(promoe_expert_choice_sigmoid) { check_moe(DM_ROUTE_PROTO_EC, 5, 2, 0, DM_GATE_SIGMOID); }
-END_TEST
-
-START_TEST(gelu_mlp_matches_reference)
-{
-    int n = 13, D = 24, F = 40;
-    dm_mlp_w m = rand_mlp(DM_MLP_GELU_TANH, D, F);
-    float *x = rand_buf((size_t)n * D, 1), *a = malloc(sizeof(float) * n * F), *h = malloc(sizeof(float) * n * F);
-    float *y = malloc(sizeof(float) * n * D), *r = malloc(sizeof(float) * n * D);
-    dm_mlp_forward(&m, x, n, D, a, h, y);
-    dm_mlp_forward_ref(&m, x, n, D, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)n * D), 1e-5);
-    free_mlp(&m), free(x), free(a), free(h), free(y), free(r);
-}
-END_TEST
+/* The MoE layer (routing, grouping, experts, combine) and the dense MLP are tested through the
+ * backend table in test_backend_ops.c (op "ffn"), against router/moe.h's references. */
 
 START_TEST(patchify_layout)
 {
@@ -341,14 +235,6 @@ int main(void)
     tcase_add_test(tc, layernorm_matches_reference);
     tcase_add_test(tc, attention_matches_reference);
     tcase_add_test(tc, attention_qknorm_matches_reference);
-    tcase_add_test(tc, moe_top2_shared);
-    tcase_add_test(tc, moe_top1_no_shared);
-    tcase_add_test(tc, moe_topk_equals_e);
-    tcase_add_test(tc, promoe_token_choice);
-    tcase_add_test(tc, promoe_token_choice_top2_softmax);
-    tcase_add_test(tc, promoe_expert_choice);
-    tcase_add_test(tc, promoe_expert_choice_sigmoid);
-    tcase_add_test(tc, gelu_mlp_matches_reference);
     tcase_add_test(tc, patchify_layout);
     tcase_add_test(tc, timestep_is_cos_then_sin);
     tcase_add_test(tc, pos_embed_column_first_sin_first);

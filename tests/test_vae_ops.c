@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "ditmoe.h"
+#include "backend/cpu/ops.h"
 #include "vae/vae_internal.h"
 
 #define TOL 1e-5f
