@@ -2,7 +2,8 @@
 
 Files are written by Debian's torch (torch.save, zip and legacy formats) from random-weight
 models in the official layouts of both families (tests/ref). Checked:
-- ditmoe-convert IN.pt OUT.safetensors gives the tensors (bit for bit, names, order, dtypes) and
+- ditmoe-convert IN.pt OUT.safetensors gives a file byte-identical to tools/convert_checkpoint.py's
+  (checked also field by field): the tensors (bit for bit, names, order, dtypes) and
   the "ditmoe" config of tools/convert_checkpoint.py, for bare and training dicts (optimizer
   state, ema/model nesting, module. prefixes), f16/bf16/f64 and non-contiguous tensors, flags;
 - ditmoe-forward / ditmoe-sample --model X.pt give bytes equal to the converted safetensors;
@@ -146,6 +147,7 @@ class Families(Base):
         a = self.py_convert(src, *flags)
         b = self.c_convert(src, *flags)
         cfg = self.assert_same_file_content(a, b)
+        self.assertEqual(read(a), read(b), "ditmoe-convert's file is not byte-identical")
         if forward and not flags:
             self.forward_equal(src, a, classes=classes)
         return cfg
@@ -212,7 +214,7 @@ class Families(Base):
         names = self.path("names.txt")
         with open(names, "w") as f:
             f.write("\n".join(f"class {i}" for i in range(10)) + "\n\n")
-        self.check(dit_sd(7), "--top-k", "1", "--objective", "rf", "--name", "tiny",
+        self.check(dit_sd(7), "--top-k", "1", "--objective", "rf", "--name", "tiny \u00e9\u2603\U0001d11e \"q\"",
                    "--class-names", names, "--sampler", "heun", "--steps", "9", "--cfg-scale",
                    "2.5", "--vae-scale", "0.13025", forward=False)
         self.check(promoe_sd(8), "--promoe-variant", "ec", "--router", "softmax", "--top-k", "2",

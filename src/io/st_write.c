@@ -41,9 +41,10 @@ dm_status dm_st_write(const char *path, int n, const dm_st_tensor *t, const char
             return dm_fail(DM_ERR_ARG, "%s: %s: %zu bytes for %zu %s elements", path, t[i].name,
                            t[i].nbytes, count, dm_dtype_name(t[i].dtype));
         }
-        cJSON *e = cJSON_AddObjectToObject(h, t[i].name);
-        cJSON *sh = e ? cJSON_AddArrayToObject(e, "shape") : NULL;
-        ok &= e && cJSON_AddStringToObject(e, "dtype", dm_dtype_name(t[i].dtype)) && sh;
+        cJSON *e = cJSON_AddObjectToObject(h, t[i].name); /* dtype, shape, data_offsets */
+        ok &= e && cJSON_AddStringToObject(e, "dtype", dm_dtype_name(t[i].dtype));
+        cJSON *sh = ok ? cJSON_AddArrayToObject(e, "shape") : NULL;
+        ok &= sh != NULL;
         for (int d = 0; ok && d < t[i].ndim; d++)
             ok &= cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)t[i].shape[d]));
         cJSON *o = ok ? cJSON_AddArrayToObject(e, "data_offsets") : NULL;
