@@ -62,7 +62,37 @@ def write(p, data):
 
 
 def run(*args, cwd=None, env=None):
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=env,
+                          errors="replace")
+
+
+class _Storage:
+    """A storage stand-in for hand-made pickles: pickled as torch's persistent id."""
+
+    def __init__(self, key, numel, cls=torch.FloatStorage):
+        self.key, self.numel, self.cls = key, numel, cls
+
+
+class _Tensor:
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride), False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", obj.cls, obj.key, "cpu", obj.numel)
+        return None
+
+
+def fake_pkl(obj, protocol=2):
+    """data.pkl bytes for obj (dicts of _Tensor), exactly as torch.save pickles tensors."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=protocol).dump(obj)
+    return buf.getvalue()
 
 
 class Base(unittest.TestCase):
@@ -328,6 +358,95 @@ class Malformed(Base):
         self.assertIn("expected a dict", msg)
         msg = self.fail_line(self.save({"a": torch.zeros(3)}, "other.pt"), "ditmoe-convert")
         self.assertIn("missing tensor", msg)
+
+    def test_storage_too_small_for_shape(self):
+        st = _Storage("0", 10)
+        for size, stride, off, want in (((4, 3), (3, 1), 0, "needs element 11"),
+                                        ((2, 2), (1, 5), 4, "needs element 10"),
+                                        ((3,), (1,), 8, "needs element 10")):
+            with self.subTest(size=size, stride=stride, offset=off):
+                pkl = fake_pkl({"x_embedder.proj.weight": _Tensor(st, off, size, stride)})
+                msg = self.fail_line(self.zip_with(pkl, {"0": b"\0" * 40}), "ditmoe-convert")
+                self.assertIn(want, msg)
+                self.assertIn("x_embedder.proj.weight", msg)
+        # numel in the persistent id larger than the storage entry
+        pkl = fake_pkl({"x_embedder.proj.weight": _Tensor(_Storage("0", 11), 0, (10,), (1,))})
+        self.assertIn("holds 40 bytes", self.fail_line(self.zip_with(pkl, {"0": b"\0" * 40})))
+        # storage entry missing, unsupported dtype
+        pkl = fake_pkl({"x_embedder.proj.weight": _Tensor(_Storage("7", 1), 0, (1,), (1,))})
+        self.assertIn("archive/data/7", self.fail_line(self.zip_with(pkl, {"0": b"\0" * 4})))
+        pkl = fake_pkl({"x_embedder.proj.weight": _Tensor(_Storage("0", 4, torch.ShortStorage),
+                                                         0, (4,), (1,))})
+        self.assertIn("int16", self.fail_line(self.zip_with(pkl, {"0": b"\0" * 8})))
+
+    def test_hand_made_pickle_loads(self):
+        """A state dict pickled by Python's own pickler (protocol 2 and 4: FRAME, MEMOIZE,
+        SHORT_BINUNICODE, STACK_GLOBAL) in a zip written by zipfile loads like torch's."""
+        sd = dit_sd(11)
+        ref = self.save(sd, "ref.pt")
+        storages, obj = {}, collections.OrderedDict()
+        for i, (k, v) in enumerate(sd.items()):
+            storages[str(i)] = v.contiguous().numpy().tobytes()
+            obj[k] = _Tensor(_Storage(str(i), v.numel()), 0, v.shape, v.stride())
+        for proto in (2, 4):
+            with self.subTest(protocol=proto):
+                p = self.zip_with(fake_pkl({"ema": obj}, proto), storages, f"hand{proto}.pt")
+                a = self.c_convert(ref, out="a.safetensors")
+                b = self.c_convert(p, out="b.safetensors")
+                self.assertEqual(read(a), read(b))
+
+    def test_zip64(self):
+        """ZIP64 local extras (zipfile force_zip64) and a ZIP64 end record."""
+        src = self.good()
+        with zipfile.ZipFile(src) as z:
+            items = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+        p = self.path("z64.pt")
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
+            for n, d in items:
+                with z.open(n, "w", force_zip64=True) as f:
+                    f.write(d)
+        data = bytearray(read(p))
+        e = data.rfind(b"PK\x05\x06")
+        cnt, cd_size, cd_off = struct.unpack_from("<HII", data, e + 10)
+        if data[e - 20:e - 16] != b"PK\x06\x07":      # add a ZIP64 end record + locator
+            z64 = struct.pack("<IQHHIIQQQQ", 0x06064b50, 44, 45, 45, 0, 0, cnt, cnt, cd_size, cd_off)
+            loc = struct.pack("<IIQI", 0x07064b50, 0, e, 1)
+            tail = bytearray(data[e:])
+            struct.pack_into("<HHII", tail, 8, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+            data = data[:e] + z64 + loc + tail
+        write(p, bytes(data))
+        a = self.c_convert(src, out="a.safetensors")
+        b = self.c_convert(p, out="b.safetensors")
+        self.assertEqual(read(a), read(b))
+
+    def test_compressed_entry(self):
+        src = self.good()
+        with zipfile.ZipFile(src) as z:
+            items = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+        p = self.path("deflated.pt")
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+            for n, d in items:
+                z.writestr(n, d)
+        self.assertIn("compressed", self.fail_line(p))
+
+    def test_random_corruption(self):
+        """Flipped bytes in data.pkl: an error line or a loadable file, never a crash."""
+        sd = {"x_embedder.proj.weight": torch.randn(4, 4, 2, 2), "pos_embed": torch.randn(1, 4, 4)}
+        src = self.save({"model": sd, "opt": {"state": {0: {"step": torch.tensor(3.0)}}}})
+        with zipfile.ZipFile(src) as z:
+            names = z.namelist()
+            pkl = z.read([n for n in names if n.endswith("data.pkl")][0])
+            stor = {n.split("/data/")[1]: z.read(n) for n in names if "/data/" in n}
+        rng = np.random.RandomState(0)
+        for trial in range(60):
+            bad = bytearray(pkl)
+            for _ in range(1 + trial % 3):
+                bad[rng.randint(2, len(bad))] = rng.randint(256)
+            p = self.zip_with(bytes(bad), stor, "fuzz.pt")
+            r = run(os.path.join(BIN, "ditmoe-convert"), p, self.path("f.safetensors"))
+            self.assertIn(r.returncode, (0, 2), r.stderr)
+            if r.returncode:
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
 
 
 if __name__ == "__main__":

@@ -178,10 +178,18 @@ static dm_status resolve_global(pk *p, const char *mod, const char *name)
     else if (!strcmp(mod, "torch"))
         for (size_t i = 0; i < sizeof k_storages / sizeof k_storages[0]; i++)
             if (!strcmp(name, k_storages[i].name)) g = PG_STORAGE, dtype = k_storages[i].dtype;
-    if (g < 0)
+    if (g < 0) { /* printable copies: the names come from the file */
+        char m[64], nm[64];
+        size_t i;
+        for (i = 0; mod[i] && i + 1 < sizeof m; i++) m[i] = mod[i] > 0x20 && mod[i] < 0x7f ? mod[i] : '?';
+        m[i] = '\0';
+        for (i = 0; name[i] && i + 1 < sizeof nm; i++) nm[i] = name[i] > 0x20 && name[i] < 0x7f ? name[i] : '?';
+        nm[i] = '\0';
+        mod = m, name = nm;
         return FAIL(p, "forbidden global %s.%s (only tensor/storage rebuilds, OrderedDict and "
                        "argparse.Namespace are allowed; nothing in the file is executed)",
                     mod, name);
+    }
     int v = new_value(p, PV_GLOBAL);
     if (v < 0) return oom(p);
     p->g->v[v].g = g;
