@@ -11,6 +11,7 @@ models in the official layouts of both families (tests/ref). Checked:
   storage too small) fail with one line naming the file and exit 2, executing nothing.
 Run: /usr/bin/python3 tests/test_pt_load.py   (env DITMOE_BIN, DITMOE_SRC)"""
 import collections
+import ctypes
 import io
 import json
 import os
@@ -447,6 +448,84 @@ class Malformed(Base):
             self.assertIn(r.returncode, (0, 2), r.stderr)
             if r.returncode:
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+
+
+class Overrides(Base):
+    """dm_load_opts.cfg (what the CLI flags will fill): a .pt that needs flags, loaded through
+    libditmoe.so with overrides, computes the bits of the file converted with the same flags."""
+
+    class Ov(ctypes.Structure):
+        _fields_ = [("heads", ctypes.c_int), ("top_k", ctypes.c_int), ("num_classes", ctypes.c_int),
+                    ("objective", ctypes.c_char_p), ("class_names", ctypes.c_char_p),
+                    ("name", ctypes.c_char_p), ("promoe_variant", ctypes.c_char_p),
+                    ("router", ctypes.c_char_p), ("vae_scale", ctypes.c_double),
+                    ("sampler", ctypes.c_char_p), ("steps", ctypes.c_int),
+                    ("cfg_scale", ctypes.c_double), ("cfg_channels", ctypes.c_int)]
+
+    class LoadOpts(ctypes.Structure):
+        _fields_ = [("backend", ctypes.c_int), ("device", ctypes.c_int), ("cfg", ctypes.c_void_p)]
+
+    @classmethod
+    def setUpClass(cls):
+        build = os.environ.get("DITMOE_BUILD") or os.path.dirname(BIN)
+        cls.lib = ctypes.CDLL(os.path.join(build, "lib", "libditmoe.so"))
+        cls.lib.dm_last_error.restype = ctypes.c_char_p
+        cls.lib.dm_model_load_opts.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+        cls.lib.dm_model_forward.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
+        cls.lib.dm_model_free.argtypes = [ctypes.c_void_p]
+
+    def load(self, path, **over):
+        ov = self.Ov()
+        self.lib.dm_config_overrides_init(ctypes.byref(ov))
+        for k, v in over.items():
+            setattr(ov, k, v.encode() if isinstance(v, str) else v)
+        lo = self.LoadOpts()
+        self.lib.dm_load_opts_init(ctypes.byref(lo))
+        lo.cfg = ctypes.cast(ctypes.byref(ov), ctypes.c_void_p).value
+        m = ctypes.c_void_p()
+        st = self.lib.dm_model_load_opts(path.encode(), ctypes.byref(lo), ctypes.byref(m))
+        return st, m, self.lib.dm_last_error().decode()
+
+    def forward(self, m, x, t, y, cout):
+        out = np.zeros((x.shape[0], cout) + x.shape[2:], np.float32)
+        st = self.lib.dm_model_forward(m, x.shape[0], x.ctypes.data, t.ctypes.data, y.ctypes.data,
+                                       out.ctypes.data, None)
+        self.assertEqual(st, 0, self.lib.dm_last_error())
+        return out
+
+    def compare(self, sd, flags, over, cout):
+        src = self.save(sd)
+        conv = self.py_convert(src, *flags)
+        st, m_pt, err = self.load(src, **over)
+        self.assertEqual(st, 0, err)
+        st, m_st, err = self.load(conv)
+        self.assertEqual(st, 0, err)
+        rng = np.random.RandomState(1)
+        x = rng.randn(2, 4, 8, 8).astype(np.float32)
+        t = np.array([0.2, 0.7], np.float32) * 999
+        y = np.array([2, 10], np.int64)
+        a, b = self.forward(m_pt, x, t, y, cout), self.forward(m_st, x, t, y, cout)
+        self.lib.dm_model_free(m_pt)
+        self.lib.dm_model_free(m_st)
+        self.assertEqual(a.tobytes(), b.tobytes())
+        return a
+
+    def test_heads_top_k(self):
+        sd = randomize_(DiTMoE(**dict(DIT, hidden_size=64, num_heads=4)), 12).state_dict()
+        st, _, err = self.load(self.save(sd, "noflags.pt"))
+        self.assertEqual(st, 3, err)                       # DM_ERR_FORMAT
+        self.assertIn("pass --heads N", err)
+        a = self.compare(sd, ["--heads", "4", "--top-k", "1"], dict(heads=4, top_k=1), 8)
+        b = self.compare(sd, ["--heads", "4"], dict(heads=4), 8)
+        self.assertNotEqual(a.tobytes(), b.tobytes(), "top_k override had no effect")
+
+    def test_promoe_variant_router(self):
+        sd = promoe_sd(13, num_experts=4)
+        self.compare(sd, ["--promoe-variant", "ec", "--router", "sigmoid", "--top-k", "2"],
+                     dict(promoe_variant="ec", router="sigmoid", top_k=2), 4)
+        st, _, err = self.load(self.save(dit_sd(0), "d.pt"), router="softmax")
+        self.assertEqual(st, 1, err)                       # DM_ERR_ARG
+        self.assertIn("--router: only for ProMoE", err)
 
 
 if __name__ == "__main__":
