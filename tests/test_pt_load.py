@@ -279,6 +279,22 @@ class Families(Base):
                 z.append(f.read())
         self.assertEqual(z[0], z[1])
 
+    def test_imagenet_names_default(self):
+        """1000-class models without names take ImageNet's: --class 'golden retriever' is 207."""
+        src = self.save({"ema": dit_sd(14, num_classes=1000, depth=1, num_experts=2)})
+        z = []
+        for i, cls in enumerate(("golden retriever", "207")):
+            out = self.path(f"in{i}.npy")
+            r = run(os.path.join(BIN, "ditmoe-sample"), "--model", src, "--class", cls, "--steps",
+                    "1", "--seed", "3", "--latent-only", "--save-latent", out, "-q")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            z.append(read(out))
+        self.assertEqual(z[0], z[1])
+        r = run(os.path.join(BIN, "ditmoe-sample"), "--model", src, "--class", "not a class",
+                "--latent-only", "--save-latent", self.path("n.npy"), "-q")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("class name from the model's table", r.stderr)
+
 
 class Malformed(Base):
     def good(self, legacy=False):
