@@ -36,7 +36,7 @@ import promoe_ref  # noqa: E402
 
 CONVERTER = os.path.join(SRC, "tools", "convert_checkpoint.py")
 # Released hidden size (S, 384) so no flag is needed; small depth/grid to stay fast.
-DIT = dict(hidden_size=384, depth=2, num_heads=6, num_experts=4, top_k=2, attention="timm",
+DIT = dict(hidden_size=384, depth=2, num_heads=6, num_experts=2, top_k=2, attention="timm",
            patch_size=2, input_size=8, in_channels=4, learn_sigma=True, num_classes=10)
 
 
@@ -188,7 +188,7 @@ class Families(Base):
         for legacy in (False, True):
             with self.subTest(legacy=legacy):
                 cfg = self.check(sd, legacy=legacy)
-                self.assertEqual(cfg["name"], "DiT-MoE-S/2-4E2A")
+                self.assertEqual(cfg["name"], "DiT-MoE-S/2-2E2A")
 
     def test_ditmoe_qknorm_rf(self):
         cfg = self.check(dit_sd(2, attention="qknorm", learn_sigma=False))

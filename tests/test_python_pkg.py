@@ -89,6 +89,23 @@ class Package(unittest.TestCase):
         y = np.array([1, 10], np.int64)
         self.assertEqual(m.forward(x, t, y).tobytes(), self.cli_forward(st, x, t, y).tobytes())
 
+    def test_overrides_on_metadata(self):
+        """Overrides given for a safetensors file replace fields of its "ditmoe" metadata."""
+        base = ditmoe.Model(MODEL)
+        m = ditmoe.Model(MODEL, top_k=1, name="renamed")
+        self.assertEqual((m.config.top_k, m.config.name), (1, "renamed"))
+        self.assertNotEqual(base.config.top_k, 1)
+        x = np.zeros((1, 4, base.config.input_size, base.config.input_size), np.float32) + 0.3
+        t, y = np.array([0.5], np.float32), np.array([2], np.int64)
+        self.assertNotEqual(base.forward(x, t, y).tobytes(), m.forward(x, t, y).tobytes())
+        with self.assertRaises(ditmoe.Error) as e:
+            ditmoe.Model(MODEL, router="softmax")
+        self.assertEqual(e.exception.kind, "ARG")
+        self.assertIn("--router: only for ProMoE", str(e.exception))
+        with self.assertRaises(ditmoe.Error) as e:
+            ditmoe.Model(MODEL, heads=5)                 # 128 % 5: cross-checked like metadata
+        self.assertIn("num_heads", str(e.exception))
+
     def test_errors(self):
         with self.assertRaises(ditmoe.Error) as e:
             ditmoe.Model(self.path("missing.safetensors"))
