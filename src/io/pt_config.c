@@ -108,10 +108,12 @@ static dm_status read_class_names(const ictx *c, int num_classes, cJSON *cfg)
     FILE *fp = fopen(path, "rb");
     if (!fp) return dm_fail(DM_ERR_IO, "%s: --class-names %s: %s", c->p, path, strerror(errno));
     cJSON *arr = cJSON_AddArrayToObject(cfg, "class_names");
-    char line[4096];
+    char *line = NULL;
+    size_t lcap = 0;
+    ssize_t got;
     int n = 0, last_nonblank = 0;
-    while (arr && fgets(line, sizeof line, fp)) {
-        size_t len = strlen(line);
+    while (arr && (got = getline(&line, &lcap, fp)) >= 0) {
+        size_t len = (size_t)got;
         while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
         cJSON_AddItemToArray(arr, cJSON_CreateString(line));
         n++;
@@ -119,6 +121,7 @@ static dm_status read_class_names(const ictx *c, int num_classes, cJSON *cfg)
         for (size_t i = 0; i < len; i++) blank &= isspace((unsigned char)line[i]) != 0;
         if (!blank) last_nonblank = n;
     }
+    free(line);
     fclose(fp);
     if (!arr) return dm_fail(DM_ERR_NOMEM, "out of memory");
     while (n > last_nonblank) cJSON_DeleteItemFromArray(arr, --n); /* trailing blank lines */
