@@ -43,6 +43,9 @@ dm_status dm_config_infer_json(const dm_st_file *f, const dm_config_overrides *o
 /* The file's own "ditmoe" metadata with the given overrides applied (malloc'd). */
 dm_status dm_config_overlay_json(const char *path, const char *meta, const dm_config_overrides *ov,
                                  char **json);
+/* A cJSON tree (const cJSON *) printed as Python's json.dumps would (pyjson.c); malloc'd, or
+ * NULL when out of memory. */
+char *dm_json_python(const void *json);
 /* ImageNet-1k class names compiled into the library (imagenet.c): the name of class i, or NULL. */
 const char *dm_imagenet_class(int i);
 /* A 1000-class model without class names gets the ImageNet names. */
