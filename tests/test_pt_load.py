@@ -484,7 +484,11 @@ class Overrides(Base):
     @classmethod
     def setUpClass(cls):
         build = os.environ.get("DITMOE_BUILD") or os.path.dirname(BIN)
-        cls.lib = ctypes.CDLL(os.path.join(build, "lib", "libditmoe.so"))
+        so = os.path.join(build, "lib", "libditmoe.so")
+        if "libasan" in run("ldd", so).stdout and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+            raise unittest.SkipTest("sanitizer build: the library can only be loaded into Python "
+                                    "with LD_PRELOAD=$(gcc -print-file-name=libasan.so)")
+        cls.lib = ctypes.CDLL(so)
         cls.lib.dm_last_error.restype = ctypes.c_char_p
         cls.lib.dm_model_load_opts.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
         cls.lib.dm_model_forward.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
