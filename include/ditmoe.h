@@ -69,9 +69,11 @@ int dm_backend_from_name(const char *s, dm_backend_kind *out);  /* 0 ok, -1 unkn
 dm_status dm_backend_check(dm_backend_kind k);
 
 /* Options of dm_model_load_opts / dm_vae_load_opts; dm_load_opts_init fills every default. */
+typedef struct dm_config_overrides dm_config_overrides; /* see "PyTorch checkpoints" below */
 typedef struct {
     dm_backend_kind backend; /* DM_BACKEND_CPU                                            */
     int device;              /* accelerator ordinal (cuda), 0                             */
+    const dm_config_overrides *cfg; /* what the weights cannot tell (.pt files), NULL = none */
 } dm_load_opts;
 void dm_load_opts_init(dm_load_opts *o);
 
@@ -116,6 +118,47 @@ const char *dm_st_meta(const dm_st_file *f, const char *key);
  * convert to float32 into a new malloc'd buffer *out (caller frees). */
 dm_status dm_st_load_f32(const dm_st_file *f, const char *name, int ndim, const int64_t *shape,
                          float **out);
+
+/* ---------------------------------------------------------------------------------------------
+ * PyTorch checkpoints and configuration overrides (src/io/pt*.c, pickle.c, pt_config.c,
+ * st_write.c). dm_st_open also takes the .pt/.pth files torch.save writes (zip format, and the
+ * legacy pre-1.6 format): recognised by their magic bytes, the tensors are mapped from the file
+ * like safetensors ones. The pickle is read by a small interpreter that only builds tensors,
+ * storages, dicts, lists and tuples and refuses every global outside an allowlist: nothing in the
+ * file is ever executed (unlike torch.load). The state dict is found as
+ * tools/convert_checkpoint.py finds it (ema_model_state_dict / ema / model / module / state_dict
+ * / model_state_dict wrappers, "module." / "model." prefixes); other entries (optimizer state,
+ * args) are skipped without touching their tensors.
+ * What the weights cannot tell comes from overrides (the converter's flags); unset fields
+ * default from the released-config table exactly as the converter does, so loading a .pt gives
+ * the configuration (and the bits) of the safetensors the converter makes from it.
+ * ------------------------------------------------------------------------------------------- */
+struct dm_config_overrides {
+    int heads;                  /* --heads, -1 = released table                                 */
+    int top_k;                  /* --top-k, -1 = 2 (DiT-MoE), 1 (ProMoE)                        */
+    int num_classes;            /* --num-classes, -1 = embedding rows - 1                       */
+    const char *objective;      /* --objective "ddpm" | "rf", NULL = from the attention layout  */
+    const char *class_names;    /* --class-names FILE (one name a line), NULL = none            */
+    const char *name;           /* --name, NULL = released name or ""                           */
+    const char *promoe_variant; /* --promoe-variant "tc" | "ec" (ProMoE only), NULL = tc       */
+    const char *router;         /* --router "identity" | "softmax" | "sigmoid", NULL = identity */
+    double vae_scale;           /* --vae-scale, 0 = 0.18215                                     */
+    const char *sampler;        /* stored sampling defaults: NULL / -1 / NaN = objective's      */
+    int steps;
+    double cfg_scale;
+    int cfg_channels;
+};
+void dm_config_overrides_init(dm_config_overrides *o); /* everything unset */
+int dm_config_overrides_any(const dm_config_overrides *o); /* 1 if some field is set */
+/* dm_st_open with overrides kept with the file for dm_config_from_file (ov may be NULL). */
+dm_status dm_st_open_opts(const char *path, const dm_config_overrides *ov, dm_st_file **out);
+int dm_st_is_pt(const dm_st_file *f); /* 1: the file is a PyTorch checkpoint */
+/* The "ditmoe" configuration JSON of f as the converter writes it (its metadata, or inferred
+ * from the tensors for .pt / metadata-less files; f's overrides applied). malloc'd string. */
+dm_status dm_config_json(const dm_st_file *f, char **json);
+/* Write a safetensors file atomically (temp file + rename): the n tensors in order, contiguous
+ * data, and the metadata pairs meta = {key, value, key, value, ..., NULL} (may be NULL). */
+dm_status dm_st_write(const char *path, int n, const dm_st_tensor *t, const char *const *meta);
 
 /* ---------------------------------------------------------------------------------------------
  * .npy (src/io/npy.c): float32 / int32 / int64 / uint8, C order, little endian.

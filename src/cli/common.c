@@ -120,11 +120,15 @@ static int exe_dir(char *buf, size_t n)
     return 1;
 }
 
-static int candidates(const char *name, char out[3][PATH_MAX])
+static int candidates(const char *name, char out[4][PATH_MAX])
 {
     int k = 0;
     char dir[PATH_MAX / 2];
-    if (exe_dir(dir, sizeof dir)) snprintf(out[k++], PATH_MAX, "%s/../../assets/%s", dir, name);
+    if (exe_dir(dir, sizeof dir)) {
+        snprintf(out[k++], PATH_MAX, "%s/../../assets/%s", dir, name);
+        /* installed: <prefix>/bin/ditmoe-* and <prefix>/share/ditmoe/assets */
+        snprintf(out[k++], PATH_MAX, "%s/../share/ditmoe/assets/%s", dir, name);
+    }
     const char *env = getenv("DITMOE_ASSETS");
     if (env && *env) snprintf(out[k++], PATH_MAX, "%s/%s", env, name);
 #ifdef DITMOE_SOURCE_DIR
@@ -135,7 +139,7 @@ static int candidates(const char *name, char out[3][PATH_MAX])
 
 int dm_default_asset(const char *name, char *buf, size_t n)
 {
-    char c[3][PATH_MAX];
+    char c[4][PATH_MAX];
     int k = candidates(name, c);
     for (int i = 0; i < k; i++)
         if (access(c[i], R_OK) == 0) {
@@ -149,7 +153,7 @@ int dm_default_asset(const char *name, char *buf, size_t n)
 
 void dm_default_asset_places(const char *name, char *buf, size_t n)
 {
-    char c[3][PATH_MAX];
+    char c[4][PATH_MAX];
     int k = candidates(name, c);
     size_t used = 0;
     buf[0] = '\0';

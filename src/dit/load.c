@@ -326,7 +326,7 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
     }
     m->be = be;
     dm_st_file *f = NULL;
-    st = dm_st_open(path, &f);
+    st = dm_st_open_opts(path, o->cfg, &f); /* overrides: .pt files (pt_config.c) */
     if (st == DM_OK) st = load_all(m, f);
     dm_st_close(f);
     if (st != DM_OK) {
