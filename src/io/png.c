@@ -64,7 +64,7 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
 
     char tmp[DM_ATOMIC_TMP_MAX];
     FILE *fp = dm_atomic_open(path, tmp);
-    if (!fp) return DM_ERR_IO;
+    if (!fp) return DM_ERR_WRITE;
 
     png_err_ctx err;
     err.msg[0] = '\0';
@@ -83,7 +83,7 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
         free(chunks);
         free(rows);
         dm_atomic_abort(fp, tmp);
-        return dm_fail(DM_ERR_IO, "%s: PNG write failed: %s", path, err.msg);
+        return dm_fail(DM_ERR_WRITE, "%s: PNG write failed: %s", path, err.msg);
     }
     chunks = calloc((size_t)ntext + 1, sizeof(png_text));
     rows = malloc((size_t)h * sizeof(png_bytep));
