@@ -42,8 +42,8 @@ static const dm_cli_opt OPTS[] = {
      "images per forward batch; 2B rows with guidance", NULL},
     {'o', "output", DM_OPT_STR, &A.out, 0, 0, "FILE",
      "sample.png for one image or --grid, else sample-%03d.png",
-     "output image: .png (tEXt metadata), .jpg/.jpeg (metadata in a COM comment) or .bmp;\n"
-     "a printf %d (e.g. out-%03d.png) gives one file per image", NULL},
+     "output image: .png (tEXt metadata), .jpg/.jpeg (metadata in a COM\n"
+     "comment) or .bmp; a printf %d (e.g. out-%03d.png) gives one file per image", NULL},
     {'\0', "quality", DM_OPT_INT, &A.quality, 1, 100, "Q", "90", "JPEG quality", NULL},
     {'\0', "grid", DM_OPT_SET, &A.grid, 1, 0, NULL, "off",
      "one contact sheet (a row per class, labelled) instead of files", NULL},

@@ -61,9 +61,11 @@ static dm_status set_value(const dm_cli_opt *o, const char *flag, const char *v)
             return dm_fail(DM_ERR_ARG, "%s '%s': expected one of %s", flag, v, names);
         }
         if ((st = dm_backend_check(k))) {
-            char msg[512];
+            char msg[512], lead[64];
             snprintf(msg, sizeof msg, "%s", dm_last_error());
-            return dm_fail(st, "%s %s: %s", flag, v, msg);
+            snprintf(lead, sizeof lead, "backend %s: ", v); /* the flag says it already */
+            const size_t nl = strlen(lead);
+            return dm_fail(st, "%s %s: %s", flag, v, strncmp(msg, lead, nl) ? msg : msg + nl);
         }
         *(dm_backend_kind *)o->dest = k;
         break;
@@ -182,10 +184,17 @@ void dm_cli_usage(const dm_cli_prog *p, FILE *f)
             fprintf(f, " %.*s\n  %-22s", (int)(nl - h), h, "");
             h = nl + 1;
         }
-        if (o->kind == DM_OPT_HELP || o->kind == DM_OPT_VERSION)
+        if (o->kind == DM_OPT_HELP || o->kind == DM_OPT_VERSION) {
             fprintf(f, " %s\n", h);
+            continue;
+        }
+        /* the default on the last help line when it fits in 100 columns, else on its own */
+        char d[200];
+        snprintf(d, sizeof d, "(default: %s)", o->dflt ? o->dflt : "none");
+        if (25 + strlen(h) + 1 + strlen(d) <= 100)
+            fprintf(f, " %s %s\n", h, d);
         else
-            fprintf(f, " %s (default: %s)\n", h, o->dflt ? o->dflt : "none");
+            fprintf(f, " %s\n  %-22s %s\n", h, "", d);
     }
     if (p->footer) fprintf(f, "%s", p->footer);
 }

@@ -102,7 +102,7 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o);
     {'\0', "threads", DM_OPT_INT, &(c).threads, 0, 4096, "N", dflt, "threads", &(c).have_threads}
 #define DM_CLI_BACKEND_OPTS(c)                                                                   \
     {'\0', "backend", DM_OPT_BACKEND, &(c).backend, 0, 0, "NAME", "cpu",                        \
-     "compute backend: cpu | cuda (cuda needs a build with -DDITMOE_CUDA=ON)", NULL},           \
+     "compute backend: cpu | cuda (cuda: a build with -DDITMOE_CUDA=ON)", NULL},                \
     {'\0', "device", DM_OPT_INT, &(c).device, 0, 1024, "N", "0",                                \
      "accelerator ordinal (--backend cuda)", NULL}
 #define DM_CLI_LOG_OPTS(c)                                                                       \
@@ -121,7 +121,7 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o);
 /* Model + VAE files (default: the shipped assets, see dm_default_asset). */
 #define DM_CLI_MODEL_OPTS(model, vae)                                                            \
     {'\0', "model", DM_OPT_STR, &(model), 0, 0, "FILE", DM_DEFAULT_MODEL " in the assets dir",   \
-     "DiT-MoE / ProMoE .safetensors (assets dir: <exe>/../../assets, then $DITMOE_ASSETS)",      \
+     "DiT-MoE / ProMoE .safetensors\n(assets dir: <exe>/../../assets, then $DITMOE_ASSETS)",     \
      NULL},                                                                                      \
     {'\0', "vae", DM_OPT_STR, &(vae), 0, 0, "FILE", DM_DEFAULT_VAE " in the assets dir",         \
      "VAE decoder .safetensors", NULL}
