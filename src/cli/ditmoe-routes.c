@@ -632,12 +632,8 @@ int main(int argc, char **argv)
     const args_t a = A;
     gathered_t g;
     memset(&g, 0, sizeof g);
-    if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
-        st = dm_fail(DM_ERR_WRITE, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
-        goto done;
-    }
     const double t0 = dm_time_sec();
-    if ((st = gather(&a, &g))) goto done;
+    if ((st = gather(&a, &g))) goto done; /* read every dump before creating anything */
     if (a.have_sample && !g.ov_dump && !a.no_png) {
         st = dm_fail(DM_ERR_ARG, "--sample %llu: no such image in the %s half of the dumps",
                      (unsigned long long)a.sample, a.uncond ? "unconditional" : "conditional");
@@ -651,6 +647,10 @@ int main(int argc, char **argv)
     if (g.c.rows == 0)
         dm_log(DM_LOG_INFO, "no %s rows in the dumps%s", a.uncond ? "unconditional" : "conditional",
                a.uncond ? " (was guidance off?)" : "");
+    if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
+        st = dm_fail(DM_ERR_WRITE, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
+        goto done;
+    }
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/routes.json", a.out);
     if ((st = write_json(&a, &g, Xc, path))) goto done;
