@@ -460,6 +460,28 @@ dm_status dm_write_file_atomic(const char *path, const void *data, size_t n);
 /* Pick the writer from the extension (quality: JPEG only; BMP drops text). */
 dm_status dm_image_write(const char *path, int w, int h, int channels, const uint8_t *pix,
                          int quality, const char *const *text);
+/* Read a PNG as 8-bit RGB [h, w, 3] (malloc'd; gray and alpha converted). DM_ERR_IO when the
+ * file cannot be opened, DM_ERR_FORMAT when it is not a readable PNG. */
+dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb);
+
+/* A tiny RGB canvas for figures (src/trace/render.c, ditmoe-routes): filled rectangles, a 5x7
+ * bitmap font, the routing figures' colour scales. */
+typedef struct {
+    int w, h;
+    uint8_t *pix; /* [h, w, 3] */
+} dm_canvas;
+dm_status dm_canvas_init(dm_canvas *c, int w, int h); /* white */
+void dm_canvas_free(dm_canvas *c);
+void dm_canvas_rect(dm_canvas *c, int x, int y, int w, int h, const uint8_t rgb[3]);
+/* Text in the 5x7 font at integer scale (glyph cell 6x8 * scale); lower case is drawn as upper
+ * case, unknown characters as a box. Returns the width drawn. */
+int dm_canvas_text(dm_canvas *c, int x, int y, int scale, const char *s, const uint8_t rgb[3]);
+int dm_text_width(const char *s, int scale);
+/* Diverging scale for a ratio r to uniform (r = P * E, 1 = uniform): log2 r clipped to
+ * [-2, 2], blue (1/4x) - white (1x) - red (4x). */
+void dm_color_ratio(double r, uint8_t rgb[3]);
+/* Distinct colour of expert e (a fixed 16-colour palette, cycled). */
+void dm_color_expert(int e, uint8_t rgb[3]);
 
 /* ---------------------------------------------------------------------------------------------
  * Generation pipeline (src/pipeline): model + VAE opened together and checked against each other

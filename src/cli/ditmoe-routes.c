@@ -7,7 +7,6 @@
  * 1 runtime failure (memory, an output that cannot be written). */
 #include "common.h"
 #include "flags.h"
-#include "trace/render.h" /* internal: canvas, font, colour scales (see CMakeLists.txt) */
 
 #include <cjson/cJSON.h>
 #include <errno.h>
