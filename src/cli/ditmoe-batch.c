@@ -8,7 +8,6 @@
  * Generation is the library's pipeline (dm_pipeline_*); this program keeps its own jobs: shards,
  * the manifest and resume. Exit codes (ditmoe.h dm_exit_code): 0 ok, 2 bad input (flags, files,
  * mismatched manifest), 1 runtime failure (memory, non-finite values, unwritable output). */
-#include "batch/batch.h" /* internal: shards, manifest, resume scan, npz (see CMakeLists.txt) */
 #include "common.h"
 #include "flags.h"
 
