@@ -643,7 +643,9 @@ dm_status dm_pipeline_generate(dm_pipeline *p, const dm_sample_params *sp, int B
  * dm_image_write's text), strings held in the struct itself. Keys: Software, ditmoe-version,
  * model, vae (base names), backend, class ("3 (Dress)" or "3"), sampler, steps, cfg-scale,
  * cfg-channels ("3" or "all"), cfg-interval ("lo,hi"), eta, seed, num-train-steps,
- * image-index. Floats are written with the fewest digits that read back to the same float. */
+ * image-index. Floats are written with the fewest digits that read back to the same float.
+ * kv points into the struct itself, so use it in place (do not copy the struct); bindings can
+ * read keys[i] / vals[i] for i < n directly. */
 #define DM_GEN_TEXT_MAX 24
 typedef struct {
     const char *kv[2 * DM_GEN_TEXT_MAX + 1];
