@@ -110,7 +110,7 @@ dm_status dm_jpeg_write(const char *path, int w, int h, int channels, const uint
                      : dm_fail(DM_ERR_WRITE, "%s: JPEG encoding failed", path);
     }
     /* SOI, then COM (FF FE, length = 2 + text bytes, big endian), then the rest as encoded. */
-    uint8_t *head = malloc(4 + clen + 2);
+    uint8_t *head = malloc(6 + clen + 1); /* SOI, COM marker + length, text, sprintf's NUL */
     if (!head) {
         free(m.p);
         return dm_fail(DM_ERR_NOMEM, "out of memory");
@@ -123,9 +123,9 @@ dm_status dm_jpeg_write(const char *path, int w, int h, int channels, const uint
         head[nh++] = 0xFE;
         head[nh++] = (uint8_t)((clen + 2) >> 8);
         head[nh++] = (uint8_t)((clen + 2) & 0xFF);
-        for (int i = 0; text[2 * i]; i++) {
-            nh += (size_t)sprintf((char *)head + nh, "%s=%s\n", text[2 * i], text[2 * i + 1]);
-        }
+        for (int i = 0; text[2 * i]; i++)
+            nh += (size_t)snprintf((char *)head + nh, 6 + clen + 1 - nh, "%s=%s\n", text[2 * i],
+                                   text[2 * i + 1]);
     }
     st = write_parts(path, head, nh, m.p + 2, m.n - 2);
     free(head);
