@@ -68,14 +68,14 @@ dm_status dm_batch_manifest_write(const char *dir, const dm_batch_params *p, int
     FILE *f = dm_atomic_open(path, tmp);
     if (!f) {
         free(text);
-        return DM_ERR_IO;
+        return DM_ERR_WRITE;
     }
     size_t len = strlen(text);
     int ok = fwrite(text, 1, len, f) == len && fputc('\n', f) != EOF;
     free(text);
     if (!ok) {
         dm_atomic_abort(f, tmp);
-        return dm_fail(DM_ERR_IO, "%s: write failed", path);
+        return dm_fail(DM_ERR_WRITE, "%s: write failed", path);
     }
     return dm_atomic_commit(f, tmp, path);
 }

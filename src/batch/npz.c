@@ -51,7 +51,7 @@ static void put64(uint8_t *p, uint64_t v)
 static dm_status out(dm_npz *z, const void *p, size_t n)
 {
     if (n && fwrite(p, 1, n, z->f) != n)
-        return dm_fail(DM_ERR_IO, "%s: write failed: %s", z->path, strerror(errno));
+        return dm_fail(DM_ERR_WRITE, "%s: write failed: %s", z->path, strerror(errno));
     z->pos += n;
     return DM_OK;
 }
@@ -87,7 +87,7 @@ dm_status dm_npz_open(const char *path, int force_zip64, dm_npz **outp)
     z->f = dm_atomic_open(path, z->tmp);
     if (!z->f) {
         free(z);
-        return DM_ERR_IO;
+        return DM_ERR_WRITE;
     }
     *outp = z;
     return DM_OK;
@@ -170,7 +170,7 @@ dm_status dm_npz_end(dm_npz *z)
     put32(c, m->crc);
     if (fseeko(z->f, (off_t)(m->offset + 14), SEEK_SET) != 0 || fwrite(c, 1, 4, z->f) != 4 ||
         fseeko(z->f, 0, SEEK_END) != 0)
-        return dm_fail(DM_ERR_IO, "%s: cannot patch the CRC of %s: %s", z->path, m->name,
+        return dm_fail(DM_ERR_WRITE, "%s: cannot patch the CRC of %s: %s", z->path, m->name,
                        strerror(errno));
     z->open = 0;
     return DM_OK;

@@ -330,12 +330,12 @@ dm_status dm_npy_write(const char *path, dm_dtype dtype, int ndim, const int64_t
 
     char tmp[DM_ATOMIC_TMP_MAX];
     FILE *fp = dm_atomic_open(path, tmp);
-    if (!fp) return DM_ERR_IO;
+    if (!fp) return DM_ERR_WRITE;
     if (fwrite(head, 1, total, fp) != total ||
         (nbytes && fwrite(data, 1, (size_t)nbytes, fp) != nbytes)) {
         int e = errno;
         dm_atomic_abort(fp, tmp);
-        return dm_fail(DM_ERR_IO, "%s: write failed: %s", path, strerror(e));
+        return dm_fail(DM_ERR_WRITE, "%s: write failed: %s", path, strerror(e));
     }
     return dm_atomic_commit(fp, tmp, path);
 }

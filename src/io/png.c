@@ -1,7 +1,9 @@
 /* PNG output (libpng), written atomically, with tEXt chunks carrying the generation parameters;
- * and the float [-1,1] CHW -> uint8 HWC conversion DiT's sample_ddp.py uses. */
+ * PNG input as 8-bit RGB (overlays); and the float [-1,1] CHW -> uint8 HWC conversion DiT's
+ * sample_ddp.py uses. */
 #include "io/atomic.h"
 
+#include <errno.h>
 #include <png.h>
 #include <setjmp.h>
 #include <stdlib.h>
@@ -64,7 +66,7 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
 
     char tmp[DM_ATOMIC_TMP_MAX];
     FILE *fp = dm_atomic_open(path, tmp);
-    if (!fp) return DM_ERR_IO;
+    if (!fp) return DM_ERR_WRITE;
 
     png_err_ctx err;
     err.msg[0] = '\0';
@@ -83,7 +85,7 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
         free(chunks);
         free(rows);
         dm_atomic_abort(fp, tmp);
-        return dm_fail(DM_ERR_IO, "%s: PNG write failed: %s", path, err.msg);
+        return dm_fail(DM_ERR_WRITE, "%s: PNG write failed: %s", path, err.msg);
     }
     chunks = calloc((size_t)ntext + 1, sizeof(png_text));
     rows = malloc((size_t)h * sizeof(png_bytep));
@@ -106,4 +108,38 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
     free(chunks);
     free(rows);
     return dm_atomic_commit(fp, tmp, path);
+}
+
+dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb)
+{
+    *rgb = NULL;
+    png_image im;
+    memset(&im, 0, sizeof im);
+    im.version = PNG_IMAGE_VERSION;
+    FILE *probe = fopen(path, "rb");
+    if (!probe) return dm_fail(DM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    fclose(probe);
+    if (!png_image_begin_read_from_file(&im, path))
+        return dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
+    im.format = PNG_FORMAT_RGB;
+    if (im.width < 1 || im.height < 1 || (uint64_t)im.width * im.height > 1u << 26) {
+        png_image_free(&im);
+        return dm_fail(DM_ERR_FORMAT, "%s: PNG of %ux%u pixels is out of range", path, im.width,
+                       im.height);
+    }
+    uint8_t *buf = malloc(PNG_IMAGE_SIZE(im));
+    if (!buf) {
+        png_image_free(&im);
+        return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+    }
+    if (!png_image_finish_read(&im, NULL, buf, 0, NULL)) {
+        free(buf);
+        dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
+        png_image_free(&im);
+        return DM_ERR_FORMAT;
+    }
+    *w = (int)im.width;
+    *h = (int)im.height;
+    *rgb = buf;
+    return DM_OK;
 }

@@ -158,14 +158,14 @@ dm_status dm_trace_open(const char *path, const dm_trace_shape *s, const dm_conf
     tr->f = dm_atomic_open(path, tr->tmp);
     if (!tr->f) {
         dm_trace_abort(tr);
-        return DM_ERR_IO;
+        return DM_ERR_WRITE;
     }
     setvbuf(tr->f, NULL, _IOFBF, 1 << 20);
     uint8_t head[DM_TRACE_HEAD_BYTES] = {0};
     memcpy(head, DM_TRACE_MAGIC, 8); /* offsets stay 0 until dm_trace_close */
     if (fwrite(head, 1, sizeof head, tr->f) != sizeof head) {
         dm_trace_abort(tr);
-        return dm_fail(DM_ERR_IO, "%s: write failed", path);
+        return dm_fail(DM_ERR_WRITE, "%s: write failed", path);
     }
     *out = tr;
     return DM_OK;
@@ -285,7 +285,7 @@ dm_status dm_trace_write(dm_trace *tr, int R, const float *t, const int64_t *y,
         p += (size_t)s->layers * RT;
     }
     if (fwrite(tr->buf, 1, need, tr->f) != need) {
-        tr->failed = dm_fail(DM_ERR_IO, "%s: write failed (disk full?)", tr->path);
+        tr->failed = dm_fail(DM_ERR_WRITE, "%s: write failed (disk full?)", tr->path);
         return tr->failed;
     }
     if (tr->batch == 0) {
@@ -357,7 +357,7 @@ dm_status dm_trace_close(dm_trace *tr)
     if (fwrite(text, 1, len, tr->f) != len || fseek(tr->f, 8, SEEK_SET) != 0 ||
         fwrite(off, 1, 16, tr->f) != 16) {
         free(text);
-        st = dm_fail(DM_ERR_IO, "%s: write failed (disk full?)", tr->path);
+        st = dm_fail(DM_ERR_WRITE, "%s: write failed (disk full?)", tr->path);
         dm_trace_abort(tr);
         return st;
     }
