@@ -1,0 +1,313 @@
+/* Low-precision GEMMs (backend/cpu/lowp.h): bf16, int8 per channel, int4 per group of 32.
+ * Each kernel against its plain reference (same rounding / quantisation, double sums) and against
+ * the float32 product (the quantisation error), on DiT-MoE shapes; batch, thread and
+ * fast-vs-portable invariance bit for bit; packing from 16-bit sources; bad shapes. Tolerances are
+ * stated where they are checked; the measured values are printed (ctest -V). */
+#include "backend/cpu/lowp.h"
+#include "backend/cpu/ops.h"
+
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+static float frand(void) /* uniform in [-1, 1) */
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((g_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static float grand(void) /* roughly normal (sum of 4 uniforms, unit variance) */
+{
+    return (frand() + frand() + frand() + frand()) * 0.8660254f;
+}
+static float *rand_buf(size_t n, float scale)
+{
+    float *p = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = grand() * scale;
+    return p;
+}
+static double rms(const float *b, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)b[i] * b[i];
+    return sqrt(s / (double)n);
+}
+/* max |a-b| / rms(b) */
+static double max_err(const float *a, const float *b, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - b[i]));
+    return m / fmax(1e-30, rms(b, n));
+}
+/* rms(a-b) / rms(b) */
+static double rms_err(const float *a, const float *b, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    return sqrt(s / (double)n) / fmax(1e-30, rms(b, n));
+}
+static double f32_ref_err(const float *y, const float *x, int N, const float *W, const float *b,
+                          int out, int in, double *maxe)
+{
+    float *r = malloc(sizeof(float) * N * out);
+    dm_linear_ref(x, N, in, W, b, out, r);
+    double e = rms_err(y, r, (size_t)N * out);
+    *maxe = max_err(y, r, (size_t)N * out);
+    free(r);
+    return e;
+}
+
+static const dm_lp_format FORMATS[] = {DM_LP_BF16, DM_LP_Q8, DM_LP_Q4};
+/* Fast vs plain reference (same rounded operands; only fp32 vs double summation differs):
+ * max |y - ref| / rms(ref). */
+static const double TOL_REF[] = {2e-5, 2e-6, 1e-5};
+/* Against the float32 product of the unrounded operands, rms(y - y32) / rms(y32), on these
+ * random (near-normal) inputs: bf16 rounds both operands (2^-9 relative each), int8 quantises
+ * both to 127 levels per row / column, int4 the weights to 16 levels per group of 32. */
+static const double TOL_F32[] = {8e-3, 2.5e-2, 1.5e-1};
+
+typedef struct {
+    int N, in, out;
+} shape;
+/* DiT-MoE S/2 .. XL shapes: adaLN at one image, qkv, an expert's down projection, XL hidden,
+ * widths that are not a multiple of the 32-column panel, and a small odd one. */
+static const shape SHAPES[] = {{1, 384, 2304},  {7, 1152, 4600}, {33, 1536, 384},
+                               {256, 384, 1000}, {5, 150, 45},   {2, 1152, 4608}};
+/* int4 takes only widths in multiples of 32 (the odd shape is for bf16 / int8 padding) */
+#define SKIP(f, sh) ((f) == DM_LP_Q4 && (sh).in % 32)
+
+START_TEST(kernels_match_reference)
+{
+    const dm_lp_format f = FORMATS[_i];
+    for (size_t s = 0; s < sizeof SHAPES / sizeof *SHAPES; s++) {
+        const shape sh = SHAPES[s];
+        if (SKIP(f, sh)) continue;
+        float *x = rand_buf((size_t)sh.N * sh.in, 1.0f), *W = rand_buf((size_t)sh.out * sh.in, 0.05f);
+        float *b = rand_buf((size_t)sh.out, 0.1f);
+        float *y = malloc(sizeof(float) * sh.N * sh.out), *r = malloc(sizeof(float) * sh.N * sh.out);
+        dm_lpmat m;
+        ck_assert_int_eq(dm_lp_pack(&m, f, W, DM_F32, sh.out, sh.in, "w"), DM_OK);
+        for (int with_bias = 0; with_bias < 2; with_bias++) {
+            const float *bb = with_bias ? b : NULL;
+            ck_assert_int_eq(dm_lp_linear(x, sh.N, &m, bb, y), DM_OK);
+            dm_lp_linear_ref(x, sh.N, &m, bb, r);
+            const double e = max_err(y, r, (size_t)sh.N * sh.out);
+            double e32max, e32 = f32_ref_err(y, x, sh.N, W, bb, sh.out, sh.in, &e32max);
+            printf("%s N=%d %d->%d bias=%d: vs ref max %.2e (tol %.0e); vs f32 rms %.2e (tol %.1e) "
+                   "max %.2e\n",
+                   dm_lp_format_name(f), sh.N, sh.in, sh.out, with_bias, e, TOL_REF[f], e32,
+                   TOL_F32[f], e32max);
+            ck_assert_double_le(e, TOL_REF[f]);
+            ck_assert_double_le(e32, TOL_F32[f]);
+        }
+        dm_lp_free(&m);
+        free(x), free(W), free(b), free(y), free(r);
+    }
+}
+END_TEST
+
+static int bits_equal(const float *a, const float *b, size_t n)
+{
+    return memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+/* A row computed alone, inside a batch of 7 at another offset, and inside the whole batch (256
+ * rows, every position in a tile) gives the same bits; 1 vs 2 threads too. */
+START_TEST(batch_and_thread_invariant)
+{
+    const dm_lp_format f = FORMATS[_i];
+    const int N = 256, in = 384, out = 1000;
+    float *x = rand_buf((size_t)N * in, 1.0f), *W = rand_buf((size_t)out * in, 0.05f);
+    float *b = rand_buf((size_t)out, 0.1f);
+    float *y = malloc(sizeof(float) * N * out), *z = malloc(sizeof(float) * N * out);
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_pack(&m, f, W, DM_F32, out, in, "w"), DM_OK);
+    dm_set_threads(2);
+    ck_assert_int_eq(dm_lp_linear(x, N, &m, b, y), DM_OK);
+    for (int n = 0; n < N; n += 37) {
+        ck_assert_int_eq(dm_lp_linear(x + (size_t)n * in, 1, &m, b, z), DM_OK);
+        ck_assert_msg(bits_equal(z, y + (size_t)n * out, out), "%s row %d alone differs",
+                      dm_lp_format_name(f), n);
+    }
+    ck_assert_int_eq(dm_lp_linear(x + (size_t)5 * in, 7, &m, b, z), DM_OK);
+    ck_assert_msg(bits_equal(z, y + (size_t)5 * out, (size_t)7 * out), "rows 5..11 as a batch of 7");
+    ck_assert_int_eq(dm_lp_linear(x + (size_t)3 * in, 33, &m, b, z), DM_OK);
+    ck_assert_msg(bits_equal(z, y + (size_t)3 * out, (size_t)33 * out), "rows 3..35 as a batch of 33");
+    dm_set_threads(1);
+    ck_assert_int_eq(dm_lp_linear(x, N, &m, b, z), DM_OK);
+    ck_assert_msg(bits_equal(z, y, (size_t)N * out), "%s: 1 vs 2 threads differ", dm_lp_format_name(f));
+    dm_set_threads(2);
+    dm_lp_free(&m);
+    free(x), free(W), free(b), free(y), free(z);
+}
+END_TEST
+
+/* The portable path (what a CPU without AVX512-BF16 / VNNI runs) gives the same bits as the
+ * native one, on every shape; for bf16 also the AVX512-without-BF16 build of the portable code. */
+START_TEST(portable_path_matches_native)
+{
+    const dm_lp_format f = FORMATS[_i];
+    const unsigned have = dm_cpu_features();
+    const unsigned need = f == DM_LP_BF16 ? DM_CPU_AVX512_BF16 : DM_CPU_AVX512_VNNI;
+    if (!(have & need))
+        printf("%s: this CPU (features %s) has no native path; the portable path is what the other "
+               "tests ran\n",
+               dm_lp_format_name(f), dm_cpu_features_string(have));
+    for (size_t s = 0; s < sizeof SHAPES / sizeof *SHAPES; s++) {
+        const shape sh = SHAPES[s];
+        if (SKIP(f, sh)) continue;
+        float *x = rand_buf((size_t)sh.N * sh.in, 1.0f), *W = rand_buf((size_t)sh.out * sh.in, 0.05f);
+        float *b = rand_buf((size_t)sh.out, 0.1f);
+        float *y = malloc(sizeof(float) * sh.N * sh.out), *z = malloc(sizeof(float) * sh.N * sh.out);
+        dm_lpmat m;
+        ck_assert_int_eq(dm_lp_pack(&m, f, W, DM_F32, sh.out, sh.in, "w"), DM_OK);
+        dm_cpu_force_features(DM_CPU_DETECT);
+        ck_assert_int_eq(dm_lp_linear(x, sh.N, &m, b, y), DM_OK);
+        const unsigned masks[] = {0u, DM_CPU_AVX512};
+        for (int k = 0; k < 2; k++) {
+            dm_cpu_force_features(masks[k]);
+            ck_assert_int_eq(dm_lp_linear(x, sh.N, &m, b, z), DM_OK);
+            ck_assert_msg(bits_equal(z, y, (size_t)sh.N * sh.out),
+                          "%s N=%d %d->%d: features %s differ from native (max %.3e)",
+                          dm_lp_format_name(f), sh.N, sh.in, sh.out,
+                          dm_cpu_features_string(masks[k]), max_err(z, y, (size_t)sh.N * sh.out));
+        }
+        dm_cpu_force_features(DM_CPU_DETECT);
+        dm_lp_free(&m);
+        free(x), free(W), free(b), free(y), free(z);
+    }
+}
+END_TEST
+
+/* Packing BF16 / F16 source weights gives the same packed matrix as their float32 values. */
+START_TEST(pack_from_16bit_sources)
+{
+    const dm_lp_format f = FORMATS[_i];
+    const int out = 70, in = 96, N = 9;
+    float *W = rand_buf((size_t)out * in, 0.05f), *x = rand_buf((size_t)N * in, 1.0f);
+    float *y = malloc(sizeof(float) * N * out), *z = malloc(sizeof(float) * N * out);
+    uint16_t *h = malloc(sizeof(uint16_t) * out * in);
+    for (int t = 0; t < 2; t++) {
+        const dm_dtype dt = t ? DM_F16 : DM_BF16;
+        for (int i = 0; i < out * in; i++) {
+            h[i] = t ? dm_f32_to_f16(W[i]) : dm_f32_to_bf16(W[i]);
+            W[i] = t ? dm_f16_to_f32(h[i]) : dm_bf16_to_f32(h[i]); /* the values h holds */
+        }
+        dm_lpmat a, c;
+        ck_assert_int_eq(dm_lp_pack(&a, f, W, DM_F32, out, in, "w"), DM_OK);
+        ck_assert_int_eq(dm_lp_pack(&c, f, (const char *)h, dt, out, in, "w"), DM_OK);
+        ck_assert_uint_eq(dm_lp_bytes(&a), dm_lp_bytes(&c));
+        for (int o = 0; o < out; o++)
+            for (int i = 0; i < in; i++) ck_assert(dm_lp_get(&a, o, i) == dm_lp_get(&c, o, i));
+        ck_assert_int_eq(dm_lp_linear(x, N, &a, NULL, y), DM_OK);
+        ck_assert_int_eq(dm_lp_linear(x, N, &c, NULL, z), DM_OK);
+        ck_assert(bits_equal(y, z, (size_t)N * out));
+        dm_lp_free(&a);
+        dm_lp_free(&c);
+    }
+    free(W), free(x), free(y), free(z), free(h);
+}
+END_TEST
+
+/* Zero rows give the bias; a non-finite activation makes its row's outputs NaN (as float32 would),
+ * leaving the other rows alone. */
+START_TEST(zero_and_nonfinite_rows)
+{
+    const dm_lp_format f = FORMATS[_i];
+    const int N = 3, in = 64, out = 40;
+    float *W = rand_buf((size_t)out * in, 0.05f), *x = rand_buf((size_t)N * in, 1.0f);
+    float *b = rand_buf((size_t)out, 0.1f), *y = malloc(sizeof(float) * N * out);
+    memset(x, 0, sizeof(float) * in);
+    x[2 * in + 7] = NAN;
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_pack(&m, f, W, DM_F32, out, in, "w"), DM_OK);
+    ck_assert_int_eq(dm_lp_linear(x, N, &m, b, y), DM_OK);
+    for (int o = 0; o < out; o++) {
+        ck_assert_float_eq(y[o], b[o]);
+        ck_assert(isfinite(y[out + o]));
+        ck_assert(isnan(y[2 * out + o]));
+    }
+    dm_lp_free(&m);
+    free(W), free(x), free(b), free(y);
+}
+END_TEST
+
+START_TEST(int4_needs_groups_of_32)
+{
+    float *W = rand_buf(8 * 100, 0.05f);
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_pack(&m, DM_LP_Q4, W, DM_F32, 8, 100, "blocks.0.moe.experts.1.w2"),
+                     DM_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "blocks.0.moe.experts.1.w2"));
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "multiple of 32"));
+    ck_assert_ptr_null(m.w);
+    /* int8 and bf16 take any width */
+    ck_assert_int_eq(dm_lp_pack(&m, DM_LP_Q8, W, DM_F32, 8, 100, "w"), DM_OK);
+    dm_lp_free(&m);
+    ck_assert_int_eq(dm_lp_pack(&m, DM_LP_Q4, W, DM_I32, 8, 96, "w"), DM_ERR_FORMAT);
+    free(W);
+}
+END_TEST
+
+/* Storage per format, and the G/2 routed-expert footprint it implies (printed for the record). */
+START_TEST(footprint)
+{
+    const int out = 2 * 4608, in = 1152; /* an XL-sized SwiGLU w1 */
+    float *W = rand_buf((size_t)out * in, 0.05f);
+    for (int k = 0; k < 3; k++) {
+        dm_lpmat m;
+        ck_assert_int_eq(dm_lp_pack(&m, FORMATS[k], W, DM_F32, out, in, "w"), DM_OK);
+        const double bpw = (double)dm_lp_bytes(&m) / ((double)out * in);
+        ck_assert_double_le(fabs(bpw - dm_lp_bytes_per_weight(FORMATS[k], in)), 1e-6);
+        /* DiT-MoE-G/2: 16.5e9 parameters, 92 % in routed experts, the rest kept in bf16 */
+        const double gb = (16.5e9 * 0.92 * bpw + 16.5e9 * 0.08 * 2.0) / 1e9;
+        printf("%s: %.4f bytes/weight; G/2 with %s routed experts ~ %.1f GB\n",
+               dm_lp_format_name(FORMATS[k]), bpw, dm_lp_format_name(FORMATS[k]), gb);
+        dm_lp_free(&m);
+    }
+    ck_assert_double_lt(dm_lp_bytes_per_weight(DM_LP_Q8, in), 1.01);
+    ck_assert_double_lt(dm_lp_bytes_per_weight(DM_LP_Q4, in), 0.57);
+    free(W);
+}
+END_TEST
+
+START_TEST(feature_names)
+{
+    ck_assert_str_eq(dm_cpu_features_string(0), "generic");
+    ck_assert_str_eq(dm_cpu_features_string(DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI),
+                     "avx512,bf16,vnni");
+    dm_lp_format f;
+    ck_assert_int_eq(dm_lp_format_from_name("int4", &f), 0);
+    ck_assert_int_eq(f, DM_LP_Q4);
+    ck_assert_int_eq(dm_lp_format_from_name("int3", &f), -1);
+    dm_cpu_force_features(0);
+    ck_assert_uint_eq(dm_cpu_features(), 0);
+    dm_cpu_force_features(DM_CPU_DETECT);
+    printf("this CPU: %s\n", dm_cpu_features_string(dm_cpu_features()));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("lowp");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 600);
+    tcase_add_loop_test(tc, kernels_match_reference, 0, 3);
+    tcase_add_loop_test(tc, batch_and_thread_invariant, 0, 3);
+    tcase_add_loop_test(tc, portable_path_matches_native, 0, 3);
+    tcase_add_loop_test(tc, pack_from_16bit_sources, 0, 3);
+    tcase_add_loop_test(tc, zero_and_nonfinite_rows, 0, 3);
+    tcase_add_test(tc, int4_needs_groups_of_32);
+    tcase_add_test(tc, footprint);
+    tcase_add_test(tc, feature_names);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
