@@ -236,6 +236,47 @@ START_TEST(zero_and_nonfinite_rows)
 }
 END_TEST
 
+/* Activation rounding on its edge cases, through both conversion paths: one row per value
+ * [x, 0] times W = [1, 0] gives y = bf16(x) exactly (RNE ties, values that round up to the next
+ * binade or to inf, denormals flushed, -0, inf, NaN). */
+START_TEST(bf16_rounding_edge_cases)
+{
+    enum { N = 40 };
+    float x[N * 2], y[N], z[N];
+    const float W[2] = {1.0f, 0.0f};
+    const uint32_t bits[] = {0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x3f7fffffu, 0x7f7fffffu,
+                             0x00000001u, 0x807fffffu, 0x00800000u, 0x80000000u, 0x7f800000u,
+                             0xff800000u, 0x7fc00001u, 0x3fffffffu, 0x00ffffffu, 0xbf808000u};
+    const int nb = (int)(sizeof bits / sizeof *bits);
+    for (int i = 0; i < N; i++) {
+        uint32_t u = i < nb ? bits[i] : (uint32_t)(0x3e000000u + (uint32_t)i * 0x00012345u);
+        memcpy(&x[2 * i], &u, 4);
+        x[2 * i + 1] = 0.0f;
+    }
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_pack(&m, DM_LP_BF16, W, DM_F32, 1, 2, "w"), DM_OK);
+    ck_assert_int_eq(dm_lp_linear(x, N, &m, NULL, y), DM_OK);
+    dm_cpu_force_features(0);
+    ck_assert_int_eq(dm_lp_linear(x, N, &m, NULL, z), DM_OK);
+    dm_cpu_force_features(DM_CPU_DETECT);
+    for (int i = 0; i < N; i++) {
+        const float xi = x[2 * i];
+        const uint16_t h = dm_lp_bf16_rne(xi);
+        if (isnan(xi)) {
+            ck_assert(isnan(y[i]) && isnan(z[i]));
+            continue;
+        }
+        const float e = dm_bf16_to_f32(h);
+        /* RNE, then a result below FLT_MIN flushed to +-0 (a denormal may round up to FLT_MIN) */
+        if (fabsf(e) >= 1.17549435e-38f) ck_assert_uint_eq(h, dm_f32_to_bf16(xi));
+        else ck_assert(e == 0.0f && signbit(e) == signbit(xi));
+        ck_assert_msg(y[i] == e, "x = %a: native %a, expected %a", xi, y[i], e);
+        ck_assert_msg(memcmp(&y[i], &z[i], 4) == 0, "x = %a: native %a, portable %a", xi, y[i], z[i]);
+    }
+    dm_lp_free(&m);
+}
+END_TEST
+
 START_TEST(int4_needs_groups_of_32)
 {
     float *W = rand_buf(8 * 100, 0.05f);
@@ -301,6 +342,7 @@ int main(void)
     tcase_add_loop_test(tc, portable_path_matches_native, 0, 3);
     tcase_add_loop_test(tc, pack_from_16bit_sources, 0, 3);
     tcase_add_loop_test(tc, zero_and_nonfinite_rows, 0, 3);
+    tcase_add_test(tc, bf16_rounding_edge_cases);
     tcase_add_test(tc, int4_needs_groups_of_32);
     tcase_add_test(tc, footprint);
     tcase_add_test(tc, feature_names);

@@ -4,6 +4,9 @@
 
 #include <math.h>
 #include <stdlib.h>
+#ifdef DM_LP_X86
+#include <immintrin.h>
+#endif
 
 const char *dm_lp_format_name(dm_lp_format f)
 {
@@ -58,6 +61,72 @@ float dm_lp_quant_row(const float *x, int in, uint8_t *u)
     }
     return amax / 127.0f;
 }
+
+/* Row converters: the portable ones above, and AVX512 ones that give the same bits (the same
+ * IEEE operations: |x| max, one float division, x * inv rounded to nearest even, the same integer
+ * bit trick for bf16); test_lowp checks the whole GEMM output both ways. */
+static void bf16_row(const float *x, int in, uint32_t *o)
+{
+    for (int k = 0; k < in / 2; k++)
+        o[k] = (uint32_t)dm_lp_bf16_rne(x[2 * k]) | (uint32_t)dm_lp_bf16_rne(x[2 * k + 1]) << 16;
+    if (in % 2) o[in / 2] = dm_lp_bf16_rne(x[in - 1]);
+}
+
+#ifdef DM_LP_X86
+#define TGT __attribute__((target(DM_TARGET_AVX512)))
+TGT static inline __m512i bf16_rne16(__m512 v) /* 16 floats -> 16 bf16 in the low halves */
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 den = _mm512_testn_epi32_mask(r, _mm512_set1_epi32(0x7f80));
+    return _mm512_mask_and_epi32(r, den, r, _mm512_set1_epi32(0x8000));
+}
+
+TGT static void bf16_row_avx512(const float *x, int in, uint32_t *o)
+{
+    uint16_t *h = (uint16_t *)o; /* x86 is little-endian: pair k = h[2k] | h[2k+1] << 16 */
+    for (int i = 0; i < in; i += 16) {
+        const __mmask16 m = in - i >= 16 ? 0xffff : (__mmask16)((1u << (in - i)) - 1);
+        const __m512i r = bf16_rne16(_mm512_maskz_loadu_ps(m, x + i));
+        _mm256_mask_storeu_epi16(h + i, m, _mm512_cvtepi32_epi16(r));
+    }
+    if (in % 2) h[in] = 0;
+}
+
+TGT static float quant_row_avx512(const float *x, int in, uint8_t *u)
+{
+    if (in <= 0) return 0.0f;
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int i = 0; i < in; i += 16) {
+        const __mmask16 m = in - i >= 16 ? 0xffff : (__mmask16)((1u << (in - i)) - 1);
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i));
+        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ);
+        mx = _mm512_max_ps(mx, a);
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    if (bad || amax == 0.0f) {
+        memset(u, 128, (size_t)in);
+        return bad ? NAN : 0.0f;
+    }
+    const float inv = 127.0f / amax;
+    const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int i = 0; i < in; i += 16) {
+        const __mmask16 m = in - i >= 16 ? 0xffff : (__mmask16)((1u << (in - i)) - 1);
+        __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vi),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+        _mm_mask_storeu_epi8(u + i, m, _mm512_cvtepi32_epi8(qi));
+    }
+    return amax / 127.0f;
+}
+#endif
 
 dm_status dm_lp_pack(dm_lpmat *m, dm_lp_format fmt, const void *W, dm_dtype dtype, int out, int in,
                      const char *name)
@@ -171,13 +240,11 @@ dm_status dm_lp_linear(const float *x, int N, const dm_lpmat *W, const float *b,
         if (!xb) return dm_fail(DM_ERR_NOMEM, "bf16 GEMM: no memory for %d x %d activations", N, in);
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
-            const float *r = x + (size_t)n * in;
-            uint32_t *o = xb + (size_t)n * kb;
-            for (int k = 0; k < kb; k++) {
-                uint32_t lo = dm_lp_bf16_rne(r[2 * k]);
-                uint32_t hi = 2 * k + 1 < in ? dm_lp_bf16_rne(r[2 * k + 1]) : 0u;
-                o[k] = lo | hi << 16;
-            }
+#ifdef DM_LP_X86
+            if (feat & DM_CPU_AVX512) bf16_row_avx512(x + (size_t)n * in, in, xb + (size_t)n * kb);
+            else
+#endif
+                bf16_row(x + (size_t)n * in, in, xb + (size_t)n * kb);
         }
         if (!(feat & DM_CPU_AVX512_BF16)) dm_cpu_note_fallback("bf16 GEMM", DM_CPU_AVX512 | DM_CPU_AVX512_BF16);
         dm_lp_gemm_bf16(xb, N, W, b, y, feat);
@@ -194,7 +261,11 @@ dm_status dm_lp_linear(const float *x, int N, const dm_lpmat *W, const float *b,
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         uint8_t *o = xu + (size_t)n * ld;
-        sx[n] = dm_lp_quant_row(x + (size_t)n * in, in, o);
+#ifdef DM_LP_X86
+        if (feat & DM_CPU_AVX512) sx[n] = quant_row_avx512(x + (size_t)n * in, in, o);
+        else
+#endif
+            sx[n] = dm_lp_quant_row(x + (size_t)n * in, in, o);
         for (size_t i = (size_t)in; i < ld; i++) o[i] = 128;
     }
     if (!(feat & DM_CPU_AVX512_VNNI))

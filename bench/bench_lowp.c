@@ -1,0 +1,155 @@
+/* bench_lowp: the low-precision GEMMs (backend/cpu/lowp.h) against our float32 packed GEMM
+ * (dm_linear_packed), all measured in this run on the same inputs, on DiT-MoE S/2 shapes (D = 384)
+ * at 2 and 16 images of 256 tokens. Prints GFLOP/s (2 N in out / time, the activation rounding or
+ * quantisation included), the speed-up over f32, and the fraction of this CPU's peak for the
+ * instruction each kernel uses, the peak measured here by a register-only loop (16 independent
+ * accumulators per thread, all threads) of vfmadd231ps / vdpbf16ps / vpdpbusd.
+ *   build/bin/bench_lowp [threads] [reps]     (defaults 2, 5)
+ *   DITMOE_CPU_FEATURES=generic build/bin/bench_lowp   (the portable paths) */
+#include "backend/cpu/lowp.h"
+#include "backend/cpu/ops.h"
+#include "ditmoe.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define X86 1
+#endif
+
+/* ---- peaks: one dependency-free loop per instruction on every thread, in short bursts taken in
+ * turn (the machine is shared, so its capacity moves; the best burst of each is kept) ---------- */
+#define BURST 4000000L
+#ifdef X86
+__attribute__((target("avx512f"))) static double burst_fma(void)
+{
+    __m512 a[16], b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
+    for (int i = 0; i < 16; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < BURST / 16; it++)
+        for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    __m512 s = a[0];
+    for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, a[i]);
+    return _mm512_reduce_add_ps(s);
+}
+__attribute__((target("avx512f,avx512bf16"))) static double burst_bf16(void)
+{
+    __m512 a[16];
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), w = (__m512bh)_mm512_set1_epi32(0x33d633d6);
+    for (int i = 0; i < 16; i++) a[i] = _mm512_set1_ps((float)i);
+    for (long it = 0; it < BURST / 16; it++)
+        for (int i = 0; i < 16; i++) a[i] = _mm512_dpbf16_ps(a[i], x, w);
+    __m512 s = a[0];
+    for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, a[i]);
+    return _mm512_reduce_add_ps(s);
+}
+__attribute__((target("avx512f,avx512vnni"))) static double burst_vnni(void)
+{
+    __m512i a[16];
+    const __m512i x = _mm512_set1_epi32(0x01010101), w = _mm512_set1_epi32(0x01ff01ff);
+    for (int i = 0; i < 16; i++) a[i] = _mm512_set1_epi32(i);
+    for (long it = 0; it < BURST / 16; it++)
+        for (int i = 0; i < 16; i++) a[i] = _mm512_dpbusd_epi32(a[i], x, w);
+    __m512i s = a[0];
+    for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, a[i]);
+    return (double)_mm512_reduce_add_epi32(s);
+}
+#endif
+
+/* GFLOP/s of one burst over all threads; flop_per_inst counts a multiply-add as 2. */
+static double burst(double (*fn)(void), double flop_per_inst)
+{
+    volatile double sink = 0;
+    double t0 = dm_time_sec();
+#pragma omp parallel reduction(+ : sink)
+    sink += fn();
+    double t = dm_time_sec() - t0;
+    int nt = 1;
+#ifdef _OPENMP
+    nt = omp_get_max_threads();
+#endif
+    (void)sink;
+    return (double)BURST * nt * flop_per_inst / t / 1e9;
+}
+
+/* ---- GEMMs ----------------------------------------------------------------------------------- */
+/* The four kernels on one shape, taken in turn `reps` times after a warm-up; best time of each. */
+static int time_shape(const float *x, int N, const dm_pmat *P, dm_lpmat L[3], float *y, int reps,
+                      double best[4])
+{
+    for (int k = 0; k < 4; k++) best[k] = 1e30;
+    for (int r = 0; r <= reps; r++)
+        for (int k = 0; k < 4; k++) {
+            double t0 = dm_time_sec();
+            if (k == 0) dm_linear_packed(x, N, P, NULL, y);
+            else if (dm_lp_linear(x, N, &L[k - 1], NULL, y) != DM_OK) return -1;
+            double t = dm_time_sec() - t0;
+            if (r > 0 && t < best[k]) best[k] = t;
+        }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const int threads = argc > 1 ? atoi(argv[1]) : 2, reps = argc > 2 ? atoi(argv[2]) : 5;
+    dm_set_threads(threads);
+    const unsigned feat = dm_cpu_features();
+    double pk_fma = 0, pk_bf16 = 0, pk_vnni = 0;
+#ifdef X86
+    for (int r = 0; r < 40; r++) {
+        double v;
+        if ((feat & DM_CPU_AVX512) && (v = burst(burst_fma, 32)) > pk_fma) pk_fma = v;
+        if ((feat & DM_CPU_AVX512_BF16) && (v = burst(burst_bf16, 64)) > pk_bf16) pk_bf16 = v;
+        if ((feat & DM_CPU_AVX512_VNNI) && (v = burst(burst_vnni, 128)) > pk_vnni) pk_vnni = v;
+    }
+#endif
+    printf("threads %d, CPU features used: %s\n", threads, dm_cpu_features_string(feat));
+    printf("peak (register-only loop, all threads, best of 40 bursts): fp32 FMA %.0f GFLOP/s, vdpbf16ps %.0f GFLOP/s, "
+           "vpdpbusd %.0f GOP/s\n",
+           pk_fma, pk_bf16, pk_vnni);
+    static const struct {
+        const char *name;
+        int in, out;
+    } shapes[] = {{"qkv", 384, 1152},      {"proj", 384, 384}, {"expert w1 (2x1536)", 384, 3072},
+                  {"expert w2", 1536, 384}, {"adaLN", 384, 2304}};
+    static const int Ns[] = {2 * 256, 16 * 256};
+    printf("%-19s %5s | %8s %5s | %8s %5s %5s | %8s %5s %5s | %8s %5s %5s\n", "shape", "N", "f32 GF/s",
+           "%pk", "bf16", "x f32", "%pk", "int8", "x f32", "%pk", "int4", "x f32", "%pk");
+    for (size_t n = 0; n < sizeof Ns / sizeof *Ns; n++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            const int N = Ns[n], in = shapes[s].in, out = shapes[s].out;
+            float *x = malloc(sizeof(float) * N * in), *W = malloc(sizeof(float) * out * in);
+            float *y = malloc(sizeof(float) * N * out);
+            for (long i = 0; i < (long)N * in; i++) x[i] = (float)((i * 7919) % 1000) / 1000.0f - 0.5f;
+            for (long i = 0; i < (long)out * in; i++) W[i] = ((float)((i * 104729) % 1000) / 1000.0f - 0.5f) * 0.05f;
+            dm_pmat P;
+            dm_lpmat L[3];
+            if (dm_pmat_pack(&P, W, out, in)) return 1;
+            const dm_lp_format fm[3] = {DM_LP_BF16, DM_LP_Q8, DM_LP_Q4};
+            for (int f = 0; f < 3; f++)
+                if (dm_lp_pack(&L[f], fm[f], W, DM_F32, out, in, shapes[s].name) != DM_OK) {
+                    fprintf(stderr, "%s\n", dm_last_error());
+                    return 1;
+                }
+            double t[4];
+            if (time_shape(x, N, &P, L, y, reps, t)) {
+                fprintf(stderr, "%s\n", dm_last_error());
+                return 1;
+            }
+            const double gf = 2.0 * N * in * out / 1e9;
+            const double pk[3] = {pk_bf16, pk_vnni, pk_vnni};
+            printf("%-19s %5d | %8.1f %5.0f |", shapes[s].name, N, gf / t[0],
+                   pk_fma > 0 ? 100.0 * gf / t[0] / pk_fma : 0.0);
+            for (int f = 0; f < 3; f++) {
+                printf(" %8.1f %5.2f %5.0f%s", gf / t[f + 1], t[0] / t[f + 1],
+                       pk[f] > 0 ? 100.0 * gf / t[f + 1] / pk[f] : 0.0, f < 2 ? " |" : "\n");
+                dm_lp_free(&L[f]);
+            }
+            dm_pmat_free(&P);
+            free(x), free(W), free(y);
+        }
+    printf("%%pk: of the fp32 FMA peak (f32), vdpbf16ps peak (bf16), vpdpbusd peak (int8, int4)\n");
+    return 0;
+}
