@@ -147,7 +147,8 @@ START_TEST(batch_and_thread_invariant)
 END_TEST
 
 /* The portable path (what a CPU without AVX512-BF16 / VNNI runs) gives the same bits as the
- * native one, on every shape; for bf16 also the AVX512-without-BF16 build of the portable code. */
+ * native one, on every shape; so do the AVX512 build of the portable code and, on a CPU with AMX,
+ * the VNNI path against the AMX one (int8, widths that are a multiple of 64). */
 START_TEST(portable_path_matches_native)
 {
     const dm_lp_format f = FORMATS[_i];
@@ -167,8 +168,10 @@ START_TEST(portable_path_matches_native)
         ck_assert_int_eq(dm_lp_pack(&m, f, W, DM_F32, sh.out, sh.in, "w"), DM_OK);
         dm_cpu_force_features(DM_CPU_DETECT);
         ck_assert_int_eq(dm_lp_linear(x, sh.N, &m, b, y), DM_OK);
-        const unsigned masks[] = {0u, DM_CPU_AVX512};
-        for (int k = 0; k < 2; k++) {
+        /* portable; portable compiled for AVX512; AVX512-BF16 / VNNI without AMX */
+        const unsigned masks[] = {0u, DM_CPU_AVX512,
+                                  DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI};
+        for (int k = 0; k < 3; k++) {
             dm_cpu_force_features(masks[k]);
             ck_assert_int_eq(dm_lp_linear(x, sh.N, &m, b, z), DM_OK);
             ck_assert_msg(bits_equal(z, y, (size_t)sh.N * sh.out),
@@ -319,8 +322,8 @@ END_TEST
 START_TEST(feature_names)
 {
     ck_assert_str_eq(dm_cpu_features_string(0), "generic");
-    ck_assert_str_eq(dm_cpu_features_string(DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI),
-                     "avx512,bf16,vnni");
+    ck_assert_str_eq(dm_cpu_features_string(DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI | DM_CPU_AMX_INT8),
+                     "avx512,bf16,vnni,amx");
     dm_lp_format f;
     ck_assert_int_eq(dm_lp_format_from_name("int4", &f), 0);
     ck_assert_int_eq(f, DM_LP_Q4);

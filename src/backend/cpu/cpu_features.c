@@ -8,6 +8,22 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux >= 5.16: ask for the AMX tile data state */
+#define XFEATURE_XTILEDATA 18
+#endif
+
+/* AMX needs the kernel to enable the tile state for this process (once, for all threads). */
+static int amx_permitted(void)
+{
+#if defined(__linux__) && defined(__x86_64__)
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
 
 static unsigned detect_cpu(void)
 {
@@ -19,8 +35,25 @@ static unsigned detect_cpu(void)
         m |= DM_CPU_AVX512;
     if ((m & DM_CPU_AVX512) && __builtin_cpu_supports("avx512bf16")) m |= DM_CPU_AVX512_BF16;
     if ((m & DM_CPU_AVX512) && __builtin_cpu_supports("avx512vnni")) m |= DM_CPU_AVX512_VNNI;
+    if ((m & DM_CPU_AVX512) && __builtin_cpu_supports("amx-tile") &&
+        __builtin_cpu_supports("amx-int8"))
+        m |= DM_CPU_AMX_INT8;
 #endif
     return m;
+}
+
+/* Detected once: cpuid, then the AMX permission (a system call) only if cpuid offers AMX. */
+static unsigned detect_once(void)
+{
+    static atomic_int done = ATOMIC_VAR_INIT(0);
+    static atomic_uint mask = ATOMIC_VAR_INIT(0);
+    if (!atomic_load(&done)) {
+        unsigned m = detect_cpu();
+        if ((m & DM_CPU_AMX_INT8) && !amx_permitted()) m &= ~(unsigned)DM_CPU_AMX_INT8;
+        atomic_store(&mask, m); /* racing threads store the same value */
+        atomic_store(&done, 1);
+    }
+    return atomic_load(&mask);
 }
 
 /* $DITMOE_CPU_FEATURES: unset/"native" = all detected, "generic"/"none" = none, else a list. */
@@ -36,6 +69,7 @@ static unsigned env_mask(void)
         if (!strcmp(t, "avx512")) m |= DM_CPU_AVX512;
         else if (!strcmp(t, "bf16")) m |= DM_CPU_AVX512 | DM_CPU_AVX512_BF16;
         else if (!strcmp(t, "vnni")) m |= DM_CPU_AVX512 | DM_CPU_AVX512_VNNI;
+        else if (!strcmp(t, "amx")) m |= DM_CPU_AVX512 | DM_CPU_AMX_INT8;
         else dm_log(DM_LOG_INFO, "DITMOE_CPU_FEATURES: unknown feature '%s' ignored", t);
     }
     return m;
@@ -48,29 +82,31 @@ static atomic_uint g_forced = ATOMIC_VAR_INIT(DM_CPU_DETECT);
 unsigned dm_cpu_features(void)
 {
     if (!atomic_load(&g_ready)) {
-        atomic_store(&g_mask, detect_cpu() & env_mask()); /* idempotent: races store the same */
+        atomic_store(&g_mask, detect_once() & env_mask()); /* idempotent: races store the same */
         atomic_store(&g_ready, 1);
     }
     unsigned m = atomic_load(&g_mask), f = atomic_load(&g_forced);
-    return f == DM_CPU_DETECT ? m : f & detect_cpu();
+    return f == DM_CPU_DETECT ? m : f & detect_once();
 }
 
 void dm_cpu_force_features(unsigned mask) { atomic_store(&g_forced, mask); }
 
 const char *dm_cpu_features_string(unsigned m)
 {
-    static const char *names[8] = {"generic",          "avx512",          "bf16",
-                                   "avx512,bf16",      "vnni",            "avx512,vnni",
-                                   "bf16,vnni",        "avx512,bf16,vnni"};
-    return names[m & 7u];
+    static const char *names[16] = {
+        "generic",          "avx512",           "bf16",                "avx512,bf16",
+        "vnni",             "avx512,vnni",      "bf16,vnni",           "avx512,bf16,vnni",
+        "amx",              "avx512,amx",       "bf16,amx",            "avx512,bf16,amx",
+        "vnni,amx",         "avx512,vnni,amx",  "bf16,vnni,amx",       "avx512,bf16,vnni,amx"};
+    return names[m & 15u];
 }
 
 void dm_cpu_note_fallback(const char *what, unsigned need)
 {
     static atomic_uint said = ATOMIC_VAR_INIT(0); /* one bit per `need` mask */
-    unsigned bit = 1u << (need & 7u);
+    unsigned bit = 1u << (need & 15u);
     if (atomic_fetch_or(&said, bit) & bit) return;
-    unsigned have = detect_cpu();
+    unsigned have = detect_once();
     dm_log(DM_LOG_INFO, "%s: portable path (needs %s; %s) - slower, same results", what,
            dm_cpu_features_string(need),
            (have & need) == need ? "disabled by DITMOE_CPU_FEATURES or a test"

@@ -253,11 +253,12 @@ dm_status dm_lp_linear(const float *x, int N, const dm_lpmat *W, const float *b,
     }
     /* int8 / int4: activations quantised per row, stored + 128 (unsigned, for vpdpbusd), rows
      * padded with 128 (= 0) to a multiple of 4. */
-    const size_t ld = (size_t)(in + 3) / 4 * 4;
-    uint8_t *xu = malloc((size_t)N * ld + (size_t)N * sizeof(float));
+    const size_t ld = (size_t)(in + 3) / 4 * 4, rows = (size_t)(N + 31) / 32 * 32; /* AMX tiles */
+    uint8_t *xu = malloc(rows * ld + (size_t)N * sizeof(float));
     if (!xu) return dm_fail(DM_ERR_NOMEM, "%s GEMM: no memory for %d x %d activations",
                             dm_lp_format_name(W->fmt), N, in);
-    float *sx = (float *)(void *)(xu + (size_t)N * ld); /* N * ld is a multiple of 4 */
+    float *sx = (float *)(void *)(xu + rows * ld); /* rows * ld is a multiple of 4 */
+    memset(xu + (size_t)N * ld, 128, (rows - (size_t)N) * ld);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         uint8_t *o = xu + (size_t)n * ld;

@@ -26,16 +26,17 @@ enum {
     DM_CPU_AVX512 = 1u << 0,      /* avx512f + bw + vl + dq, with OS support for the zmm state */
     DM_CPU_AVX512_BF16 = 1u << 1, /* vdpbf16ps, vcvtne2ps2bf16 */
     DM_CPU_AVX512_VNNI = 1u << 2, /* vpdpbusd */
+    DM_CPU_AMX_INT8 = 1u << 3,    /* AMX tiles + tdpbusd, with the OS permission granted (Linux) */
 };
 /* What the kernels may use: detected once (cpuid), masked by $DITMOE_CPU_FEATURES when set
  * ("generic" = none, i.e. the portable paths; "native" = as detected; or a comma list of
- * "avx512", "bf16", "vnni"). Never more than the CPU has. */
+ * "avx512", "bf16", "vnni", "amx"). Never more than the CPU has. */
 unsigned dm_cpu_features(void);
 /* Tests and benchmarks: force a mask (still limited to what the CPU has); DM_CPU_DETECT goes
  * back to detection + environment. */
 #define DM_CPU_DETECT (~0u)
 void dm_cpu_force_features(unsigned mask);
-/* "avx512,bf16,vnni" or "generic", for log lines (static storage). */
+/* "avx512,bf16,vnni,amx" or "generic", for log lines (static storage). */
 const char *dm_cpu_features_string(unsigned mask);
 /* Log once per process (INFO) that `what` runs on its portable path, and why. */
 void dm_cpu_note_fallback(const char *what, unsigned need);

@@ -33,9 +33,10 @@ dm_status dm_lp_pack_bf16(dm_lpmat *m, const float *W);
 dm_status dm_lp_pack_q8(dm_lpmat *m, const float *W);
 dm_status dm_lp_pack_q4(dm_lpmat *m, const float *W);
 
-/* The GEMMs over converted activations (fast = use the AVX512 kernel, else the portable one,
- * which gives the same bits).
- *   bf16: xb [N][kb] bf16 pairs;  q8 / q4: xu [N][kb*4 or in] activations + 128, sx [N] scales. */
+/* The GEMMs over converted activations (feat: the CPU features they may use; every path gives
+ * the same bits).
+ *   bf16: xb [N][kb] bf16 pairs;  q8 / q4: xu [ceil(N/32)*32][ceil(in/4)*4] activations + 128
+ *   (pad rows and columns 128, i.e. zero), sx [N] scales. */
 void dm_lp_gemm_bf16(const uint32_t *xb, int N, const dm_lpmat *W, const float *b, float *y,
                      unsigned feat);
 void dm_lp_gemm_q8(const uint8_t *xu, const float *sx, int N, const dm_lpmat *W, const float *b,
