@@ -335,6 +335,58 @@ START_TEST(feature_names)
 }
 END_TEST
 
+#ifdef DM_BACKEND_BACKEND_H /* the op table's roles exist (backend/backend.h, via lowp.h) */
+/* The storage rule: experts quantised only when asked, the router never, bf16 for the rest under
+ * --precision bf16, int4 on a width that is not a multiple of 32 refused with the tensor's name. */
+START_TEST(policy_by_role)
+{
+    float W[4 * 64];
+    for (int i = 0; i < 4 * 64; i++) W[i] = grand() * 0.05f;
+    dm_weight_desc d = {.name = "blocks.2.moe.experts.3.w1", .role = DM_ROLE_EXPERT,
+                        .use = DM_USE_LINEAR, .dtype = DM_F32, .rows = 4, .cols = 64, .data = W};
+    int lp;
+    dm_lp_format f;
+    const dm_lp_policy f32 = {0, 0}, bf16 = {1, 0}, q8 = {0, 8}, bf16q4 = {1, 4};
+    ck_assert_int_eq(dm_lp_choose(NULL, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(lp, 0);
+    ck_assert_int_eq(dm_lp_choose(&f32, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(lp, 0);
+    ck_assert_int_eq(dm_lp_choose(&bf16, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(f, DM_LP_BF16);
+    ck_assert_int_eq(dm_lp_choose(&q8, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(f, DM_LP_Q8);
+    ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(f, DM_LP_Q4);
+    ck_assert_int_eq(lp, 1);
+    const dm_weight_role keep[] = {DM_ROLE_SHARED, DM_ROLE_ATTN, DM_ROLE_MOD, DM_ROLE_EMBED, DM_ROLE_FINAL};
+    for (size_t k = 0; k < sizeof keep / sizeof *keep; k++) {
+        d.role = keep[k];
+        ck_assert_int_eq(dm_lp_choose(&q8, &d, &lp, &f), DM_OK);
+        ck_assert_int_eq(lp, 0);
+        ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
+        ck_assert_int_eq(f, DM_LP_BF16);
+    }
+    d.role = DM_ROLE_ROUTER;
+    ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(lp, 0);
+    d.role = DM_ROLE_EXPERT;
+    d.use = DM_USE_VECTOR;
+    ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
+    ck_assert_int_eq(lp, 0);
+    d.use = DM_USE_LINEAR;
+    d.cols = 48, d.rows = 4;
+    ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "blocks.2.moe.experts.3.w1"));
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_pack_desc(&q8, &d, &m, &lp), DM_OK);
+    ck_assert_int_eq(lp, 1);
+    ck_assert_int_eq(m.fmt, DM_LP_Q8);
+    ck_assert_int_eq(m.in, 48);
+    dm_lp_free(&m);
+}
+END_TEST
+#endif
+
 int main(void)
 {
     Suite *s = suite_create("lowp");
@@ -349,6 +401,9 @@ int main(void)
     tcase_add_test(tc, int4_needs_groups_of_32);
     tcase_add_test(tc, footprint);
     tcase_add_test(tc, feature_names);
+#ifdef DM_BACKEND_BACKEND_H
+    tcase_add_test(tc, policy_by_role);
+#endif
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

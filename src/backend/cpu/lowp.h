@@ -92,4 +92,21 @@ uint16_t dm_lp_bf16_rne(float f); /* RNE, NaN stays NaN, results below FLT_MIN f
  * scale amax / 127 (0 for an all-zero row, NaN when the row is not finite). */
 float dm_lp_quant_row(const float *x, int in, uint8_t *u);
 
+/* ---- which weights are stored in low precision (weights_lowp.c) ------------------------------ */
+typedef struct {
+    int bf16;        /* --precision bf16: every LINEAR weight but the router's in bf16 */
+    int expert_bits; /* --quant-experts: 0 (none), 8 or 4: routed experts only */
+} dm_lp_policy;
+#if defined(__has_include)
+#if __has_include("backend/backend.h")
+#include "backend/backend.h"
+/* For one weight the backend is creating: *lowp = 1 and *fmt when it is to be packed with
+ * dm_lp_pack, 0 when the backend keeps its float path. DM_ERR_ARG naming the tensor for int4 on an
+ * input width that is not a multiple of 32 (or an unsupported bit count). p == NULL: f32. */
+dm_status dm_lp_choose(const dm_lp_policy *p, const dm_weight_desc *d, int *lowp, dm_lp_format *fmt);
+/* dm_lp_choose, then dm_lp_pack of d->data when chosen (*lowp says which; m zeroed otherwise). */
+dm_status dm_lp_pack_desc(const dm_lp_policy *p, const dm_weight_desc *d, dm_lpmat *m, int *lowp);
+#endif
+#endif
+
 #endif
