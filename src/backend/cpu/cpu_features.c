@@ -38,6 +38,9 @@ static unsigned detect_cpu(void)
     if ((m & DM_CPU_AVX512) && __builtin_cpu_supports("amx-tile") &&
         __builtin_cpu_supports("amx-int8"))
         m |= DM_CPU_AMX_INT8;
+    if ((m & DM_CPU_AVX512) && __builtin_cpu_supports("amx-tile") &&
+        __builtin_cpu_supports("amx-bf16"))
+        m |= DM_CPU_AMX_BF16;
 #endif
     return m;
 }
@@ -49,7 +52,8 @@ static unsigned detect_once(void)
     static atomic_uint mask = ATOMIC_VAR_INIT(0);
     if (!atomic_load(&done)) {
         unsigned m = detect_cpu();
-        if ((m & DM_CPU_AMX_INT8) && !amx_permitted()) m &= ~(unsigned)DM_CPU_AMX_INT8;
+        if ((m & (DM_CPU_AMX_INT8 | DM_CPU_AMX_BF16)) && !amx_permitted())
+            m &= ~(unsigned)(DM_CPU_AMX_INT8 | DM_CPU_AMX_BF16);
         atomic_store(&mask, m); /* racing threads store the same value */
         atomic_store(&done, 1);
     }
@@ -69,7 +73,7 @@ static unsigned env_mask(void)
         if (!strcmp(t, "avx512")) m |= DM_CPU_AVX512;
         else if (!strcmp(t, "bf16")) m |= DM_CPU_AVX512 | DM_CPU_AVX512_BF16;
         else if (!strcmp(t, "vnni")) m |= DM_CPU_AVX512 | DM_CPU_AVX512_VNNI;
-        else if (!strcmp(t, "amx")) m |= DM_CPU_AVX512 | DM_CPU_AMX_INT8;
+        else if (!strcmp(t, "amx")) m |= DM_CPU_AVX512 | DM_CPU_AMX_INT8 | DM_CPU_AMX_BF16;
         else dm_log(DM_LOG_INFO, "DITMOE_CPU_FEATURES: unknown feature '%s' ignored", t);
     }
     return m;
@@ -93,21 +97,32 @@ void dm_cpu_force_features(unsigned mask) { atomic_store(&g_forced, mask); }
 
 const char *dm_cpu_features_string(unsigned m)
 {
-    static const char *names[16] = {
-        "generic",          "avx512",           "bf16",                "avx512,bf16",
-        "vnni",             "avx512,vnni",      "bf16,vnni",           "avx512,bf16,vnni",
-        "amx",              "avx512,amx",       "bf16,amx",            "avx512,bf16,amx",
-        "vnni,amx",         "avx512,vnni,amx",  "bf16,vnni,amx",       "avx512,bf16,vnni,amx"};
-    return names[m & 15u];
+    static const char *names[] = {"avx512", "bf16", "vnni", "amx-int8", "amx-bf16"};
+    static char buf[32][48];
+    static atomic_int built = ATOMIC_VAR_INIT(0);
+    if (!atomic_load(&built)) { /* every racing builder writes the same bytes before `built` */
+        for (unsigned k = 0; k < 32; k++) {
+            char t[48] = "generic";
+            for (int i = 0, n = 0; i < 5; i++)
+                if (k & (1u << i)) {
+                    if (n++) strcat(t, ",");
+                    else t[0] = 0;
+                    strcat(t, names[i]);
+                }
+            memcpy(buf[k], t, sizeof t);
+        }
+        atomic_store(&built, 1);
+    }
+    return buf[m & 31u];
 }
 
 void dm_cpu_note_fallback(const char *what, unsigned need)
 {
     static atomic_uint said = ATOMIC_VAR_INIT(0); /* one bit per `need` mask */
-    unsigned bit = 1u << (need & 15u);
+    unsigned bit = 1u << (need & 31u);
     if (atomic_fetch_or(&said, bit) & bit) return;
     unsigned have = detect_once();
-    dm_log(DM_LOG_INFO, "%s: portable path (needs %s; %s) - slower, same results", what,
+    dm_log(DM_LOG_INFO, "%s: portable path (needs %s; %s) - slower, same bits as the AVX512 kernels", what,
            dm_cpu_features_string(need),
            (have & need) == need ? "disabled by DITMOE_CPU_FEATURES or a test"
                                  : "this CPU lacks it");

@@ -163,12 +163,114 @@ static const tile_bf16_fn tiles_bf16[MR + 1] = {NULL,        tile_bf16_1, tile_b
                                                 tile_bf16_6, tile_bf16_7, tile_bf16_8};
 #endif
 
+#ifdef DM_LP_X86
+/* ---- AMX path (tdpbf16ps: 16 x 16 fp32 += 16 x 32 bf16 . 32 x 16 bf16 per instruction) -------
+ * The packed weights are the B-tile layout as is (a k pair per tile row, 16 columns x 2 bf16, row
+ * stride 128 bytes); activation rows are A-tile rows (16 pairs = 64 bytes). Blocks of 32 rows x one
+ * panel: C tiles 0-3, A 4-5, B 6-7; needs in % 32 == 0 and the activation buffer padded to a
+ * multiple of 32 rows. Each output element still depends only on its own row and column with a
+ * fixed k order (32 k per instruction, instructions in ascending k), so batch and thread
+ * invariance hold; but the tile unit's internal summation is not vdpbf16ps's (measured: about
+ * 60 % of outputs differ in the last bits from every sequential model tried), so results differ
+ * from the vdpbf16ps / portable paths within fp32 accumulation error (test_lowp states it). */
+#define TGT_AMXB __attribute__((target(DM_TARGET_AVX512 ",amx-tile,amx-bf16")))
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_cfg;
+
+TGT_AMXB static void amx_begin(void)
+{
+    amx_cfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+TGT_AMXB static void amx_end(void) { _tile_release(); }
+
+TGT_AMXB static void block_bf16_amx(const uint32_t *X, size_t ldb, int kb, int m, const uint32_t *wp,
+                                    const float *bias, float *C, int ldc, int nc)
+{
+    float acc[32][DM_LP_PANEL] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    if (m > 16) {
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int s = 0; s < kb; s += 16) {
+            _tile_loadd(4, X + s, ldb);
+            _tile_loadd(5, (const char *)(X + s) + 16 * ldb, ldb);
+            _tile_loadd(6, wp + (size_t)s * DM_LP_PANEL, 128);
+            _tile_loadd(7, wp + (size_t)s * DM_LP_PANEL + 16, 128);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(2, &acc[16][0], 128);
+        _tile_stored(3, &acc[16][16], 128);
+    } else {
+        for (int s = 0; s < kb; s += 16) {
+            _tile_loadd(4, X + s, ldb);
+            _tile_loadd(6, wp + (size_t)s * DM_LP_PANEL, 128);
+            _tile_loadd(7, wp + (size_t)s * DM_LP_PANEL + 16, 128);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    _tile_stored(0, &acc[0][0], 128);
+    _tile_stored(1, &acc[0][16], 128);
+    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
+    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+    if (bias) {
+        b0 = _mm512_maskz_loadu_ps(m0, bias);
+        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+    }
+    for (int r = 0; r < m; r++) {
+        const __m512 a0 = _mm512_load_ps(acc[r]), a1 = _mm512_load_ps(acc[r] + 16);
+        float *c = C + (size_t)r * ldc;
+        _mm512_mask_storeu_ps(c, m0, bias ? _mm512_add_ps(a0, b0) : a0);
+        _mm512_mask_storeu_ps(c + 16, m1, bias ? _mm512_add_ps(a1, b1) : a1);
+    }
+}
+
+static void gemm_bf16_amx(const uint32_t *xb, int N, const dm_lpmat *W, const float *b, float *y)
+{
+    const int kb = W->kb, out = W->out, np = W->np, mt = (N + 31) / 32;
+    const size_t ldb = (size_t)kb * sizeof(uint32_t);
+    const uint32_t *wbase = W->w;
+#pragma omp parallel
+    {
+        amx_begin();
+#pragma omp for collapse(2) schedule(static)
+        for (int i = 0; i < mt; i++)
+            for (int j = 0; j < np; j++) {
+                const int m = N - i * 32 < 32 ? N - i * 32 : 32;
+                const int nc = out - j * DM_LP_PANEL < DM_LP_PANEL ? out - j * DM_LP_PANEL : DM_LP_PANEL;
+                block_bf16_amx(xb + (size_t)i * 32 * kb, ldb, kb, m, wbase + (size_t)j * kb * DM_LP_PANEL,
+                               b ? b + j * DM_LP_PANEL : NULL, y + (size_t)i * 32 * out + j * DM_LP_PANEL,
+                               out, nc);
+            }
+        amx_end();
+    }
+}
+#endif
+
 void dm_lp_gemm_bf16(const uint32_t *xb, int N, const dm_lpmat *W, const float *b, float *y,
                      unsigned feat)
 {
     const int kb = W->kb, out = W->out, np = W->np, mt = (N + MR - 1) / MR;
     const int path = (feat & DM_CPU_AVX512_BF16) ? 2 : (feat & DM_CPU_AVX512) ? 1 : 0;
     const uint32_t *wbase = W->w;
+#ifdef DM_LP_X86
+    if ((feat & DM_CPU_AMX_BF16) && kb % 16 == 0) {
+        gemm_bf16_amx(xb, N, W, b, y);
+        return;
+    }
+#endif
 #pragma omp parallel for collapse(2) schedule(static)
     for (int i = 0; i < mt; i++)
         for (int j = 0; j < np; j++) {

@@ -236,8 +236,10 @@ dm_status dm_lp_linear(const float *x, int N, const dm_lpmat *W, const float *b,
     const int in = W->in;
     if (W->fmt == DM_LP_BF16) {
         const int kb = W->kb;
-        uint32_t *xb = malloc((size_t)N * kb * sizeof(uint32_t));
+        const size_t rows = (size_t)(N + 31) / 32 * 32; /* AMX tiles read 32-row blocks */
+        uint32_t *xb = malloc(rows * kb * sizeof(uint32_t));
         if (!xb) return dm_fail(DM_ERR_NOMEM, "bf16 GEMM: no memory for %d x %d activations", N, in);
+        memset(xb + (size_t)N * kb, 0, (rows - (size_t)N) * kb * sizeof(uint32_t));
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
 #ifdef DM_LP_X86

@@ -27,10 +27,11 @@ enum {
     DM_CPU_AVX512_BF16 = 1u << 1, /* vdpbf16ps, vcvtne2ps2bf16 */
     DM_CPU_AVX512_VNNI = 1u << 2, /* vpdpbusd */
     DM_CPU_AMX_INT8 = 1u << 3,    /* AMX tiles + tdpbusd, with the OS permission granted (Linux) */
+    DM_CPU_AMX_BF16 = 1u << 4,    /* AMX tdpbf16ps (same permission) */
 };
 /* What the kernels may use: detected once (cpuid), masked by $DITMOE_CPU_FEATURES when set
  * ("generic" = none, i.e. the portable paths; "native" = as detected; or a comma list of
- * "avx512", "bf16", "vnni", "amx"). Never more than the CPU has. */
+ * "avx512", "bf16", "vnni", "amx" (int8 and bf16 tiles)). Never more than the CPU has. */
 unsigned dm_cpu_features(void);
 /* Tests and benchmarks: force a mask (still limited to what the CPU has); DM_CPU_DETECT goes
  * back to detection + environment. */
