@@ -56,10 +56,56 @@ __attribute__((target("avx512f,avx512vnni"))) static double burst_vnni(void)
     for (int i = 1; i < 16; i++) s = _mm512_add_epi32(s, a[i]);
     return (double)_mm512_reduce_add_epi32(s);
 }
+
+/* AMX: 4 independent C tiles, operands loaded once; per instruction 16 x 16 x 64 int8 MACs or
+ * 16 x 16 x 32 bf16 MACs. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_cfg;
+static unsigned char g_tiles[4][1024] __attribute__((aligned(64)));
+__attribute__((target("amx-tile"))) static void amx_cfg_load(void)
+{
+    amx_cfg c = {.palette = 1};
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    /* not _tile_loadconfig: GCC 12 declares its operand as 8 bytes, so the stores of the rest
+     * of the 64-byte config can be dropped as dead (seen in a -march=x86-64 build) */
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+#define AMX_BURST (BURST / 16)
+__attribute__((target("amx-tile,amx-int8"))) static double burst_amx_int8(void)
+{
+    amx_cfg_load();
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, g_tiles[0], 64); _tile_loadd(5, g_tiles[1], 64);
+    _tile_loadd(6, g_tiles[2], 64); _tile_loadd(7, g_tiles[3], 64);
+    for (long it = 0; it < AMX_BURST / 4; it++) {
+        _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+    }
+    int32_t out[256];
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return out[0];
+}
+__attribute__((target("amx-tile,amx-bf16"))) static double burst_amx_bf16(void)
+{
+    amx_cfg_load();
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, g_tiles[0], 64); _tile_loadd(5, g_tiles[1], 64);
+    _tile_loadd(6, g_tiles[2], 64); _tile_loadd(7, g_tiles[3], 64);
+    for (long it = 0; it < AMX_BURST / 4; it++) {
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    float out[256];
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return out[0];
+}
 #endif
 
 /* GFLOP/s of one burst over all threads; flop_per_inst counts a multiply-add as 2. */
-static double burst(double (*fn)(void), double flop_per_inst)
+static double burst_n(double (*fn)(void), double flop_per_inst, long n)
 {
     volatile double sink = 0;
     double t0 = dm_time_sec();
@@ -71,23 +117,34 @@ static double burst(double (*fn)(void), double flop_per_inst)
     nt = omp_get_max_threads();
 #endif
     (void)sink;
-    return (double)BURST * nt * flop_per_inst / t / 1e9;
+    return (double)n * nt * flop_per_inst / t / 1e9;
+}
+static double burst(double (*fn)(void), double flop_per_inst)
+{
+    return burst_n(fn, flop_per_inst, BURST);
 }
 
 /* ---- GEMMs ----------------------------------------------------------------------------------- */
-/* The four kernels on one shape, taken in turn `reps` times after a warm-up; best time of each. */
+/* The kernels on one shape, taken in turn `reps` times after a warm-up; best time of each.
+ * Kernel k: 0 f32 packed; then dm_lp_linear on L[fmt[k]] with the CPU features forced to mask[k]. */
+#define NK 6
+static const char *KNAME[NK] = {"f32", "bf16", "bf16 AMX", "int8", "int8 AMX", "int4"};
+static const int KFMT[NK] = {-1, 0, 0, 1, 1, 2};
 static int time_shape(const float *x, int N, const dm_pmat *P, dm_lpmat L[3], float *y, int reps,
-                      double best[4])
+                      const unsigned mask[NK], const int on[NK], double best[NK])
 {
-    for (int k = 0; k < 4; k++) best[k] = 1e30;
+    for (int k = 0; k < NK; k++) best[k] = 1e30;
     for (int r = 0; r <= reps; r++)
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < NK; k++) {
+            if (!on[k]) continue;
+            dm_cpu_force_features(mask[k]);
             double t0 = dm_time_sec();
             if (k == 0) dm_linear_packed(x, N, P, NULL, y);
-            else if (dm_lp_linear(x, N, &L[k - 1], NULL, y) != DM_OK) return -1;
+            else if (dm_lp_linear(x, N, &L[KFMT[k]], NULL, y) != DM_OK) return -1;
             double t = dm_time_sec() - t0;
             if (r > 0 && t < best[k]) best[k] = t;
         }
+    dm_cpu_force_features(DM_CPU_DETECT);
     return 0;
 }
 
@@ -96,27 +153,36 @@ int main(int argc, char **argv)
     const int threads = argc > 1 ? atoi(argv[1]) : 2, reps = argc > 2 ? atoi(argv[2]) : 5;
     dm_set_threads(threads);
     const unsigned feat = dm_cpu_features();
-    double pk_fma = 0, pk_bf16 = 0, pk_vnni = 0;
+    double pk_fma = 0, pk_bf16 = 0, pk_vnni = 0, pk_amxb = 0, pk_amxi = 0;
 #ifdef X86
     for (int r = 0; r < 40; r++) {
         double v;
         if ((feat & DM_CPU_AVX512) && (v = burst(burst_fma, 32)) > pk_fma) pk_fma = v;
         if ((feat & DM_CPU_AVX512_BF16) && (v = burst(burst_bf16, 64)) > pk_bf16) pk_bf16 = v;
         if ((feat & DM_CPU_AVX512_VNNI) && (v = burst(burst_vnni, 128)) > pk_vnni) pk_vnni = v;
+        if ((feat & DM_CPU_AMX_BF16) && (v = burst_n(burst_amx_bf16, 16384, AMX_BURST)) > pk_amxb) pk_amxb = v;
+        if ((feat & DM_CPU_AMX_INT8) && (v = burst_n(burst_amx_int8, 32768, AMX_BURST)) > pk_amxi) pk_amxi = v;
     }
 #endif
+    const double pk[NK] = {pk_fma, pk_bf16, pk_amxb, pk_vnni, pk_amxi, pk_vnni};
+    const unsigned vec = feat & (DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI);
+    const unsigned mask[NK] = {feat, vec, feat, vec, feat, feat};
+    const int on[NK] = {1, 1, (feat & DM_CPU_AMX_BF16) != 0, 1, (feat & DM_CPU_AMX_INT8) != 0, 1};
     printf("threads %d, CPU features used: %s\n", threads, dm_cpu_features_string(feat));
-    printf("peak (register-only loop, all threads, best of 40 bursts): fp32 FMA %.0f GFLOP/s, vdpbf16ps %.0f GFLOP/s, "
-           "vpdpbusd %.0f GOP/s\n",
-           pk_fma, pk_bf16, pk_vnni);
+    printf("peak (register-only loop, all threads, best of 40 bursts), GFLOP/s (int: GOP/s): fp32 FMA "
+           "%.0f, vdpbf16ps %.0f, vpdpbusd %.0f, AMX tdpbf16ps %.0f, AMX tdpbusd %.0f\n",
+           pk_fma, pk_bf16, pk_vnni, pk_amxb, pk_amxi);
+    printf("each cell: GFLOP/s (x f32 in the same run, %% of that instruction's peak)\n");
     static const struct {
         const char *name;
         int in, out;
     } shapes[] = {{"qkv", 384, 1152},      {"proj", 384, 384}, {"expert w1 (2x1536)", 384, 3072},
                   {"expert w2", 1536, 384}, {"adaLN", 384, 2304}};
     static const int Ns[] = {2 * 256, 16 * 256};
-    printf("%-19s %5s | %8s %5s | %8s %5s %5s | %8s %5s %5s | %8s %5s %5s\n", "shape", "N", "f32 GF/s",
-           "%pk", "bf16", "x f32", "%pk", "int8", "x f32", "%pk", "int4", "x f32", "%pk");
+    printf("%-19s %5s", "shape", "N");
+    for (int k = 0; k < NK; k++)
+        if (on[k]) printf(" | %-20s", KNAME[k]);
+    printf("\n");
     for (size_t n = 0; n < sizeof Ns / sizeof *Ns; n++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             const int N = Ns[n], in = shapes[s].in, out = shapes[s].out;
@@ -133,23 +199,21 @@ int main(int argc, char **argv)
                     fprintf(stderr, "%s\n", dm_last_error());
                     return 1;
                 }
-            double t[4];
-            if (time_shape(x, N, &P, L, y, reps, t)) {
+            double t[NK];
+            if (time_shape(x, N, &P, L, y, reps, mask, on, t)) {
                 fprintf(stderr, "%s\n", dm_last_error());
                 return 1;
             }
             const double gf = 2.0 * N * in * out / 1e9;
-            const double pk[3] = {pk_bf16, pk_vnni, pk_vnni};
-            printf("%-19s %5d | %8.1f %5.0f |", shapes[s].name, N, gf / t[0],
-                   pk_fma > 0 ? 100.0 * gf / t[0] / pk_fma : 0.0);
-            for (int f = 0; f < 3; f++) {
-                printf(" %8.1f %5.2f %5.0f%s", gf / t[f + 1], t[0] / t[f + 1],
-                       pk[f] > 0 ? 100.0 * gf / t[f + 1] / pk[f] : 0.0, f < 2 ? " |" : "\n");
-                dm_lp_free(&L[f]);
-            }
+            printf("%-19s %5d", shapes[s].name, N);
+            for (int k = 0; k < NK; k++)
+                if (on[k])
+                    printf(" | %7.1f (%5.2fx %3.0f%%)", gf / t[k], t[0] / t[k],
+                           pk[k] > 0 ? 100.0 * gf / t[k] / pk[k] : 0.0);
+            printf("\n");
+            for (int f = 0; f < 3; f++) dm_lp_free(&L[f]);
             dm_pmat_free(&P);
             free(x), free(W), free(y);
         }
-    printf("%%pk: of the fp32 FMA peak (f32), vdpbf16ps peak (bf16), vpdpbusd peak (int8, int4)\n");
     return 0;
 }
