@@ -5,13 +5,17 @@
  * instruction each kernel uses, the peak measured here by a register-only loop (16 independent
  * accumulators per thread, all threads) of vfmadd231ps / vdpbf16ps / vpdpbusd.
  *   build/bin/bench_lowp [threads] [reps]     (defaults 2, 5)
- *   DITMOE_CPU_FEATURES=generic build/bin/bench_lowp   (the portable paths) */
+ *   DITMOE_CPU_FEATURES=generic build/bin/bench_lowp   (the portable paths)
+ * Columns: f32 = dm_linear_packed; bf16 / int8 = the AVX512-BF16 / VNNI kernels (AMX masked off);
+ * "AMX" = the same format through the AMX tiles; int4 = VNNI; W8A32 = an experiment (below). */
 #include "backend/cpu/lowp.h"
 #include "backend/cpu/ops.h"
 #include "ditmoe.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -125,13 +129,78 @@ static double burst(double (*fn)(void), double flop_per_inst)
 }
 
 /* ---- GEMMs ----------------------------------------------------------------------------------- */
+/* ---- experiment: int8 weights dequantised to fp32 in registers (W8A32), for the record --------
+ * The alternative to W8A8 dot products: weights int8 [np][in][32] with a per-column scale,
+ * activations stay float32, each k: 32 int8 -> 2 x 16 fp32 (vpmovsxbd + vcvtdq2ps), 8 rows x 2
+ * FMAs, scale applied at the end. Not a library kernel (no reference, no portable twin). */
+typedef struct {
+    int out, in, np;
+    int8_t *w;   /* [np][in][32] */
+    float *s;    /* [np*32] */
+} w8mat;
+static int w8_pack(w8mat *m, const float *W, int out, int in)
+{
+    m->out = out, m->in = in, m->np = (out + 31) / 32;
+    m->w = aligned_alloc(64, ((size_t)m->np * in * 32 + 63) / 64 * 64);
+    m->s = calloc((size_t)m->np * 32, sizeof(float));
+    if (!m->w || !m->s) return -1;
+    memset(m->w, 0, (size_t)m->np * in * 32);
+    for (int o = 0; o < out; o++) {
+        float amax = 0;
+        for (int i = 0; i < in; i++) amax = fabsf(W[(size_t)o * in + i]) > amax ? fabsf(W[(size_t)o * in + i]) : amax;
+        const float sc = amax / 127.0f;
+        m->s[o] = sc;
+        for (int i = 0; i < in && sc > 0; i++)
+            m->w[((size_t)(o / 32) * in + i) * 32 + o % 32] = (int8_t)rintf(W[(size_t)o * in + i] / sc);
+    }
+    return 0;
+}
+#ifdef X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void
+w8_tile(const float *A, int K, int m, const int8_t *wp, const float *sc, float *C, int ldc, int nc)
+{
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(wp + (size_t)k * 32));
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        for (int r = 0; r < 8; r++)
+            if (r < m) {
+                const __m512 a = _mm512_set1_ps(A[(size_t)r * K + k]);
+                acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+            }
+    }
+    const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
+    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    for (int r = 0; r < m; r++) {
+        _mm512_mask_storeu_ps(C + (size_t)r * ldc, m0, _mm512_mul_ps(acc[r][0], s0));
+        _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16, m1, _mm512_mul_ps(acc[r][1], s1));
+    }
+}
+static void w8_linear(const float *x, int N, const w8mat *W, float *y)
+{
+    const int mt = (N + 7) / 8;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int i = 0; i < mt; i++)
+        for (int j = 0; j < W->np; j++) {
+            const int m = N - i * 8 < 8 ? N - i * 8 : 8;
+            const int nc = W->out - j * 32 < 32 ? W->out - j * 32 : 32;
+            w8_tile(x + (size_t)i * 8 * W->in, W->in, m, W->w + (size_t)j * W->in * 32, W->s + j * 32,
+                    y + (size_t)i * 8 * W->out + j * 32, W->out, nc);
+        }
+}
+#endif
+
 /* The kernels on one shape, taken in turn `reps` times after a warm-up; best time of each.
  * Kernel k: 0 f32 packed; then dm_lp_linear on L[fmt[k]] with the CPU features forced to mask[k]. */
-#define NK 6
-static const char *KNAME[NK] = {"f32", "bf16", "bf16 AMX", "int8", "int8 AMX", "int4"};
-static const int KFMT[NK] = {-1, 0, 0, 1, 1, 2};
-static int time_shape(const float *x, int N, const dm_pmat *P, dm_lpmat L[3], float *y, int reps,
-                      const unsigned mask[NK], const int on[NK], double best[NK])
+#define NK 7
+static const char *KNAME[NK] = {"f32", "bf16", "bf16 AMX", "int8", "int8 AMX", "int4", "W8A32 dequant"};
+static const int KFMT[NK] = {-1, 0, 0, 1, 1, 2, -1};
+static int time_shape(const float *x, int N, const dm_pmat *P, dm_lpmat L[3], const w8mat *Q,
+                      float *y, int reps, const unsigned mask[NK], const int on[NK], double best[NK])
 {
     for (int k = 0; k < NK; k++) best[k] = 1e30;
     for (int r = 0; r <= reps; r++)
@@ -140,6 +209,9 @@ static int time_shape(const float *x, int N, const dm_pmat *P, dm_lpmat L[3], fl
             dm_cpu_force_features(mask[k]);
             double t0 = dm_time_sec();
             if (k == 0) dm_linear_packed(x, N, P, NULL, y);
+#ifdef X86
+            else if (k == 6) w8_linear(x, N, Q, y);
+#endif
             else if (dm_lp_linear(x, N, &L[KFMT[k]], NULL, y) != DM_OK) return -1;
             double t = dm_time_sec() - t0;
             if (r > 0 && t < best[k]) best[k] = t;
@@ -164,10 +236,11 @@ int main(int argc, char **argv)
         if ((feat & DM_CPU_AMX_INT8) && (v = burst_n(burst_amx_int8, 32768, AMX_BURST)) > pk_amxi) pk_amxi = v;
     }
 #endif
-    const double pk[NK] = {pk_fma, pk_bf16, pk_amxb, pk_vnni, pk_amxi, pk_vnni};
+    const double pk[NK] = {pk_fma, pk_bf16, pk_amxb, pk_vnni, pk_amxi, pk_vnni, pk_fma};
     const unsigned vec = feat & (DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AVX512_VNNI);
-    const unsigned mask[NK] = {feat, vec, feat, vec, feat, feat};
-    const int on[NK] = {1, 1, (feat & DM_CPU_AMX_BF16) != 0, 1, (feat & DM_CPU_AMX_INT8) != 0, 1};
+    const unsigned mask[NK] = {feat, vec, feat, vec, feat, feat, feat};
+    const int on[NK] = {1, 1, (feat & DM_CPU_AMX_BF16) != 0, 1, (feat & DM_CPU_AMX_INT8) != 0, 1,
+                        (feat & DM_CPU_AVX512) != 0};
     printf("threads %d, CPU features used: %s\n", threads, dm_cpu_features_string(feat));
     printf("peak (register-only loop, all threads, best of 40 bursts), GFLOP/s (int: GOP/s): fp32 FMA "
            "%.0f, vdpbf16ps %.0f, vpdpbusd %.0f, AMX tdpbf16ps %.0f, AMX tdpbusd %.0f\n",
@@ -200,7 +273,9 @@ int main(int argc, char **argv)
                     return 1;
                 }
             double t[NK];
-            if (time_shape(x, N, &P, L, y, reps, mask, on, t)) {
+            w8mat Q;
+            if (w8_pack(&Q, W, out, in)) return 1;
+            if (time_shape(x, N, &P, L, &Q, y, reps, mask, on, t)) {
                 fprintf(stderr, "%s\n", dm_last_error());
                 return 1;
             }
@@ -212,6 +287,7 @@ int main(int argc, char **argv)
                            pk[k] > 0 ? 100.0 * gf / t[k] / pk[k] : 0.0);
             printf("\n");
             for (int f = 0; f < 3; f++) dm_lp_free(&L[f]);
+            free(Q.w), free(Q.s);
             dm_pmat_free(&P);
             free(x), free(W), free(y);
         }

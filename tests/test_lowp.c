@@ -340,6 +340,13 @@ START_TEST(feature_names)
     ck_assert_int_eq(dm_lp_format_from_name("int4", &f), 0);
     ck_assert_int_eq(f, DM_LP_Q4);
     ck_assert_int_eq(dm_lp_format_from_name("int3", &f), -1);
+    ck_assert_uint_eq(dm_cpu_parse_features(NULL), ~0u);
+    ck_assert_uint_eq(dm_cpu_parse_features("native"), ~0u);
+    ck_assert_uint_eq(dm_cpu_parse_features("generic"), 0u);
+    ck_assert_uint_eq(dm_cpu_parse_features("none"), 0u);
+    ck_assert_uint_eq(dm_cpu_parse_features("vnni"), DM_CPU_AVX512 | DM_CPU_AVX512_VNNI);
+    ck_assert_uint_eq(dm_cpu_parse_features("bf16,amx"),
+                      DM_CPU_AVX512 | DM_CPU_AVX512_BF16 | DM_CPU_AMX_INT8 | DM_CPU_AMX_BF16);
     dm_cpu_force_features(0);
     ck_assert_uint_eq(dm_cpu_features(), 0);
     dm_cpu_force_features(DM_CPU_DETECT);

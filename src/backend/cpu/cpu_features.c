@@ -60,10 +60,8 @@ static unsigned detect_once(void)
     return atomic_load(&mask);
 }
 
-/* $DITMOE_CPU_FEATURES: unset/"native" = all detected, "generic"/"none" = none, else a list. */
-static unsigned env_mask(void)
+unsigned dm_cpu_parse_features(const char *s)
 {
-    const char *s = getenv("DITMOE_CPU_FEATURES");
     if (!s || !*s || !strcmp(s, "native")) return ~0u;
     if (!strcmp(s, "generic") || !strcmp(s, "none")) return 0;
     unsigned m = 0;
@@ -78,6 +76,9 @@ static unsigned env_mask(void)
     }
     return m;
 }
+
+/* $DITMOE_CPU_FEATURES, read once. */
+static unsigned env_mask(void) { return dm_cpu_parse_features(getenv("DITMOE_CPU_FEATURES")); }
 
 static atomic_uint g_mask = ATOMIC_VAR_INIT(0);
 static atomic_int g_ready = ATOMIC_VAR_INIT(0);

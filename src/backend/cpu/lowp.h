@@ -33,6 +33,8 @@ enum {
  * ("generic" = none, i.e. the portable paths; "native" = as detected; or a comma list of
  * "avx512", "bf16", "vnni", "amx" (int8 and bf16 tiles)). Never more than the CPU has. */
 unsigned dm_cpu_features(void);
+/* The mask a $DITMOE_CPU_FEATURES value allows (~0u for NULL, "" or "native"). */
+unsigned dm_cpu_parse_features(const char *s);
 /* Tests and benchmarks: force a mask (still limited to what the CPU has); DM_CPU_DETECT goes
  * back to detection + environment. */
 #define DM_CPU_DETECT (~0u)
