@@ -9,10 +9,14 @@
  *               summed in fp32 in order.
  * Weights are packed once (dm_lp_pack) into 32-column panels like dm_pmat (ops.h). Every output
  * element is a fixed-order computation over its own row and column only, so results are bitwise
- * independent of N, of the row's place in a tile and of the thread count; and the fast (AVX512)
- * and the portable paths give bitwise identical results (the portable path emulates vdpbf16ps
- * exactly, see gemm_bf16.c). Each kernel has a plain reference (_ref, double loops over the
- * packed values); tests/test_lowp.c checks one against the other. */
+ * independent of N, of the row's place in a tile and of the thread count. Paths, chosen per call
+ * from the CPU (cpu_features.c, $DITMOE_CPU_FEATURES): AMX tiles (int8 when in % 64 == 0, bf16
+ * when in % 32 == 0), else AVX512-BF16 / VNNI, else portable C. int8 and int4 give the same bits
+ * on every path (exact integer sums, identical float epilogues); bf16 gives the same bits on the
+ * vdpbf16ps and portable paths (the portable path emulates vdpbf16ps exactly, see gemm_bf16.c)
+ * and agrees with them within 2e-5 x rms on AMX, whose tile unit sums in its own order. Each
+ * kernel has a plain reference (_ref, double loops over the packed values); tests/test_lowp.c
+ * checks one against the other. */
 #ifndef DM_BACKEND_CPU_LOWP_H
 #define DM_BACKEND_CPU_LOWP_H
 
