@@ -64,26 +64,36 @@ static void tile_generic(const uint8_t *X, size_t ld, int G, int m, const uint8_
                          const uint16_t *gs, const float *fcorr, const float *sx, const float *bias,
                          float *C, int ldc, int nc)
 {
-    for (int r = 0; r < m; r++) {
-        const uint8_t *u = X + (size_t)r * ld;
-        float acc[DM_LP_PANEL];
-        for (int c = 0; c < DM_LP_PANEL; c++) acc[c] = -fcorr[c];
-        for (int g = 0; g < G; g++) {
+    float acc[MR][DM_LP_PANEL];
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < DM_LP_PANEL; c++) acc[r][c] = -fcorr[c];
+    for (int g = 0; g < G; g++) {
+        /* the group's weights as 16 q, [32 k][32 columns], so the row loops run over contiguous
+         * columns; the integer group sums are exact in any order */
+        int32_t wt[DM_Q4_GROUP][DM_LP_PANEL];
+        const uint8_t *wg = wp + (size_t)g * QB;
+        for (int t = 0; t < 8; t++)
+            for (int c = 0; c < 16; c++)
+                for (int j = 0; j < 4; j++) {
+                    const uint8_t byte = wg[t * 64 + c * 4 + j];
+                    wt[t * 4 + j][c] = (int8_t)(uint8_t)(byte << 4);
+                    wt[t * 4 + j][c + 16] = (int8_t)(byte & 0xF0);
+                }
+        float s[DM_LP_PANEL];
+        for (int c = 0; c < DM_LP_PANEL; c++) s[c] = dm_lp_bits_f((uint32_t)gs[(size_t)g * DM_LP_PANEL + c] << 16);
+        for (int r = 0; r < m; r++) {
             int32_t dot[DM_LP_PANEL] = {0};
-            const uint8_t *wg = wp + (size_t)g * QB;
-            for (int t = 0; t < 8; t++)
-                for (int c = 0; c < 16; c++)
-                    for (int j = 0; j < 4; j++) {
-                        const uint8_t byte = wg[t * 64 + c * 4 + j];
-                        const int32_t a = u[g * 32 + t * 4 + j];
-                        dot[c] += a * (int8_t)(uint8_t)(byte << 4);
-                        dot[c + 16] += a * (int8_t)(byte & 0xF0);
-                    }
-            const uint16_t *s = gs + (size_t)g * DM_LP_PANEL;
-            for (int c = 0; c < DM_LP_PANEL; c++) acc[c] = fmaf(dm_lp_bits_f((uint32_t)s[c] << 16), (float)dot[c], acc[c]);
+            const uint8_t *u = X + (size_t)r * ld + (size_t)g * DM_Q4_GROUP;
+            for (int k = 0; k < DM_Q4_GROUP; k++) {
+                const int32_t a = u[k];
+                for (int c = 0; c < DM_LP_PANEL; c++) dot[c] += a * wt[k][c];
+            }
+            for (int c = 0; c < DM_LP_PANEL; c++) acc[r][c] = fmaf(s[c], (float)dot[c], acc[r][c]);
         }
+    }
+    for (int r = 0; r < m; r++) {
         float *y = C + (size_t)r * ldc;
-        for (int c = 0; c < nc; c++) y[c] = fmaf(acc[c], sx[r] * 0.0625f, bias ? bias[c] : 0.0f);
+        for (int c = 0; c < nc; c++) y[c] = fmaf(acc[r][c], sx[r] * 0.0625f, bias ? bias[c] : 0.0f);
     }
 }
 

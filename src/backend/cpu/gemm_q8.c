@@ -54,17 +54,27 @@ static void tile_generic(const uint8_t *X, size_t ld, int kb, int m, const int8_
                          const int32_t *corr, const float *sw, const float *sx, const float *bias,
                          float *C, int ldc, int nc)
 {
-    for (int r = 0; r < m; r++) {
-        int32_t acc[DM_LP_PANEL] = {0};
-        const uint8_t *u = X + (size_t)r * ld;
-        for (int k = 0; k < kb; k++) {
-            const int8_t *w = wp + (size_t)k * DM_LP_PANEL * 4;
-            for (int c = 0; c < DM_LP_PANEL; c++)
-                for (int t = 0; t < 4; t++) acc[c] += (int32_t)u[4 * k + t] * w[c * 4 + t];
+    int32_t acc[MR][DM_LP_PANEL];
+    memset(acc, 0, sizeof acc);
+    for (int k = 0; k < kb; k++) {
+        /* this quad's weights de-interleaved to [4][32], so the row loops below run over
+         * contiguous columns (the compiler vectorises them); integer sums: any order is exact */
+        int32_t wt[4][DM_LP_PANEL];
+        const int8_t *w = wp + (size_t)k * DM_LP_PANEL * 4;
+        for (int c = 0; c < DM_LP_PANEL; c++)
+            for (int t = 0; t < 4; t++) wt[t][c] = w[c * 4 + t];
+        for (int r = 0; r < m; r++) {
+            const uint8_t *u = X + (size_t)r * ld + 4 * (size_t)k;
+            for (int t = 0; t < 4; t++) {
+                const int32_t a = u[t];
+                for (int c = 0; c < DM_LP_PANEL; c++) acc[r][c] += a * wt[t][c];
+            }
         }
+    }
+    for (int r = 0; r < m; r++) {
         float *y = C + (size_t)r * ldc;
         for (int c = 0; c < nc; c++)
-            y[c] = fmaf((float)(acc[c] - corr[c]), sx[r] * sw[c], bias ? bias[c] : 0.0f);
+            y[c] = fmaf((float)(acc[r][c] - corr[c]), sx[r] * sw[c], bias ? bias[c] : 0.0f);
     }
 }
 
