@@ -5,6 +5,9 @@
 #include "ditmoe.h"
 
 #include <stdio.h>
+#ifdef DITMOE_BENCH_OPENBLAS
+#include <cblas.h>
+#endif
 #include <stdlib.h>
 
 static double time_it(int reps, void (*fn)(void *), void *ctx)
@@ -29,7 +32,12 @@ typedef struct {
 static void run_blas(void *p)
 {
     job_t *j = p;
+#ifdef DITMOE_BENCH_OPENBLAS
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->M, j->N, j->K, 1.0f, j->x, j->K, j->W,
+                j->K, 0.0f, j->y, j->N);
+#else
     dm_linear(j->x, j->M, j->K, j->W, NULL, j->N, j->y);
+#endif
 }
 static void run_own(void *p)
 {

@@ -5,44 +5,33 @@
 
 #include "ditmoe.h"
 
+#ifndef DM_VAE_EPS
 #define DM_VAE_EPS 1e-6f
+#endif
 #define DM_VAE_MAX_LEVELS 8
 #define DM_VAE_MAX_RES 8 /* resnets per up level (num_res_blocks + 1) */
 
-/* ---- kernels (vae_ops.c); every fast kernel has a plain _ref beside it ---------------------- */
+/* ---- kernels ----------------------------------------------------------------------------------
+ * The fast kernels (dm_vae_conv2d, dm_vae_conv2d_acc, dm_vae_conv_col_size, dm_vae_group_norm,
+ * dm_vae_upsample2x, dm_vae_attention, dm_vae_attn_ws_size) and dm_vae_attn_w live in the CPU
+ * backend: src/backend/cpu/vae_kernels.h. Included here only until vae.c calls them through the
+ * backend op table (issue 11). */
+#include "backend/cpu/vae_kernels.h"
 
-/* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
- * zero padding (k-1)/2, k odd. Fast: im2col in bands of output rows + sgemm; col is scratch of
- * at least dm_vae_conv_col_size(Cin, H, W, k) floats (may be NULL for k == 1).
- * `out` must not alias `x`. */
-size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);
-void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
-                   int k, float *col, float *out);
-/* Same, accumulating: out += conv(x) + b (the residual add fused into the sgemm, beta = 1). */
-void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
-                       int Cout, int k, float *col, float *out);
+/* Plain references (vae_ref.c): naive loops, sums in double, no BLAS. Same shapes and meaning as
+ * the fast kernels. */
 void dm_vae_conv2d_ref(const float *x, int Cin, int H, int W, const float *w, const float *b,
                        int Cout, int k, float *out);
-
-/* y [C, HW] = GroupNorm(x [C, HW]; G contiguous groups, biased variance, eps) * gamma + beta,
- * then SiLU when silu != 0. y may equal x (in place). Statistics in double. */
-void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
-                       const float *beta, int silu, float *y);
 void dm_vae_group_norm_ref(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
                            const float *beta, int silu, float *y);
-
-/* out [C, 2H, 2W] = nearest-neighbour 2x upsample of x [C, H, W]. */
-void dm_vae_upsample2x(const float *x, int C, int H, int W, float *out);
-
-/* In place: x [C, N] += Wo·attn(GN(x)) + bo, single head of dim C, scale 1/sqrt(C), tokens
- * n = y*W + x. Scratch ws of dm_vae_attn_ws_size(C, N) floats. Weights [C, C] (out, in). */
+#ifndef DM_VAE_ATTN_W_DEFINED
+#define DM_VAE_ATTN_W_DEFINED
 typedef struct {
-    const float *gn_g, *gn_b;      /* [C] */
+    const float *gn_g, *gn_b;       /* [C] */
     const float *wq, *bq, *wk, *bk; /* [C, C], [C] */
     const float *wv, *bv, *wo, *bo; /* [C, C], [C] */
 } dm_vae_attn_w;
-size_t dm_vae_attn_ws_size(int C, int N);
-void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, float *ws);
+#endif
 void dm_vae_attention_ref(float *x, int C, int N, int G, const dm_vae_attn_w *aw);
 
 /* ---- model (vae_load.c, vae.c) --------------------------------------------------------------- */
