@@ -337,6 +337,25 @@ void dm_gemm(const float *A, size_t lda, int M, int K, dm_gemm_b B, int N, float
     const dm_gemm_epi none = DM_GEMM_EPI_INIT;
     if (!e) e = &none;
     const int np = (N + DM_GEMM_NR - 1) / DM_GEMM_NR, mt = (M + GMR - 1) / GMR;
+    if (threaded && B.ldb && M >= 4 * GMR && np >= 2) {
+        /* B in place with rows far apart: each thread copies one panel at a time into a packed
+         * [K][32] buffer (contiguous, stays in cache) and runs every row tile on it. A thread
+         * without memory for the copy reads B in place: the same bits either way. */
+#pragma omp parallel
+        {
+            float *buf = malloc(sizeof(float) * dm_bpack_size(K, DM_GEMM_NR));
+#pragma omp for schedule(dynamic, 1)
+            for (int j = 0; j < np; j++) {
+                const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
+                const float *bj = B.p + (size_t)j * DM_GEMM_NR;
+                if (buf) dm_bpack(bj, B.ldb, K, nc, buf);
+                dm_gemm_panel(A, lda, M, K, buf ? buf : bj, buf ? 0 : B.ldb, j * DM_GEMM_NR, nc,
+                              C, ldc, e);
+            }
+            free(buf);
+        }
+        return;
+    }
     const size_t stride = B.ldb ? B.ldb : DM_GEMM_NR;
     /* panel j starts at column j*32 (in place) or at the j-th packed [K][32] block */
     const size_t pstep = B.ldb ? DM_GEMM_NR : (size_t)K * DM_GEMM_NR;
@@ -366,4 +385,77 @@ void dm_gemm_ref(const float *A, size_t lda, int M, int K, const float *B, size_
             float *c = C + (size_t)i * ldc + j;
             *c = e->accumulate ? (float)(*c + s) : (float)s;
         }
+}
+
+/* ---- packed A, k-blocked panel product ---------------------------------------------------- */
+#ifndef DM_GEMM_KC
+#define DM_GEMM_KC 192 /* k rows of a B panel per block: 192 x 128 B = 24 KiB stay in L1 */
+#endif
+
+size_t dm_apack_size(int M, int K)
+{
+    return (size_t)(M + GMR - 1) / GMR * GMR * (size_t)K;
+}
+
+void dm_apack(const float *A, size_t lda, int M, int K, float *Ap)
+{
+    const int mt = (M + GMR - 1) / GMR;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < mt; i++) {
+        float *d = Ap + (size_t)i * K * GMR;
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < GMR; r++) {
+                const int row = i * GMR + r;
+                d[(size_t)k * GMR + r] = row < M ? A[(size_t)row * lda + k] : 0.0f;
+            }
+    }
+}
+
+/* acc += A tile (packed [K][8]) · panel rows k0 .. k1-1 (packed [K][32]); always the full 8 x 32
+ * (padding rows and columns are zeros and are never stored). Same FMA chain as gtile. */
+static inline void gtile_ap(const float *ap, int k0, int k1, const float *bp, v16 acc[GMR][2])
+{
+    for (int k = k0; k < k1; k++) {
+        const v16 b0 = *(const v16 *)(bp + (size_t)k * DM_GEMM_NR);
+        const v16 b1 = *(const v16 *)(bp + (size_t)k * DM_GEMM_NR + 16);
+        const float *a = ap + (size_t)k * GMR;
+        for (int r = 0; r < GMR; r++) {
+            acc[r][0] = vfma(acc[r][0], a[r], b0);
+            acc[r][1] = vfma(acc[r][1], a[r], b1);
+        }
+    }
+}
+
+void dm_gemm_panel_ap(const float *Ap, int M, int K, const float *bp, int j0, int nc, float *C,
+                      size_t ldc, const dm_gemm_epi *e, float *part)
+{
+    const dm_gemm_epi none = DM_GEMM_EPI_INIT;
+    if (!e) e = &none;
+    const int mt = (M + GMR - 1) / GMR;
+    const int kc = part && K > DM_GEMM_KC ? DM_GEMM_KC : K;
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        const int k1 = K - k0 < kc ? K : k0 + kc;
+        for (int i = 0; i < mt; i++) {
+            v16 acc[GMR][2];
+            float *pp = part ? part + (size_t)i * GMR * DM_GEMM_NR : NULL;
+            for (int r = 0; r < GMR; r++) {
+                if (k0 == 0) {
+                    acc[r][0] = acc[r][1] = (v16){0};
+                } else { /* the running sums, stored as float32: exactly the register values */
+                    memcpy(&acc[r][0], pp + r * DM_GEMM_NR, sizeof acc[r][0]);
+                    memcpy(&acc[r][1], pp + r * DM_GEMM_NR + 16, sizeof acc[r][1]);
+                }
+            }
+            gtile_ap(Ap + (size_t)i * K * GMR, k0, k1, bp, acc);
+            if (k1 == K) {
+                const int m = M - i * GMR < GMR ? M - i * GMR : GMR;
+                gstore(acc, m, nc, C + (size_t)i * GMR * ldc + j0, ldc, e, i * GMR, j0);
+            } else {
+                for (int r = 0; r < GMR; r++) {
+                    memcpy(pp + r * DM_GEMM_NR, &acc[r][0], sizeof acc[r][0]);
+                    memcpy(pp + r * DM_GEMM_NR + 16, &acc[r][1], sizeof acc[r][1]);
+                }
+            }
+        }
+    }
 }

@@ -51,6 +51,15 @@ void dm_gemm(const float *A, size_t lda, int M, int K, dm_gemm_b B, int N, float
  * of 32 floats; ldb as above). */
 void dm_gemm_panel(const float *A, size_t lda, int M, int K, const float *bp, size_t ldb, int j0,
                    int nc, float *C, size_t ldc, const dm_gemm_epi *e);
+/* A [M, K] packed for dm_gemm_panel_ap: [ceil(M/8)][K][8], zero rows past M. */
+#define DM_GEMM_MR 8
+size_t dm_apack_size(int M, int K);
+void dm_apack(const float *A, size_t lda, int M, int K, float *Ap);
+/* dm_gemm_panel with A packed and B a packed panel; k is processed in blocks that stay in L1,
+ * the running sums kept in part ([ceil(M/8)*8][32] floats; NULL: no blocking). Storing a running
+ * float32 sum and reloading it is exact, so the bits equal dm_gemm_panel's. */
+void dm_gemm_panel_ap(const float *Ap, int M, int K, const float *bp, int j0, int nc, float *C,
+                      size_t ldc, const dm_gemm_epi *e, float *part);
 /* Plain loops in double: the reference. */
 void dm_gemm_ref(const float *A, size_t lda, int M, int K, const float *B, size_t ldb, int N,
                  float *C, size_t ldc, const dm_gemm_epi *e);
