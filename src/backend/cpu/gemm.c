@@ -226,11 +226,16 @@ void dm_bpack(const float *B, size_t ldb, int K, int N, float *Bp)
     for (int j = 0; j < np; j++) {
         const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
         float *dst = Bp + (size_t)j * K * DM_GEMM_NR;
-        for (int k = 0; k < K; k++) {
-            float *d = dst + (size_t)k * DM_GEMM_NR;
-            memcpy(d, B + (size_t)k * ldb + (size_t)j * DM_GEMM_NR, sizeof(float) * nc);
-            for (int c = nc; c < DM_GEMM_NR; c++) d[c] = 0.0f;
-        }
+        const float *src = B + (size_t)j * DM_GEMM_NR;
+        if (nc == DM_GEMM_NR) /* constant size: an inlined copy, not a libc call per row */
+            for (int k = 0; k < K; k++)
+                memcpy(dst + (size_t)k * DM_GEMM_NR, src + (size_t)k * ldb, sizeof(float) * DM_GEMM_NR);
+        else
+            for (int k = 0; k < K; k++) {
+                float *d = dst + (size_t)k * DM_GEMM_NR;
+                memcpy(d, src + (size_t)k * ldb, sizeof(float) * nc);
+                for (int c = nc; c < DM_GEMM_NR; c++) d[c] = 0.0f;
+            }
     }
 }
 

@@ -136,7 +136,10 @@ static void wino_input(const float *x, int Cin, int H, int W, int tw, int t0, in
                 const int iy = 2 * ty - 1 + r;
                 /* rp[k] = x[iy][2 tx0 - 1 + k], k = 0 .. 2 run + 1, zero outside the image */
                 const int ix0 = 2 * tx0 - 1, n = 2 * run + 2;
-                if (iy < 0 || iy >= H) {
+                const float *b = rp; /* patch column q of tile c: b[2c + q] */
+                if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) {
+                    b = xc + (size_t)iy * W + ix0; /* inside the image: read in place */
+                } else if (iy < 0 || iy >= H) {
                     memset(rp, 0, sizeof(float) * n);
                 } else {
                     const float *row = xc + (size_t)iy * W;
@@ -145,7 +148,6 @@ static void wino_input(const float *x, int Cin, int H, int W, int tw, int t0, in
                     memcpy(rp + lo, row + ix0 + lo, sizeof(float) * (hi - lo));
                     for (int k = hi; k < n; k++) rp[k] = 0.0f;
                 }
-                const float *b = rp; /* patch column q of tile c: b[2c + q] */
                 for (int c = 0; c < run; c++) {
                     const float d0 = b[2 * c], d1 = b[2 * c + 1], d2 = b[2 * c + 2], d3 = b[2 * c + 3];
                     e[r][0][c] = d0 - d2;

@@ -1,11 +1,13 @@
 /* VAE GroupNorm (+ SiLU) and nearest 2x upsample. GroupNorm runs one group per thread with
  * its statistics summed in a fixed order, so the result does not depend on the thread count. */
+#include "backend/cpu/ops.h"
 #include "backend/cpu/vae_kernels.h"
 
 #include <math.h>
 #include <string.h>
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+/* SiLU with the vectorisable exp of the transformer (ops.h; a few ulp from expf). */
+static inline float silu(float v) { return v / (1.0f + dm_exp_fast(-v)); }
 
 void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
                        const float *beta, int silu_on, float *y)
