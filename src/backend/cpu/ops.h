@@ -9,8 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). OpenBLAS sgemm. */
-void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
+/* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). Our fixed-order GEMM (gemm.h),
+ * W packed per call. Returns 0, or -1 when the packing buffer cannot be allocated. */
+int dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 void dm_linear_ref(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 
 /* Weights packed for dm_linear_packed: [ceil(out/DM_PANEL)][in][DM_PANEL], zero-padded, kept
@@ -54,7 +55,9 @@ void dm_swiglu(const float *gu, int rows, int F, float *h);
 
 /* exp(x) for the activations, inline so the loops calling it vectorise (libm's expf is a call
  * per element): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6
- * polynomial; within a few ulp of expf over [-87, 88], clamped outside. */
+ * polynomial; within a few ulp of expf over [-87, 88], clamped outside (+-Inf included). NaN in
+ * gives NaN out: the clamps let NaN through to the polynomial, and the exponent n is replaced by
+ * 0 before its integer conversion (converting NaN to int32_t would be undefined behaviour). */
 static inline float dm_exp_fast(float x)
 {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
@@ -68,10 +71,11 @@ static inline float dm_exp_fast(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
+    const float ni = n == n ? n : 0.0f; /* NaN only when x is NaN; p is NaN then */
     union {
         uint32_t u;
         float f;
-    } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    } scale = {.u = (uint32_t)((int32_t)ni + 127) << 23};
     return p * scale.f;
 }
 
