@@ -53,7 +53,7 @@ def main():
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"SD VAE decode {a.size}x{a.size}x4 -> {8 * a.size}x{8 * a.size}x3, {a.threads} threads, "
           f"{a.reps} interleaved runs; load average {os.getloadavg()[0]:.1f}")
-    print(f"  ditmoe (C, im2col+OpenBLAS): best wall {min(c_wall):.2f} s, best cpu {min(c_cpu):.2f} s"
+    print(f"  ditmoe (C, Winograd + own GEMM): best wall {min(c_wall):.2f} s, best cpu {min(c_cpu):.2f} s"
           f"   (wall: {fmt(c_wall)}; cpu: {fmt(c_cpu)})")
     print(f"  PyTorch {torch.__version__}:           best wall {min(t_wall):.2f} s, best cpu "
           f"{min(t_cpu):.2f} s   (wall: {fmt(t_wall)}; cpu: {fmt(t_cpu)})")

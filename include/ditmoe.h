@@ -91,9 +91,11 @@ int dm_backend_from_name(const char *s, dm_backend_kind *out);  /* 0 ok, -1 unkn
 dm_status dm_backend_check(dm_backend_kind k);
 
 /* Options of dm_model_load_opts / dm_vae_load_opts; dm_load_opts_init fills every default. */
+typedef struct dm_config_overrides dm_config_overrides; /* see "PyTorch checkpoints" below */
 typedef struct {
     dm_backend_kind backend; /* DM_BACKEND_CPU                                            */
     int device;              /* accelerator ordinal (cuda), 0                             */
+    const dm_config_overrides *cfg; /* what the weights cannot tell (.pt files), NULL = none */
 } dm_load_opts;
 void dm_load_opts_init(dm_load_opts *o);
 
@@ -138,6 +140,47 @@ const char *dm_st_meta(const dm_st_file *f, const char *key);
  * convert to float32 into a new malloc'd buffer *out (caller frees). */
 dm_status dm_st_load_f32(const dm_st_file *f, const char *name, int ndim, const int64_t *shape,
                          float **out);
+
+/* ---------------------------------------------------------------------------------------------
+ * PyTorch checkpoints and configuration overrides (src/io/pt*.c, pickle.c, pt_config.c,
+ * st_write.c). dm_st_open also takes the .pt/.pth files torch.save writes (zip format, and the
+ * legacy pre-1.6 format): recognised by their magic bytes, the tensors are mapped from the file
+ * like safetensors ones. The pickle is read by a small interpreter that only builds tensors,
+ * storages, dicts, lists and tuples and refuses every global outside an allowlist: nothing in the
+ * file is ever executed (unlike torch.load). The state dict is found as
+ * tools/convert_checkpoint.py finds it (ema_model_state_dict / ema / model / module / state_dict
+ * / model_state_dict wrappers, "module." / "model." prefixes); other entries (optimizer state,
+ * args) are skipped without touching their tensors.
+ * What the weights cannot tell comes from overrides (the converter's flags); unset fields
+ * default from the released-config table exactly as the converter does, so loading a .pt gives
+ * the configuration (and the bits) of the safetensors the converter makes from it.
+ * ------------------------------------------------------------------------------------------- */
+struct dm_config_overrides {
+    int heads;                  /* --heads, -1 = released table                                 */
+    int top_k;                  /* --top-k, -1 = 2 (DiT-MoE), 1 (ProMoE)                        */
+    int num_classes;            /* --num-classes, -1 = embedding rows - 1                       */
+    const char *objective;      /* --objective "ddpm" | "rf", NULL = from the attention layout  */
+    const char *class_names;    /* --class-names FILE (one name a line), NULL = none            */
+    const char *name;           /* --name, NULL = released name or ""                           */
+    const char *promoe_variant; /* --promoe-variant "tc" | "ec" (ProMoE only), NULL = tc       */
+    const char *router;         /* --router "identity" | "softmax" | "sigmoid", NULL = identity */
+    double vae_scale;           /* --vae-scale, 0 = 0.18215                                     */
+    const char *sampler;        /* stored sampling defaults: NULL / -1 / NaN = objective's      */
+    int steps;
+    double cfg_scale;
+    int cfg_channels;
+};
+void dm_config_overrides_init(dm_config_overrides *o); /* everything unset */
+int dm_config_overrides_any(const dm_config_overrides *o); /* 1 if some field is set */
+/* dm_st_open with overrides kept with the file for dm_config_from_file (ov may be NULL). */
+dm_status dm_st_open_opts(const char *path, const dm_config_overrides *ov, dm_st_file **out);
+int dm_st_is_pt(const dm_st_file *f); /* 1: the file is a PyTorch checkpoint */
+/* The "ditmoe" configuration JSON of f as the converter writes it (its metadata, or inferred
+ * from the tensors for .pt / metadata-less files; f's overrides applied). malloc'd string. */
+dm_status dm_config_json(const dm_st_file *f, char **json);
+/* Write a safetensors file atomically (temp file + rename): the n tensors in order, contiguous
+ * data, and the metadata pairs meta = {key, value, key, value, ..., NULL} (may be NULL). */
+dm_status dm_st_write(const char *path, int n, const dm_st_tensor *t, const char *const *meta);
 
 /* ---------------------------------------------------------------------------------------------
  * .npy (src/io/npy.c): float32 / int32 / int64 / uint8, C order, little endian.
@@ -477,8 +520,227 @@ void dm_route_counts_free(dm_route_counts *c);
 void dm_route_table_info(const int64_t *tab, int nA, int X, double *mi_bits, double *h_bits);
 
 /* ---------------------------------------------------------------------------------------------
- * Sections added by later stages go above this line (PNG output, sampling, routing dumps).
+ * Image files (src/io/png.c, src/io/image_write.c): PNG (libpng, tEXt chunks), JPEG and BMP
+ * (stb_image_write). Every writer is atomic (temp file beside the target + rename) and fails
+ * with DM_ERR_WRITE when the output cannot be written. pix [h, w, channels], channels 1 or 3
+ * (PNG also 4); text: NULL-terminated key, value, ..., NULL list or NULL.
  * ------------------------------------------------------------------------------------------- */
+typedef enum { DM_IMAGE_PNG = 0, DM_IMAGE_JPEG, DM_IMAGE_BMP } dm_image_format;
+/* From the file name's extension (.png, .jpg/.jpeg, .bmp, case-insensitive); -1 otherwise. */
+int dm_image_format_from_path(const char *path, dm_image_format *out);
+const char *dm_image_format_name(dm_image_format f); /* "png", "jpeg", "bmp" */
+/* Baseline JPEG at quality 1..100; text is stored as one COM segment right after SOI, one
+ * "key=value" line per pair (at most 65533 bytes). */
+dm_status dm_jpeg_write(const char *path, int w, int h, int channels, const uint8_t *pix,
+                        int quality, const char *const *text);
+/* Uncompressed BMP (no metadata: BMP has no place for it). */
+dm_status dm_bmp_write(const char *path, int w, int h, int channels, const uint8_t *pix);
+/* Write n bytes to path atomically (temp file + rename); DM_ERR_WRITE naming path. */
+dm_status dm_write_file_atomic(const char *path, const void *data, size_t n);
+/* Pick the writer from the extension (quality: JPEG only; BMP drops text). */
+dm_status dm_image_write(const char *path, int w, int h, int channels, const uint8_t *pix,
+                         int quality, const char *const *text);
+/* Read a PNG as 8-bit RGB [h, w, 3] (malloc'd; gray and alpha converted). DM_ERR_IO when the
+ * file cannot be opened, DM_ERR_FORMAT when it is not a readable PNG. */
+dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb);
+
+/* A tiny RGB canvas for figures (src/trace/render.c, ditmoe-routes): filled rectangles, a 5x7
+ * bitmap font, the routing figures' colour scales. */
+typedef struct {
+    int w, h;
+    uint8_t *pix; /* [h, w, 3] */
+} dm_canvas;
+dm_status dm_canvas_init(dm_canvas *c, int w, int h); /* white */
+void dm_canvas_free(dm_canvas *c);
+void dm_canvas_rect(dm_canvas *c, int x, int y, int w, int h, const uint8_t rgb[3]);
+/* Text in the 5x7 font at integer scale (glyph cell 6x8 * scale); lower case is drawn as upper
+ * case, unknown characters as a box. Returns the width drawn. */
+int dm_canvas_text(dm_canvas *c, int x, int y, int scale, const char *s, const uint8_t rgb[3]);
+int dm_text_width(const char *s, int scale);
+/* Diverging scale for a ratio r to uniform (r = P * E, 1 = uniform): log2 r clipped to
+ * [-2, 2], blue (1/4x) - white (1x) - red (4x). */
+void dm_color_ratio(double r, uint8_t rgb[3]);
+/* Distinct colour of expert e (a fixed 16-colour palette, cycled). */
+void dm_color_expert(int e, uint8_t rgb[3]);
+
+/* ---------------------------------------------------------------------------------------------
+ * Batch runs (src/batch): many images for FID, sharded and resumable (ditmoe-batch). Everything
+ * an image depends on is a function of (seed, global index): its class here, its noise through
+ * dm_sample's index argument, so the set of files never depends on the batch size, the number
+ * of processes or the order in which work finishes. The ADM evaluator's .npz is written as a
+ * stored zip (ZIP64 when large).
+ * ------------------------------------------------------------------------------------------- */
+/* Lower-case hex SHA-256 (FIPS 180-2) of a whole file; DM_ERR_IO naming the file. */
+dm_status dm_sha256_file(const char *path, char hex[65]);
+
+typedef enum {
+    DM_BATCH_RANDOM = 0, /* uniform over [0, num_classes), Philox keyed apart from the noise  */
+    DM_BATCH_BALANCED,   /* index mod num_classes                                             */
+    DM_BATCH_LIST,       /* list[index mod nlist]                                             */
+} dm_batch_class_mode;
+
+typedef struct {
+    dm_batch_class_mode mode;
+    int num_classes; /* the model's K (null class = K) */
+    int nlist;
+    int *list;       /* [nlist] class ids (LIST mode), malloc'd */
+} dm_batch_classes;
+
+/* Parse "random", "balanced" or a comma list of ids/names (resolved with dm_config_class_id).
+ * DM_ERR_ARG naming --classes. */
+dm_status dm_batch_classes_parse(const char *s, const dm_config *cfg, dm_batch_classes *out);
+void dm_batch_classes_free(dm_batch_classes *c);
+/* Canonical text: "random", "balanced" or "3,5,7" (ids), for the manifest. */
+void dm_batch_classes_str(const dm_batch_classes *c, char *buf, size_t n);
+/* Class of image `index` under noise seed `seed`. Random mode: Philox4x32-10 with counter
+ * {draw, 0x636c6173 ("clas"), index lo32, index hi32} and key {seed lo32 ^ 0x9e3779b9,
+ * seed hi32 ^ 0xbb67ae85} (the noise uses key {seed lo32, seed hi32}); each 32-bit word w gives
+ * a class by Lemire's multiply-shift with rejection of w*K mod 2^32 < 2^32 mod K, so every class
+ * is exactly equally likely. */
+int dm_batch_class_of(const dm_batch_classes *c, uint64_t seed, uint64_t index);
+
+/* Shard r of n owns the indices i with i mod n == r. */
+static inline int dm_batch_owns(uint64_t index, int rank, int size)
+{
+    return (int)(index % (uint64_t)size) == rank;
+}
+
+/* "DIR/000123.png" ({index:06d}, wider when needed). */
+void dm_batch_png_path(const char *dir, uint64_t index, char *buf, size_t n);
+
+/* Scan DIR once: done[i] = 1 for every i < num with DIR/{i:06d}.png present (a finished image:
+ * files appear only by rename). Returns the count in *ndone. When clean_rank >= 0, also removes
+ * leftover temp files "{i:06d}.png.tmp.*" of indices shard (clean_rank, clean_size) owns, and
+ * "manifest.json.tmp.*" when clean_rank == 0. done may be NULL (count only). */
+dm_status dm_batch_scan(const char *dir, int64_t num, uint8_t *done, int64_t *ndone,
+                        int clean_rank, int clean_size);
+
+typedef struct {
+    char model_file[256], vae_file[256]; /* base names, informational (not compared) */
+    char model_sha256[65], vae_sha256[65];
+    uint64_t seed;
+    char sampler[16];
+    int steps;
+    float cfg_scale;
+    int cfg_channels; /* 0 = all */
+    float cfg_t_lo, cfg_t_hi, eta;
+    char classes[4096]; /* dm_batch_classes_str() */
+    int num_classes;
+    int64_t num;        /* N images, indices 0..N-1 */
+    int width, height, channels; /* PNG size */
+} dm_batch_params;
+
+/* Write DIR/manifest.json atomically: every parameter plus progress {done, total}. */
+dm_status dm_batch_manifest_write(const char *dir, const dm_batch_params *p, int64_t done);
+/* If DIR/manifest.json exists, compare it with p. DM_ERR_ARG naming the first differing
+ * parameter by its flag, with both values; DM_ERR_FORMAT if unreadable. *found = 0 if absent. */
+dm_status dm_batch_manifest_check(const char *dir, const dm_batch_params *p, int *found);
+/* Read N, the class text and the image size back (for pack). */
+dm_status dm_batch_manifest_read(const char *dir, dm_batch_params *p);
+
+/* Read DIR/000000.png .. {num-1}.png (libpng, one at a time) into OUT.npz: arr_0 uint8
+ * [num, H, W, 3] (gray replicated to RGB, alpha dropped), and with labels arr_1 int64 [num] from
+ * each PNG's tEXt "class" (leading integer). Refuses missing indices (naming the first) and
+ * differing sizes. */
+dm_status dm_batch_pack(const char *dir, int64_t num, const char *out, int labels, int force_zip64,
+                        dm_progress_fn progress, void *progress_ctx);
+
+/* ---------------------------------------------------------------------------------------------
+ * Generation pipeline (src/pipeline): model + VAE opened together and checked against each other
+ * -> batches of class-conditional images as uint8 pixels -> the metadata that reproduces each
+ * image. What ditmoe-sample and ditmoe-batch share; also the interface for bindings (plain
+ * structs; every callback optional).
+ *
+ *   dm_pipeline_opts o; dm_pipeline_opts_init(&o); o.model_path = ...; o.vae_path = ...;
+ *   dm_pipeline *pl; dm_pipeline_open(&o, &pl);
+ *   dm_sample_params sp; dm_sample_params_init(&sp, dm_pipeline_config(pl)); sp.seed = 7;
+ *   const dm_pipeline_info *in = dm_pipeline_get_info(pl);
+ *   uint8_t *pix = malloc((size_t)B * in->height * in->width * in->channels);
+ *   dm_pipeline_generate(pl, &sp, B, labels, indices, NULL, pix);   // [B, H, W, C]
+ *   dm_gen_text t; dm_gen_text_init(&t, pl, &sp, "my-tool 1.0", labels[0], indices[0]);
+ *   dm_image_write("0.png", in->width, in->height, in->channels, pix, 90, t.kv);
+ *   dm_pipeline_free(pl);
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const char *model_path;  /* DiT-MoE / ProMoE .safetensors (required)                      */
+    const char *vae_path;    /* VAE decoder .safetensors; NULL = latents only (no pixels)      */
+    dm_backend_kind backend; /* DM_BACKEND_CPU                                                 */
+    int device;              /* accelerator ordinal, 0                                         */
+    int threads;             /* dm_set_threads(threads) at open; -1 (default) leaves it as is  */
+} dm_pipeline_opts;
+void dm_pipeline_opts_init(dm_pipeline_opts *o);
+
+typedef struct {
+    int latent_channels, latent_size; /* C, S: latents are [C, S, S]                         */
+    int width, height, channels;      /* output pixels [height, width, channels]; 0 w/o VAE  */
+    float latent_rescale; /* the model's latents are multiplied by this before decoding
+                           * (VAE scale / model scale; 1 when they agree or the model has none) */
+} dm_pipeline_info;
+
+/* Seconds and counts accumulated over every dm_pipeline_generate call. */
+typedef struct {
+    double sample_sec;  /* sampler + transformer                                              */
+    double forward_sec; /* of which inside the transformer                                    */
+    double decode_sec;  /* VAE decoder + conversion to uint8                                  */
+    long forwards, rows;/* transformer calls and the rows they ran                            */
+    long images;
+} dm_pipeline_stats;
+
+typedef struct dm_pipeline dm_pipeline;
+/* Load both files with the backend, check that the VAE's latent channels equal the model's
+ * and that it makes 1 or 3 channels (DM_ERR_ARG naming both files), work out the latent scale
+ * (the model's metadata wins over the VAE's; logged when they differ), set the threads. */
+dm_status dm_pipeline_open(const dm_pipeline_opts *o, dm_pipeline **out);
+void dm_pipeline_free(dm_pipeline *p); /* NULL ok */
+const dm_config *dm_pipeline_config(const dm_pipeline *p);
+const dm_pipeline_info *dm_pipeline_get_info(const dm_pipeline *p);
+const dm_pipeline_stats *dm_pipeline_get_stats(const dm_pipeline *p);
+const char *dm_pipeline_model_path(const dm_pipeline *p);
+const char *dm_pipeline_vae_path(const dm_pipeline *p);  /* "" without a VAE */
+dm_backend_kind dm_pipeline_backend(const dm_pipeline *p);
+dm_model *dm_pipeline_model(dm_pipeline *p);
+dm_vae *dm_pipeline_vae(dm_pipeline *p); /* NULL without a VAE */
+
+/* Optional parts of a generate call (pass NULL for none; zero-fill for "none" too). */
+typedef struct {
+    dm_progress_fn progress; /* after each sampler step (step 1..N of this batch)              */
+    void *progress_ctx;
+    dm_trace *trace;         /* append every evaluation's routing record (dm_trace_open with
+                              * dm_trace_shape_from_model); the call does dm_trace_batch      */
+    const float *init;       /* [B,C,S,S] initial noise instead of the (seed, index) draw      */
+    float *latents;          /* out: [B,C,S,S] the final latents as sampled (before rescale)   */
+} dm_pipeline_hooks;
+
+/* B images: class y[b] with noise key index[b] (global image index, so an image is the same
+ * whatever the batch it is made in), sampled with sp (checked against the model), decoded and
+ * converted like DiT's sample_ddp.py into pixels [B, H, W, C] (may be NULL: latents only, then
+ * hooks->latents should be set). A non-finite latent fails with DM_ERR_NUMERIC naming the step. */
+dm_status dm_pipeline_generate(dm_pipeline *p, const dm_sample_params *sp, int B, const int64_t *y,
+                               const uint64_t *index, const dm_pipeline_hooks *hooks,
+                               uint8_t *pixels);
+
+/* The metadata that reproduces one image: key/value pairs in kv (NULL-terminated, as
+ * dm_image_write's text), strings held in the struct itself. Keys: Software, ditmoe-version,
+ * model, vae (base names), backend, class ("3 (Dress)" or "3"), sampler, steps, cfg-scale,
+ * cfg-channels ("3" or "all"), cfg-interval ("lo,hi"), eta, seed, num-train-steps,
+ * image-index. Floats are written with the fewest digits that read back to the same float.
+ * kv points into the struct itself, so use it in place (do not copy the struct); bindings can
+ * read keys[i] / vals[i] for i < n directly. */
+#define DM_GEN_TEXT_MAX 24
+typedef struct {
+    const char *kv[2 * DM_GEN_TEXT_MAX + 1];
+    int n;                       /* pairs                                                       */
+    char keys[DM_GEN_TEXT_MAX][32];
+    char vals[DM_GEN_TEXT_MAX][256];
+} dm_gen_text;
+/* software: e.g. "ditmoe-sample 0.1.0" (NULL: "ditmoe <version>"); cls < 0: no class field. */
+void dm_gen_text_init(dm_gen_text *t, const dm_pipeline *p, const dm_sample_params *sp,
+                      const char *software, int64_t cls, uint64_t index);
+/* Replace (or append) one field, e.g. ("class", "1,2") for a contact sheet. DM_ERR_ARG when
+ * full or too long. */
+dm_status dm_gen_text_set(dm_gen_text *t, const char *key, const char *value);
+/* The text of one field, or NULL. */
+const char *dm_gen_text_get(const dm_gen_text *t, const char *key);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,8 @@ Checks (each prints ok/FAIL):
 - pack: numpy.load gives uint8 [N,H,W,3] equal to the PNGs' pixels (decoded here), labels = the
   tEXt classes, zipfile's CRC check passes, forced ZIP64 records present and still loadable,
   gray PNGs replicated to 3 channels, a missing index refused naming the first one;
-- bad arguments and a mismatched manifest: exit 2 with a message naming the flag.
+- bad arguments and a mismatched manifest: exit 2 with a message naming the flag; --backend cuda
+  refused without output; an output folder that cannot be made: exit 1.
 """
 import contextlib
 import io
@@ -189,7 +190,7 @@ def body(tmp):
     img0, text0 = read_png(P("b1", "000005.png"))
     check(img0.shape == (16, 16, 3), f"PNG 16x16 RGB (got {img0.shape})")
     want_keys = {"Software", "model", "vae", "class", "seed", "steps", "sampler", "cfg-scale",
-                 "cfg-channels", "image-index"}
+                 "cfg-channels", "cfg-interval", "eta", "num-train-steps", "backend", "image-index"}
     check(want_keys <= set(text0) and text0["seed"] == "7" and text0["steps"] == "4"
           and text0["image-index"] == "5", f"tEXt metadata {text0}")
     classes = [int(read_png(P("b1", "%06d.png" % i))[1]["class"].split()[0]) for i in range(N)]
@@ -404,6 +405,14 @@ def body(tmp):
         rc, out = run(args)
         check(rc == 2 and flag in out, f"bad args {flag}: exit {rc}: {out.strip()[:160]}")
     check(not os.path.exists(P("x")) or not os.listdir(P("x")), "nothing written by refused runs")
+    # --backend cuda in a CPU-only build: refused before anything is made (no output folder)
+    rc, out = run(base + ["--num", "4", "--backend", "cuda", "-o", P("cuda")])
+    check(rc != 0 and "cuda" in out and not os.path.exists(P("cuda")),
+          f"--backend cuda: exit {rc}, no output folder: {out.strip()[:160]}")
+    # an output folder that cannot be made (its parent is a file): a runtime failure, exit 1
+    open(P("afile"), "w").write("x")
+    rc, out = run(base + ["--num", "4", "-o", P("afile", "sub")])
+    check(rc == 1 and "cannot create directory" in out, f"unwritable -o: exit {rc}: {out.strip()[:160]}")
     rc, out = run(["--help"])
     check(rc == 0 and "--classes" in out and "pack" in out, "--help")
 

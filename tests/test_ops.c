@@ -1,8 +1,8 @@
 /* Op-level tests: every fast CPU kernel against its plain reference (tolerances stated inline),
  * and the embedding layouts against independent formulas. */
-#include "backend/cpu/ops.h"
+#include "backend/cpu/cpu.h"
+#include "backend/cpu/gemm.h"
 #include "dit/model.h"
-#include "router/moe.h"
 
 #include <check.h>
 #include <math.h>
@@ -138,6 +138,127 @@ START_TEST(exp_fast_matches_libm)
 }
 END_TEST
 
+START_TEST(exp_fast_nan_and_inf)
+{
+    /* NaN in -> NaN out (quiet, negative and payload NaNs), no undefined int conversion (the
+     * sanitizer build compiles this file with -fsanitize=float-cast-overflow). */
+    const uint32_t nans[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fbfffffu, 0xffffffffu};
+    for (size_t i = 0; i < sizeof nans / sizeof *nans; i++) {
+        float x;
+        memcpy(&x, &nans[i], sizeof x);
+        ck_assert_msg(isnan(dm_exp_fast(x)), "dm_exp_fast(NaN 0x%08x) is not NaN", nans[i]);
+    }
+    ck_assert_float_eq(dm_exp_fast(INFINITY), dm_exp_fast(88.0f));
+    ck_assert_float_eq(dm_exp_fast(-INFINITY), dm_exp_fast(-87.0f));
+    ck_assert(isfinite(dm_exp_fast(88.0f)) && dm_exp_fast(88.0f) > 1e38f);
+    /* The vectorised loop (dm_silu): NaN lanes stay NaN, the other lanes are the scalar values. */
+    float v[37], w[37];
+    for (int i = 0; i < 37; i++) v[i] = w[i] = (i % 5 == 2) ? NAN : (float)(i - 18) * 0.7f;
+    dm_silu(v, 37);
+    for (int i = 0; i < 37; i++) {
+        if (i % 5 == 2) {
+            ck_assert(isnan(v[i]));
+        } else {
+            const float e = w[i] / (1.0f + dm_exp_fast(-w[i]));
+            ck_assert_mem_eq(&v[i], &e, sizeof e);
+        }
+    }
+}
+END_TEST
+
+/* Generic GEMM against double loops: shapes off the tile (M % 8, N % 32), packed and in-place B,
+ * every epilogue option. Tolerance: rel_err <= 1e-5 (float32 FMA sums vs double). */
+static void gemm_case(int M, int K, int N, int inplace, int opt)
+{
+    const size_t ldb = (size_t)N + 3, ldc = (size_t)N + 1;
+    float *A = rand_buf((size_t)M * K, 1), *B = rand_buf((size_t)K * ldb, 1);
+    float *rb = rand_buf(M, 1), *cb = rand_buf(N, 1), *C0 = rand_buf((size_t)M * ldc, 1);
+    float *C = malloc(sizeof(float) * M * ldc), *R = malloc(sizeof(float) * M * ldc);
+    float *Bp = malloc(sizeof(float) * (dm_bpack_size(K, N) + 1));
+    memcpy(C, C0, sizeof(float) * M * ldc), memcpy(R, C0, sizeof(float) * M * ldc);
+    dm_bpack(B, ldb, K, N, Bp);
+    dm_gemm_epi e = {opt & 1 ? 0.37f : 1.0f, opt & 2 ? rb : NULL, opt & 4 ? cb : NULL, opt & 8};
+    dm_gemm(A, (size_t)K, M, K, inplace ? (dm_gemm_b){B, ldb} : (dm_gemm_b){Bp, 0}, N, C, ldc, &e, 1);
+    dm_gemm_ref(A, (size_t)K, M, K, B, ldb, N, R, ldc, &e);
+    double worst = 0;
+    for (int i = 0; i < M; i++) {
+        double r = rel_err(C + (size_t)i * ldc, R + (size_t)i * ldc, (size_t)N);
+        if (r > worst) worst = r;
+        ck_assert_float_eq(C[(size_t)i * ldc + N], C0[(size_t)i * ldc + N]); /* past N: untouched */
+    }
+    ck_assert_msg(worst <= 1e-5, "gemm %dx%dx%d inplace %d opt %d: %g", M, K, N, inplace, opt, worst);
+    free(A), free(B), free(rb), free(cb), free(C0), free(C), free(R), free(Bp);
+}
+START_TEST(gemm_matches_reference)
+{
+    const int shapes[][3] = {{1, 1, 1}, {8, 32, 32}, {13, 70, 45}, {37, 9, 100}, {5, 200, 31},
+                             {64, 64, 64}, {17, 3, 33}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int opt = 0; opt < 16; opt++)
+            gemm_case(shapes[s][0], shapes[s][1], shapes[s][2], opt & 1, opt);
+}
+END_TEST
+
+/* The sum order is fixed: every element equals a scalar fmaf chain over k = 0..K-1 from 0,
+ * whatever the thread count, packed or in-place B, the row's or column's place in its tile or
+ * how many other rows and columns are in the product (rows computed alone, panels alone). */
+START_TEST(gemm_fixed_order)
+{
+    const int M = 29, K = 77, N = 70;
+    float *A = rand_buf((size_t)M * K, 1), *B = rand_buf((size_t)K * N, 1);
+    float *Bp = malloc(sizeof(float) * dm_bpack_size(K, N)), *Bt = malloc(sizeof(float) * K * N);
+    float *Bpt = malloc(sizeof(float) * dm_bpack_size(K, N));
+    float *C = malloc(sizeof(float) * M * N), *D = malloc(sizeof(float) * M * N);
+    for (int k = 0; k < K; k++)
+        for (int j = 0; j < N; j++) Bt[(size_t)j * K + k] = B[(size_t)k * N + j];
+    dm_bpack(B, N, K, N, Bp);
+    dm_bpack_t(Bt, K, K, N, Bpt);
+    ck_assert_mem_eq(Bp, Bpt, sizeof(float) * dm_bpack_size(K, N));
+    dm_gemm(A, K, M, K, (dm_gemm_b){Bp, 0}, N, C, N, NULL, 1);
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s = fmaf(A[(size_t)i * K + k], B[(size_t)k * N + j], s);
+            ck_assert_msg(memcmp(&s, &C[(size_t)i * N + j], sizeof s) == 0,
+                          "C[%d,%d] is not the k-ordered FMA chain", i, j);
+        }
+    for (int t = 1; t <= 3; t++) {
+        dm_set_threads(t);
+        for (int inplace = 0; inplace < 2; inplace++) {
+            dm_gemm(A, K, M, K, inplace ? (dm_gemm_b){B, N} : (dm_gemm_b){Bp, 0}, N, D, N, NULL, t > 1);
+            ck_assert_mem_eq(C, D, sizeof(float) * M * N);
+        }
+    }
+    dm_set_threads(2);
+    for (int i = 0; i < M; i++) { /* one row alone */
+        dm_gemm(A + (size_t)i * K, K, 1, K, (dm_gemm_b){B, N}, N, D, N, NULL, 1);
+        ck_assert_mem_eq(D, C + (size_t)i * N, sizeof(float) * N);
+    }
+    memset(D, 0, sizeof(float) * M * N);
+    for (int j0 = 0; j0 < N; j0 += DM_GEMM_NR) /* panel by panel */
+        dm_gemm_panel(A, K, M, K, Bp + (size_t)j0 * K, 0, j0, N - j0 < 32 ? N - j0 : 32, D, N, NULL);
+    ck_assert_mem_eq(C, D, sizeof(float) * M * N);
+    free(A), free(B), free(Bp), free(Bt), free(Bpt), free(C), free(D);
+}
+END_TEST
+
+START_TEST(linear_is_thread_invariant)
+{
+    int N = 21, in = 50, out = 70;
+    float *x = rand_buf((size_t)N * in, 1), *W = rand_buf((size_t)out * in, 0.2f), *b = rand_buf(out, 1);
+    float *y1 = malloc(sizeof(float) * N * out), *y = malloc(sizeof(float) * N * out);
+    dm_set_threads(1);
+    ck_assert_int_eq(dm_linear(x, N, in, W, b, out, y1), 0);
+    for (int t = 2; t <= 3; t++) {
+        dm_set_threads(t);
+        ck_assert_int_eq(dm_linear(x, N, in, W, b, out, y), 0);
+        ck_assert_mem_eq(y1, y, sizeof(float) * N * out);
+    }
+    dm_set_threads(2);
+    free(x), free(W), free(b), free(y1), free(y);
+}
+END_TEST
+
 START_TEST(layernorm_matches_reference)
 {
     int N = 19, D = 96;
@@ -170,113 +291,38 @@ END_TEST
 START_TEST(attention_qknorm_matches_reference) { check_attention(1); }
 END_TEST
 
-static dm_mlp_w rand_mlp(dm_mlp_act act, int D, int F)
+/* The MoE layer (routing, grouping, experts, combine) and the dense MLP are tested through the
+ * backend table in test_backend_ops.c (op "ffn"), against router/moe.h's references. */
+/* Same bits for 1, 2 and 3 threads, and image b alone (B = 1) equals image b in the batch. */
+static void check_attention_invariance(int qknorm, int T, int hd)
 {
-    int F1 = act == DM_MLP_SWIGLU ? 2 * F : F, bias = act == DM_MLP_GELU_TANH;
-    return (dm_mlp_w){act, F, rand_pmat(F1, D, 0.3f), bias ? rand_buf(F1, 0.3f) : NULL,
-                      rand_pmat(D, F, 0.3f), bias ? rand_buf(D, 0.3f) : NULL};
-}
-static void free_mlp(dm_mlp_w *m) { dm_pmat_free(&m->w1), free(m->b1), dm_pmat_free(&m->w2), free(m->b2); }
-
-/* DiT-MoE layer (softmax top-k, SwiGLU) or ProMoE layer (prototypes, GELU, uncond expert). */
-static void make_moe(dm_moe_w *w, dm_route_kind kind, int E, int k, int D, int F, int Fs)
-{
-    int promoe = kind != DM_ROUTE_SOFTMAX_TOPK;
-    dm_mlp_act act = promoe ? DM_MLP_GELU_TANH : DM_MLP_SWIGLU;
-    *w = (dm_moe_w){.kind = kind, .E = E, .k = k, .D = D, .n_experts = E + promoe};
-    float *g = rand_buf((size_t)E * D, 1);
-    if (promoe) /* unit-norm prototypes, as the loader stores them */
-        for (int e = 0; e < E; e++) {
-            double nn = 0;
-            for (int d = 0; d < D; d++) nn += g[e * D + d] * g[e * D + d];
-            for (int d = 0; d < D; d++) g[e * D + d] /= (float)sqrt(nn);
-        }
-    ck_assert_int_eq(dm_pmat_pack(&w->gate, g, E, D), 0);
-    free(g);
-    w->experts = calloc(w->n_experts, sizeof *w->experts);
-    for (int e = 0; e < w->n_experts; e++) w->experts[e] = rand_mlp(act, D, F);
-    w->shared = Fs ? rand_mlp(act, D, Fs) : (dm_mlp_w){0};
-}
-static void free_moe(dm_moe_w *w)
-{
-    for (int e = 0; e < w->n_experts; e++) free_mlp(&w->experts[e]);
-    free(w->experts), dm_pmat_free(&w->gate), free_mlp(&w->shared);
-}
-
-static void check_moe(dm_route_kind kind, int E, int k, int shared, dm_gate_act act)
-{
-    int T = 19, B = 3, N = B * T, D = 32, F = 64;
-    int64_t y[3] = {2, 10, 5}; /* image 1 is unconditional (null id 10) */
-    dm_moe_w w;
-    make_moe(&w, kind, E, k, D, F, shared ? 48 : 0);
-    w.act = act;
-    float *h = rand_buf((size_t)N * D, 1.5f);
-    float *out = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
-    int32_t *ids = malloc(sizeof(int32_t) * N * k);
-    float *wts = malloc(sizeof(float) * N * k);
-    dm_moe_scratch s = {0};
-    ck_assert_int_eq(dm_moe_scratch_reserve(&s, N, D, F, w.n_experts, k), 0);
-    dm_moe_route(&w, h, N, T, y, 10, &s);
-    dm_moe_route_ref(&w, h, N, T, y, 10, ids, wts);
-    /* Grouping: each expert's slice holds tokens that chose it, ascending, weights matching. */
-    for (int e = 0; e < w.n_experts; e++) {
-        int prev = -1;
-        for (int i = s.r.offset[e]; i < s.r.offset[e + 1]; i++) {
-            int tok = s.r.rows[i];
-            ck_assert_int_gt(tok, prev);
-            prev = tok;
-            if (kind != DM_ROUTE_PROTO_EC) {
-                int found = 0;
-                for (int j = 0; j < k; j++) found |= s.r.ids[tok * k + j] == e;
-                ck_assert(found);
-            }
-        }
+    int B = 3, H = 2, D = H * hd;
+    float *qkv = rand_buf((size_t)B * T * 3 * D, 2);
+    float *nw = rand_buf(4 * hd, 1);
+    dm_qk_norm qk = {nw, nw + hd, nw + 2 * hd, nw + 3 * hd, 1e-6f};
+    float *y1 = malloc(sizeof(float) * B * T * D), *y = malloc(sizeof(float) * B * T * D);
+    dm_set_threads(1);
+    ck_assert_int_eq(dm_attention(qkv, B, T, H, hd, qknorm ? &qk : NULL, y1), 0);
+    for (int t = 2; t <= 3; t++) {
+        dm_set_threads(t);
+        ck_assert_int_eq(dm_attention(qkv, B, T, H, hd, qknorm ? &qk : NULL, y), 0);
+        ck_assert_mem_eq(y1, y, sizeof(float) * B * T * D);
     }
-    for (int i = 0; i < N * k; i++) {
-        ck_assert_int_eq(s.r.ids[i], ids[i]);
-        ck_assert_float_eq_tol(s.r.weights[i], wts[i], 1e-5f);
+    for (int b = 0; b < B; b++) {
+        ck_assert_int_eq(dm_attention(qkv + (size_t)b * T * 3 * D, 1, T, H, hd, qknorm ? &qk : NULL, y), 0);
+        ck_assert_mem_eq(y1 + (size_t)b * T * D, y, sizeof(float) * T * D);
     }
-    for (int n = 0; n < N; n++) { /* descending weights; uncond tokens -> expert E, weight 1 */
-        for (int j = 1; j < k; j++)
-            if (s.r.ids[n * k + j] >= 0) ck_assert_float_ge(s.r.weights[n * k + j - 1], s.r.weights[n * k + j]);
-        if (kind != DM_ROUTE_SOFTMAX_TOPK && n / T == 1) {
-            ck_assert_int_eq(s.r.ids[n * k], E);
-            ck_assert_float_eq(s.r.weights[n * k], 1.0f);
-        }
-    }
-    dm_moe_apply(&w, h, N, &s, out);
-    dm_moe_forward_ref(&w, h, N, T, y, 10, r);
-    ck_assert_double_le(rel_err(out, r, (size_t)N * D), 1e-5);
-    dm_moe_scratch_free(&s);
-    free_moe(&w), free(h), free(out), free(r), free(ids), free(wts);
+    dm_set_threads(2);
+    free(qkv), free(nw), free(y1), free(y);
 }
-START_TEST(moe_top2_shared) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 8, 2, 1, 0); }
-END_TEST
-START_TEST(moe_top1_no_shared) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 4, 1, 0, 0); }
-END_TEST
-START_TEST(moe_topk_equals_e) { check_moe(DM_ROUTE_SOFTMAX_TOPK, 3, 3, 1, 0); }
-END_TEST
-START_TEST(promoe_token_choice) { check_moe(DM_ROUTE_PROTO_TC, 6, 1, 1, DM_GATE_IDENTITY); }
-END_TEST
-START_TEST(promoe_token_choice_top2_softmax) { check_moe(DM_ROUTE_PROTO_TC, 6, 2, 1, DM_GATE_SOFTMAX); }
-END_TEST
-START_TEST(promoe_expert_choice) { check_moe(DM_ROUTE_PROTO_EC, 4, 1, 1, DM_GATE_IDENTITY); }
-END_TEST
-START_TEST(promoe_expert_choice_sigmoid) { check_moe(DM_ROUTE_PROTO_EC, 5, 2, 0, DM_GATE_SIGMOID); }
+START_TEST(attention_is_thread_and_batch_invariant)
+{
+    check_attention_invariance(0, 16, 32);
+    check_attention_invariance(1, 37, 24);
+    check_attention_invariance(0, 64, 64);
+}
 END_TEST
 
-START_TEST(gelu_mlp_matches_reference)
-{
-    int n = 13, D = 24, F = 40;
-    dm_mlp_w m = rand_mlp(DM_MLP_GELU_TANH, D, F);
-    float *x = rand_buf((size_t)n * D, 1), *a = malloc(sizeof(float) * n * F), *h = malloc(sizeof(float) * n * F);
-    float *y = malloc(sizeof(float) * n * D), *r = malloc(sizeof(float) * n * D);
-    dm_mlp_forward(&m, x, n, D, a, h, y);
-    dm_mlp_forward_ref(&m, x, n, D, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)n * D), 1e-5);
-    free_mlp(&m), free(x), free(a), free(h), free(y), free(r);
-}
-END_TEST
 
 START_TEST(patchify_layout)
 {
@@ -338,17 +384,14 @@ int main(void)
     tcase_add_test(tc, packed_linear_bf16);
     tcase_add_test(tc, packed_linear_f16);
     tcase_add_test(tc, exp_fast_matches_libm);
+    tcase_add_test(tc, exp_fast_nan_and_inf);
+    tcase_add_test(tc, gemm_matches_reference);
+    tcase_add_test(tc, gemm_fixed_order);
+    tcase_add_test(tc, linear_is_thread_invariant);
     tcase_add_test(tc, layernorm_matches_reference);
     tcase_add_test(tc, attention_matches_reference);
     tcase_add_test(tc, attention_qknorm_matches_reference);
-    tcase_add_test(tc, moe_top2_shared);
-    tcase_add_test(tc, moe_top1_no_shared);
-    tcase_add_test(tc, moe_topk_equals_e);
-    tcase_add_test(tc, promoe_token_choice);
-    tcase_add_test(tc, promoe_token_choice_top2_softmax);
-    tcase_add_test(tc, promoe_expert_choice);
-    tcase_add_test(tc, promoe_expert_choice_sigmoid);
-    tcase_add_test(tc, gelu_mlp_matches_reference);
+    tcase_add_test(tc, attention_is_thread_and_batch_invariant);
     tcase_add_test(tc, patchify_layout);
     tcase_add_test(tc, timestep_is_cos_then_sin);
     tcase_add_test(tc, pos_embed_column_first_sin_first);

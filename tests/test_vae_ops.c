@@ -1,10 +1,13 @@
-/* VAE kernels: fast (im2col + sgemm, OpenMP) vs naive reference (src/vae/vae_ops.c).
- * Tolerance: max|fast - ref| <= 1e-5 * max(1, max|ref|) (float32 sums vs double sums). */
+/* VAE kernels: fast (src/backend/cpu/vae_*.c: implicit im2col + our fixed-order GEMM, OpenMP)
+ * vs the naive references (src/vae/vae_ref.c), and thread invariance (1, 2, 3 threads give the
+ * same bits). Tolerance: max|fast - ref| <= 1e-5 * max(1, max|ref|) (float32 sums vs double). */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "ditmoe.h"
+#include "backend/cpu/ops.h"
 #include "vae/vae_internal.h"
 
 #define TOL 1e-5f
@@ -69,12 +72,82 @@ START_TEST(conv_small)
 }
 END_TEST
 
-START_TEST(conv_banded)
+START_TEST(conv_large)
 {
-    /* Cin*9*W*H > the 16M-float im2col budget: several bands of output rows, last one partial. */
-    ck_assert_uint_lt(dm_vae_conv_col_size(64, 210, 200, 3), (size_t)64 * 9 * 210 * 200);
-    ck_assert_uint_ne(210 % (dm_vae_conv_col_size(64, 210, 200, 3) / (64 * 9 * 200)), 0);
-    conv_case(64, 3, 210, 200, 3, 1);
+    /* Widths that are multiples of the 32-pixel panel (one panel per image row segment) and
+     * widths that are not (panels across rows, last panel partial); channels over a tile. */
+    conv_case(24, 20, 9, 64, 3, 1);
+    conv_case(8, 17, 5, 32, 3, 0);
+    conv_case(19, 9, 7, 45, 3, 1);
+    conv_case(40, 33, 12, 40, 1, 1);
+    conv_case(3, 4, 3, 96, 5, 1);
+}
+END_TEST
+
+/* f(threads) must give the same bytes for threads 1, 2, 3. */
+static void conv_threads(int Cin, int Cout, int H, int W, int k, int acc)
+{
+    const size_t nx = (size_t)Cin * H * W, no = (size_t)Cout * H * W;
+    float *x = rand_buf(nx, 1.0f), *w = rand_buf((size_t)Cout * Cin * k * k, 0.2f);
+    float *b = rand_buf((size_t)Cout, 0.5f), *r = rand_buf(no, 1.0f);
+    float *col = malloc(sizeof(float) * (dm_vae_conv_col_size(Cin, H, W, k) + 1));
+    float *o1 = malloc(sizeof(float) * no), *o = malloc(sizeof(float) * no);
+    ck_assert(col && o1 && o);
+    for (int t = 1; t <= 3; t++) {
+        dm_set_threads(t);
+        float *dst = t == 1 ? o1 : o;
+        memcpy(dst, r, sizeof(float) * no);
+        if (acc)
+            dm_vae_conv2d_acc(x, Cin, H, W, w, b, Cout, k, col, dst);
+        else
+            dm_vae_conv2d(x, Cin, H, W, w, b, Cout, k, col, dst);
+        if (t > 1)
+            ck_assert_msg(memcmp(o1, o, sizeof(float) * no) == 0,
+                          "conv Cin %d Cout %d %dx%d k %d acc %d: threads %d differ from 1", Cin,
+                          Cout, H, W, k, acc, t);
+    }
+    dm_set_threads(2);
+    free(x); free(w); free(b); free(r); free(col); free(o1); free(o);
+}
+
+START_TEST(thread_invariance)
+{
+    conv_threads(16, 24, 16, 64, 3, 0);
+    conv_threads(16, 24, 16, 64, 3, 1);
+    conv_threads(7, 9, 11, 13, 3, 0);
+    conv_threads(32, 16, 8, 40, 1, 1);
+    /* group norm (+SiLU) */
+    const int C = 32, HW = 300, G = 8;
+    float *x = rand_buf((size_t)C * HW, 2.0f), *g = rand_buf(C, 1.0f), *bb = rand_buf(C, 1.0f);
+    float *y1 = malloc(sizeof(float) * C * HW), *y = malloc(sizeof(float) * C * HW);
+    ck_assert(y1 && y);
+    for (int t = 1; t <= 3; t++) {
+        dm_set_threads(t);
+        dm_vae_group_norm(x, C, HW, G, DM_VAE_EPS, g, bb, 1, t == 1 ? y1 : y);
+        if (t > 1) ck_assert_mem_eq(y1, y, sizeof(float) * C * HW);
+    }
+    free(x); free(g); free(bb); free(y1); free(y);
+    /* attention */
+    const int Ca = 48, N = 70;
+    float *p[10];
+    for (int i = 0; i < 10; i++) {
+        int mat = i >= 2 && i % 2 == 0;
+        p[i] = rand_buf(mat ? (size_t)Ca * Ca : (size_t)Ca, mat ? 0.15f : 0.2f);
+    }
+    dm_vae_attn_w aw = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]};
+    float *x0 = rand_buf((size_t)Ca * N, 2.0f), *a1 = malloc(sizeof(float) * Ca * N);
+    float *a = malloc(sizeof(float) * Ca * N), *ws = malloc(sizeof(float) * dm_vae_attn_ws_size(Ca, N));
+    ck_assert(a1 && a && ws);
+    for (int t = 1; t <= 3; t++) {
+        dm_set_threads(t);
+        float *dst = t == 1 ? a1 : a;
+        memcpy(dst, x0, sizeof(float) * Ca * N);
+        dm_vae_attention(dst, Ca, N, 8, &aw, ws);
+        if (t > 1) ck_assert_mem_eq(a1, a, sizeof(float) * Ca * N);
+    }
+    dm_set_threads(2);
+    for (int i = 0; i < 10; i++) free(p[i]);
+    free(x0); free(a1); free(a); free(ws);
 }
 END_TEST
 
@@ -179,7 +252,8 @@ static Suite *suite(void)
     TCase *tc = tcase_create("kernels");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, conv_small);
-    tcase_add_test(tc, conv_banded);
+    tcase_add_test(tc, conv_large);
+    tcase_add_test(tc, thread_invariance);
     tcase_add_test(tc, group_norm);
     tcase_add_test(tc, group_norm_known);
     tcase_add_test(tc, upsample);

@@ -39,4 +39,5 @@ void dm_load_opts_init(dm_load_opts *o)
 {
     o->backend = DM_BACKEND_CPU;
     o->device = 0;
+    o->cfg = NULL;
 }

@@ -10,9 +10,6 @@
 #include <omp.h>
 #endif
 
-/* OpenBLAS exports this; declared here so we need not include cblas.h. */
-void openblas_set_num_threads(int num_threads);
-
 static dm_log_level g_level = DM_LOG_INFO;
 static int g_threads = 0;
 
@@ -37,7 +34,6 @@ void dm_set_threads(int n)
         n = c > 0 ? (int)c : 1;
     }
     g_threads = n;
-    openblas_set_num_threads(n);
 #ifdef _OPENMP
     omp_set_num_threads(n);
 #endif

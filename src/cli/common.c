@@ -1,11 +1,13 @@
-/* CLI helpers: number parsing, progress bar, default asset lookup (see common.h). */
-#include "cli/common.h"
+/* CLI helpers: number parsing, progress line, names, default asset lookup (see common.h). */
+#include "common.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 dm_status dm_cli_int(const char *flag, const char *s, long lo, long hi, int *out)
@@ -43,14 +45,16 @@ dm_status dm_cli_float(const char *flag, const char *s, float *out)
     return DM_OK;
 }
 
-/* ---------------------------------------------------------------- progress bar */
+/* ---------------------------------------------------------------- progress line */
 
-void dm_cli_progress_start(dm_cli_progress *p, long total, int enabled)
+void dm_cli_progress_start(dm_cli_progress *p, double total, const char *unit, int enabled)
 {
     memset(p, 0, sizeof *p);
     p->enabled = enabled;
+    p->tty = isatty(2);
     p->total = total > 0 ? total : 1;
-    p->t0 = dm_time_sec();
+    p->t0 = p->last_draw = dm_time_sec();
+    snprintf(p->unit, sizeof p->unit, "%s", unit ? unit : "steps");
 }
 
 void dm_cli_progress_label(dm_cli_progress *p, const char *label)
@@ -60,7 +64,7 @@ void dm_cli_progress_label(dm_cli_progress *p, const char *label)
 
 static void fmt_time(double s, char *buf, size_t n)
 {
-    if (!isfinite(s) || s < 0) s = 0;
+    if (!(s >= 0) || s > 1e8) s = 0;
     long t = (long)(s + 0.5);
     if (t >= 3600)
         snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
@@ -71,40 +75,145 @@ static void fmt_time(double s, char *buf, size_t n)
 static void draw(dm_cli_progress *p, double now)
 {
     double el = now - p->t0;
-    char rate[32] = "", eta[32] = "--:--", line[160];
+    char rate[48] = "", eta[32] = "--:--", line[200];
     if (p->done > 0 && el > 0) {
-        double ips = (double)p->done / el;
+        double ips = p->done / el;
         if (ips >= 1.0)
-            snprintf(rate, sizeof rate, "%.2f it/s", ips);
+            snprintf(rate, sizeof rate, "%.2f %s/s", ips, p->unit);
         else
-            snprintf(rate, sizeof rate, "%.2f s/it", 1.0 / ips);
-        fmt_time((double)(p->total - p->done) / ips, eta, sizeof eta);
+            snprintf(rate, sizeof rate, "%.2f s/%s", 1.0 / ips, p->unit);
+        fmt_time((p->total - p->done) / ips, eta, sizeof eta);
     }
-    int w = snprintf(line, sizeof line, "\r%s%sstep %ld/%ld  %s  ETA %s", p->label,
-                     p->label[0] ? " " : "", p->done, p->total, rate, eta);
+    int w = snprintf(line, sizeof line, "%s%s%s%.0f/%.0f %s  %s  ETA %s", p->tty ? "\r" : "",
+                     p->label, p->label[0] ? " " : "", floor(p->done + 1e-9), p->total, p->unit,
+                     rate, eta);
+    p->last_draw = now;
     if (w < 0) return;
+    if (!p->tty) {
+        fprintf(stderr, "%s\n", line);
+        return;
+    }
     if (w > (int)sizeof line - 1) w = (int)sizeof line - 1;
     fputs(line, stderr);
     for (int i = w; i < p->width; i++) fputc(' ', stderr); /* erase a longer previous line */
     p->width = w;
     fflush(stderr);
-    p->last_draw = now;
 }
 
-void dm_cli_progress_step(dm_cli_progress *p)
+void dm_cli_progress_set(dm_cli_progress *p, double done)
 {
-    p->done++;
+    p->done = done;
     if (!p->enabled) return;
     double now = dm_time_sec();
-    if (now - p->last_draw >= 0.1 || p->done == p->total) draw(p, now);
+    if (now - p->last_draw >= (p->tty ? 0.1 : 30.0) || (p->tty && done >= p->total)) draw(p, now);
 }
 
 void dm_cli_progress_end(dm_cli_progress *p)
 {
-    if (!p->enabled || p->width == 0) return;
+    if (!p->enabled || !p->tty || p->width == 0) return;
     draw(p, dm_time_sec());
     fputc('\n', stderr);
     p->width = 0;
+}
+
+void dm_cli_progress_break(dm_cli_progress *p)
+{
+    if (!p->enabled || !p->tty || p->width == 0) return;
+    fputc('\n', stderr);
+    p->width = 0;
+}
+
+void dm_cli_on_step(void *ctx, int step, int nsteps)
+{
+    (void)nsteps;
+    dm_cli_step_ctx *c = ctx;
+    dm_cli_progress_set(c->bar, c->base + step * c->per_step);
+}
+
+/* ---------------------------------------------------------------- names and files */
+
+const char *dm_cli_base_name(const char *path)
+{
+    const char *s = strrchr(path, '/');
+    return s ? s + 1 : path;
+}
+
+int dm_cli_pattern_count(const char *pat)
+{
+    int k = 0;
+    for (const char *s = pat; *s; s++) {
+        if (*s != '%') continue;
+        if (s[1] == '%') {
+            s++;
+            continue;
+        }
+        const char *q = s + 1;
+        while (*q >= '0' && *q <= '9') q++;
+        if (*q != 'd' || q - s > 4) return -1;
+        k++;
+        s = q;
+    }
+    return k <= 1 ? k : -1;
+}
+
+void dm_cli_pattern_format(const char *pat, uint64_t index, char *buf, size_t n)
+{
+    size_t o = 0;
+    if (!n) return;
+    for (const char *s = pat; *s && o + 1 < n; s++) {
+        if (*s != '%') {
+            buf[o++] = *s;
+            continue;
+        }
+        if (s[1] == '%') {
+            buf[o++] = '%';
+            s++;
+            continue;
+        }
+        int width = 0;
+        const char *q = s + 1;
+        while (*q >= '0' && *q <= '9') width = width * 10 + (*q++ - '0');
+        if (*q != 'd') break; /* unchecked pattern: stop */
+        int w = snprintf(buf + o, n - o, "%0*llu", width, (unsigned long long)index);
+        if (w < 0) break;
+        o += (size_t)w < n - o ? (size_t)w : n - o - 1;
+        s = q;
+    }
+    buf[o] = '\0';
+}
+
+dm_status dm_cli_check_writable(const char *path, const char *flag)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        dir[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(dir, sizeof dir, ".");
+    char probe[PATH_MAX + 32];
+    snprintf(probe, sizeof probe, "%s/.ditmoe-probe-XXXXXX", dir);
+    int fd = mkstemp(probe);
+    if (fd < 0)
+        return dm_fail(DM_ERR_WRITE, "%s %s: cannot write in directory %s: %s", flag, path, dir,
+                       strerror(errno));
+    close(fd);
+    unlink(probe);
+    return DM_OK;
+}
+
+uint64_t dm_cli_random_seed(void)
+{
+    uint64_t s = 0;
+    int fd = open("/dev/urandom", O_RDONLY);
+    if (fd >= 0) {
+        if (read(fd, &s, sizeof s) != (ssize_t)sizeof s) s = 0;
+        close(fd);
+    }
+    if (!s) s = (uint64_t)time(NULL) * 6364136223846793005ull ^ (uint64_t)getpid();
+    return s >> 1 & 0xffffffffffull;
 }
 
 /* ---------------------------------------------------------------- assets */
@@ -120,11 +229,15 @@ static int exe_dir(char *buf, size_t n)
     return 1;
 }
 
-static int candidates(const char *name, char out[3][PATH_MAX])
+static int candidates(const char *name, char out[4][PATH_MAX])
 {
     int k = 0;
     char dir[PATH_MAX / 2];
-    if (exe_dir(dir, sizeof dir)) snprintf(out[k++], PATH_MAX, "%s/../../assets/%s", dir, name);
+    if (exe_dir(dir, sizeof dir)) {
+        snprintf(out[k++], PATH_MAX, "%s/../../assets/%s", dir, name);
+        /* installed: <prefix>/bin/ditmoe-* and <prefix>/share/ditmoe/assets */
+        snprintf(out[k++], PATH_MAX, "%s/../share/ditmoe/assets/%s", dir, name);
+    }
     const char *env = getenv("DITMOE_ASSETS");
     if (env && *env) snprintf(out[k++], PATH_MAX, "%s/%s", env, name);
 #ifdef DITMOE_SOURCE_DIR
@@ -135,7 +248,7 @@ static int candidates(const char *name, char out[3][PATH_MAX])
 
 int dm_default_asset(const char *name, char *buf, size_t n)
 {
-    char c[3][PATH_MAX];
+    char c[4][PATH_MAX];
     int k = candidates(name, c);
     for (int i = 0; i < k; i++)
         if (access(c[i], R_OK) == 0) {
@@ -149,7 +262,7 @@ int dm_default_asset(const char *name, char *buf, size_t n)
 
 void dm_default_asset_places(const char *name, char *buf, size_t n)
 {
-    char c[3][PATH_MAX];
+    char c[4][PATH_MAX];
     int k = candidates(name, c);
     size_t used = 0;
     buf[0] = '\0';
@@ -158,58 +271,6 @@ void dm_default_asset_places(const char *name, char *buf, size_t n)
         if (w < 0) break;
         used += (size_t)w;
     }
-}
-
-void dm_cli_progress_break(dm_cli_progress *p)
-{
-    if (!p->enabled || p->width == 0) return;
-    fputc('\n', stderr);
-    p->width = 0;
-}
-
-const char **dm_cli_sampler_flag(dm_cli_sampler_flags *f, const char *flag)
-{
-    return !strcmp(flag, "--sampler")        ? &f->sampler
-           : !strcmp(flag, "--steps")        ? &f->steps
-           : !strcmp(flag, "--cfg-scale")    ? &f->cfg_scale
-           : !strcmp(flag, "--cfg-channels") ? &f->cfg_channels
-           : !strcmp(flag, "--cfg-interval") ? &f->cfg_interval
-           : !strcmp(flag, "--eta")          ? &f->eta
-                                             : NULL;
-}
-
-dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,
-                                dm_sample_params *p)
-{
-    dm_sample_params_init(p, c);
-    dm_status st;
-    if (f->sampler && dm_sampler_from_name(f->sampler, &p->sampler))
-        return dm_fail(DM_ERR_ARG, "--sampler '%s': expected ddpm, ddim, euler or heun", f->sampler);
-    if (f->steps && (st = dm_cli_int("--steps", f->steps, -1000000, 1000000, &p->steps))) return st;
-    if (f->cfg_scale && (st = dm_cli_float("--cfg-scale", f->cfg_scale, &p->cfg_scale))) return st;
-    if (f->cfg_channels) {
-        if (!strcmp(f->cfg_channels, "all"))
-            p->cfg_channels = 0;
-        else if (dm_cli_int("--cfg-channels", f->cfg_channels, 1, 64, &p->cfg_channels))
-            return dm_fail(DM_ERR_ARG, "--cfg-channels '%s': expected 3 or all (1..%d)",
-                           f->cfg_channels, c->in_channels);
-    }
-    if (f->cfg_interval) {
-        char lo[64];
-        const char *comma = strchr(f->cfg_interval, ',');
-        size_t len = comma ? (size_t)(comma - f->cfg_interval) : 0;
-        if (!comma || len >= sizeof lo)
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI", f->cfg_interval);
-        memcpy(lo, f->cfg_interval, len);
-        lo[len] = '\0';
-        if (dm_cli_float("--cfg-interval", lo, &p->cfg_t_lo) ||
-            dm_cli_float("--cfg-interval", comma + 1, &p->cfg_t_hi))
-            return dm_fail(DM_ERR_ARG, "--cfg-interval '%s': expected LO,HI (numbers in [0,1])",
-                           f->cfg_interval);
-    }
-    if (f->eta && (st = dm_cli_float("--eta", f->eta, &p->eta))) return st;
-    p->seed = seed;
-    return dm_sample_params_check(p, c);
 }
 
 dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out)

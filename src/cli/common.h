@@ -1,5 +1,6 @@
-/* CLI helpers shared by the ditmoe-* programs: number parsing with flag-named errors, a one-line
- * progress bar on stderr, default asset lookup. Not part of the library API. */
+/* CLI helpers shared by the ditmoe-* programs: number parsing with flag-named errors, one
+ * progress line on stderr, output-name patterns, default asset lookup. Not part of the library
+ * API. The flag tables are in flags.h. */
 #ifndef DM_CLI_COMMON_H
 #define DM_CLI_COMMON_H
 
@@ -12,35 +13,47 @@ dm_status dm_cli_int(const char *flag, const char *s, long lo, long hi, int *out
 dm_status dm_cli_u64(const char *flag, const char *s, uint64_t *out);
 dm_status dm_cli_float(const char *flag, const char *s, float *out); /* finite only */
 
-/* The sampler flags shared by ditmoe-sample and ditmoe-batch (--sampler, --steps, --cfg-scale,
- * --cfg-channels, --cfg-interval, --eta), kept as given until the model's defaults are known. */
-typedef struct {
-    const char *sampler, *steps, *cfg_scale, *cfg_channels, *cfg_interval, *eta;
-} dm_cli_sampler_flags;
-/* The slot for `flag` if it is a sampler flag, else NULL. */
-const char **dm_cli_sampler_flag(dm_cli_sampler_flags *f, const char *flag);
-/* p = the model's defaults (dm_sample_params_init) with the given flags and seed on top, checked
- * against the model; errors name the flag. */
-dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,
-                                dm_sample_params *p);
 /* Parse a whole string as an integer in [lo, hi] (64-bit). */
 dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out);
 
-/* Progress bar: "\r<label> step i/N  12.3 it/s  ETA 0:42" on stderr, redrawn at most ~10x/s.
- * total = steps over the whole run (all batches); dm_cli_progress_step() counts one step. */
+/* One progress line on stderr for every program. On a terminal it is redrawn in place at most
+ * ~10x/s; otherwise (logs, mpirun) a plain line is printed every 30 s. `done` may be fractional
+ * (a batch part-way through its steps); the count shown is rounded down.
+ *   "<label> 12/48 <unit>  3.21 <unit>/s  ETA 0:42" */
 typedef struct {
-    int enabled;
-    long total, done;
+    int enabled, tty;
+    double total, done;
     double t0, last_draw;
     int width; /* chars of the last line, for clean overwrite */
-    char label[64];
+    char label[64], unit[16];
 } dm_cli_progress;
-void dm_cli_progress_start(dm_cli_progress *p, long total, int enabled);
+void dm_cli_progress_start(dm_cli_progress *p, double total, const char *unit, int enabled);
 void dm_cli_progress_label(dm_cli_progress *p, const char *label);
-void dm_cli_progress_step(dm_cli_progress *p);
+void dm_cli_progress_set(dm_cli_progress *p, double done);
+/* Final line + newline (if a line was drawn). */
 void dm_cli_progress_end(dm_cli_progress *p);
-/* End the current bar line (if drawn) so other log lines start clean; the bar resumes. */
-void dm_cli_progress_break(dm_cli_progress *p); /* final line + newline (or clears nothing if off) */
+/* End the current line (if drawn) so other log lines start clean; the bar resumes. */
+void dm_cli_progress_break(dm_cli_progress *p);
+/* A dm_progress_fn for dm_sample / dm_pipeline: ctx is a dm_cli_step_ctx. */
+typedef struct {
+    dm_cli_progress *bar;
+    double base, per_step; /* done = base + step * per_step */
+} dm_cli_step_ctx;
+void dm_cli_on_step(void *ctx, int step, int nsteps);
+
+/* ------------------------------------------------------------------ names and files */
+
+/* The part after the last '/'. */
+const char *dm_cli_base_name(const char *path);
+/* Output name patterns with at most one printf-style %d (optionally %0Nd) and %% escapes:
+ * the number of conversions (0 or 1), or -1 when the pattern holds anything else. */
+int dm_cli_pattern_count(const char *pat);
+/* The pattern with its conversion replaced by index (checked patterns only). */
+void dm_cli_pattern_format(const char *pat, uint64_t index, char *buf, size_t n);
+/* Can files be created in the directory of `path`? DM_ERR_WRITE naming flag and directory. */
+dm_status dm_cli_check_writable(const char *path, const char *flag);
+/* A random seed short enough to type back in (/dev/urandom, else time and pid). */
+uint64_t dm_cli_random_seed(void);
 
 /* Find a default asset (e.g. DM_DEFAULT_MODEL): next to the executable (<exe dir>/../../assets,
  * i.e. <source>/assets for build/bin), then $DITMOE_ASSETS, then DITMOE_SOURCE_DIR/assets when

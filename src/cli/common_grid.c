@@ -1,5 +1,5 @@
 /* Contact sheet with labels in a 3x5 bitmap font (see common_grid.h). */
-#include "cli/common_grid.h"
+#include "common_grid.h"
 
 #include <ctype.h>
 #include <stdlib.h>
@@ -73,25 +73,22 @@ dm_status dm_cli_grid_init(dm_cli_grid *g, int rows, int cols, int w, int h, int
     return DM_OK;
 }
 
-void dm_cli_grid_put(dm_cli_grid *g, int row, int col, const float *chw, const char *label)
+void dm_cli_grid_put(dm_cli_grid *g, int row, int col, const uint8_t *hwc, const char *label)
 {
     if (!g->pix || row < 0 || col < 0 || row >= g->rows || col >= g->cols) return;
-    uint8_t *tile = malloc((size_t)g->w * g->h * g->ch);
-    if (!tile) return;
-    dm_image_to_u8(g->ch, g->h, g->w, chw, tile);
     const int x0 = g->pad + col * (g->w + g->pad), y0 = g->pad + row * (g->h + g->label_h + g->pad);
     for (int y = 0; y < g->h; y++)
-        memcpy(g->pix + ((size_t)(y0 + y) * g->gw + x0) * g->ch, tile + (size_t)y * g->w * g->ch,
+        memcpy(g->pix + ((size_t)(y0 + y) * g->gw + x0) * g->ch, hwc + (size_t)y * g->w * g->ch,
                (size_t)g->w * g->ch);
-    free(tile);
     if (label && g->label_h)
         dm_cli_draw_text(g->pix, g->gw, g->gh, g->ch, x0, y0 + g->h + g->scale, g->scale, g->w,
                          label);
 }
 
-dm_status dm_cli_grid_write(const dm_cli_grid *g, const char *path, const char *const *text)
+dm_status dm_cli_grid_write(const dm_cli_grid *g, const char *path, int quality,
+                            const char *const *text)
 {
-    return dm_png_write(path, g->gw, g->gh, g->ch, g->pix, text);
+    return dm_image_write(path, g->gw, g->gh, g->ch, g->pix, quality, text);
 }
 
 void dm_cli_grid_free(dm_cli_grid *g)

@@ -14,10 +14,12 @@ typedef struct {
 
 /* labelled: reserve a strip under every image for a text label. */
 dm_status dm_cli_grid_init(dm_cli_grid *g, int rows, int cols, int w, int h, int ch, int labelled);
-/* Place a float [ch, h, w] image in [-1,1] (converted like dm_image_to_u8) and its label (may be
- * NULL; cut to the cell width; letters drawn upper-case). */
-void dm_cli_grid_put(dm_cli_grid *g, int row, int col, const float *chw, const char *label);
-dm_status dm_cli_grid_write(const dm_cli_grid *g, const char *path, const char *const *text);
+/* Place a uint8 [h, w, ch] image and its label (may be NULL; cut to the cell width; letters
+ * drawn upper-case). */
+void dm_cli_grid_put(dm_cli_grid *g, int row, int col, const uint8_t *hwc, const char *label);
+/* Written with dm_image_write (format from the name; quality for JPEG). */
+dm_status dm_cli_grid_write(const dm_cli_grid *g, const char *path, int quality,
+                            const char *const *text);
 void dm_cli_grid_free(dm_cli_grid *g);
 /* Draw text at (x, y) (top-left) in colour 255; returns the number of characters drawn. */
 int dm_cli_draw_text(uint8_t *pix, int W, int H, int ch, int x, int y, int scale, int max_w,

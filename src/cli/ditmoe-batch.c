@@ -5,9 +5,11 @@
  *   ditmoe-batch pack DIR OUT.npz [--labels] [--num N]
  * Image i's class and noise depend only on (seed, i), so the files are the same whatever the batch
  * size, the number of processes (mpirun, Slurm, --shard I/N) or the order work finishes in.
- * Exit codes: 0 ok, 2 bad input (flags, files, mismatched manifest), 1 runtime failure. */
-#include "batch/batch.h"
-#include "cli/common.h"
+ * Generation is the library's pipeline (dm_pipeline_*); this program keeps its own jobs: shards,
+ * the manifest and resume. Exit codes (ditmoe.h dm_exit_code): 0 ok, 2 bad input (flags, files,
+ * mismatched manifest), 1 runtime failure (memory, non-finite values, unwritable output). */
+#include "common.h"
+#include "flags.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -23,89 +25,68 @@
 
 #define PROG "ditmoe-batch"
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-"usage: " PROG " [options] --num N -o DIR      generate DIR/{index:06d}.png, index 0..N-1\n"
-"       " PROG " pack DIR OUT.npz [--labels]  pack them for the ADM evaluator\n"
-"  --model FILE        DiT-MoE .safetensors (default: " DM_DEFAULT_MODEL " from the assets dir)\n"
-"  --vae FILE          VAE decoder .safetensors (default: " DM_DEFAULT_VAE ")\n"
-"  --num N             number of images (required)\n"
-"  --classes C         random (uniform, as DiT's FID runs) | balanced (index mod K) |\n"
-"                      a comma list of ids/names cycled over the indices (default: random)\n"
-"  --seed N            seed of the noise and the class draw (default: 0)\n"
-"  --steps N, --sampler S, --cfg-scale S, --cfg-channels K|all, --cfg-interval L,H, --eta E\n"
-"                      as in ditmoe-sample (defaults: the model's metadata)\n"
-"  --batch B           images per transformer batch, 2B rows with guidance (default: 8)\n"
-"  -o DIR              output directory (required; created; reruns resume it)\n"
-"  --dump-routing F    every evaluation's expert choices to F (F.<rank>of<size> per MPI rank or\n"
-"                      shard; covers the images this run makes; read with ditmoe-routes)\n"
-"  --shard I/N         this process does the indices i with i mod N == I (default: MPI rank\n"
-"                      and size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1)\n"
-"  --threads N         threads (default: the CPUs this process may use, shared among the\n"
-"                      MPI ranks of a node)\n"
-"  -q, -v              quiet (no progress line, no info) / verbose\n"
-"  --help, --version\n"
-"pack options:\n"
-"  --labels            also store the class ids (tEXt \"class\") as arr_1, int64 [N]\n"
-"  --num N             image count when DIR has no manifest.json (default: the manifest's)\n"
-"  (DITMOE_FORCE_ZIP64=1 writes ZIP64 records even for small files)\n");
-}
-
 typedef struct {
     const char *model, *vae, *out, *classes, *shard, *dump_routing;
     dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
     int64_t num;
-    int batch, threads, have_threads, quiet;
+    int batch;
     uint64_t seed;
+    dm_cli_common common;
 } args_t;
 
-static dm_status parse(int argc, char **argv, args_t *a)
-{
-    a->batch = 8;
-    a->num = -1;
-    for (int i = 1; i < argc; i++) {
-        const char *s = argv[i];
-        const char **str = !strcmp(s, "--model")          ? &a->model
-                           : !strcmp(s, "--vae")          ? &a->vae
-                           : !strcmp(s, "-o")             ? &a->out
-                           : !strcmp(s, "--output")       ? &a->out
-                           : !strcmp(s, "--classes")      ? &a->classes
-                           : !strcmp(s, "--shard")        ? &a->shard
-                           : !strcmp(s, "--dump-routing") ? &a->dump_routing
-                                                          : dm_cli_sampler_flag(&a->sf, s);
-        int takes = str || !strcmp(s, "--num") || !strcmp(s, "-n") || !strcmp(s, "--batch") ||
-                    !strcmp(s, "--threads") || !strcmp(s, "--seed");
-        if (!strcmp(s, "-q")) {
-            a->quiet = 1;
-            dm_set_log_level(DM_LOG_QUIET);
-            continue;
-        }
-        if (!strcmp(s, "-v")) {
-            dm_set_log_level(DM_LOG_VERBOSE);
-            continue;
-        }
-        if (!takes) return dm_fail(DM_ERR_ARG, "unknown flag '%s' (see --help)", s);
-        if (i + 1 >= argc) return dm_fail(DM_ERR_ARG, "%s needs a value (see --help)", s);
-        const char *v = argv[++i];
-        dm_status st = DM_OK;
-        if (str)
-            *str = v;
-        else if (!strcmp(s, "--num") || !strcmp(s, "-n"))
-            st = dm_cli_i64("--num", v, 1, 1000000000LL, &a->num);
-        else if (!strcmp(s, "--batch"))
-            st = dm_cli_int("--batch", v, 1, 4096, &a->batch);
-        else if (!strcmp(s, "--threads")) {
-            st = dm_cli_int("--threads", v, 0, 4096, &a->threads);
-            a->have_threads = 1;
-        } else if (!strcmp(s, "--seed"))
-            st = dm_cli_u64("--seed", v, &a->seed);
-        if (st) return st;
-    }
-    if (a->num < 0) return dm_fail(DM_ERR_ARG, "--num N is required (the number of images)");
-    if (!a->out) return dm_fail(DM_ERR_ARG, "-o DIR is required (the output directory)");
-    return DM_OK;
-}
+static args_t A;
+
+static const dm_cli_opt OPTS[] = {
+    DM_CLI_MODEL_OPTS(A.model, A.vae),
+    {'n', "num", DM_OPT_I64, &A.num, 1, 1e9, "N", "none (required)", "number of images", NULL},
+    {'\0', "classes", DM_OPT_STR, &A.classes, 0, 0, "C", "random",
+     "random (uniform, as DiT's FID runs) | balanced (index mod K) |\n"
+     "a comma list of ids/names cycled over the indices", NULL},
+    {'\0', "seed", DM_OPT_U64, &A.seed, 0, 0, "N", "0", "seed of the noise and the class draw",
+     NULL},
+    DM_CLI_SAMPLER_OPTS(A.sf),
+    {'\0', "batch", DM_OPT_INT, &A.batch, 1, 4096, "B", "8",
+     "images per transformer batch, 2B rows with guidance", NULL},
+    {'o', "output", DM_OPT_STR, &A.out, 0, 0, "DIR", "none (required)",
+     "output directory (created; reruns resume it)", NULL},
+    {'\0', "dump-routing", DM_OPT_STR, &A.dump_routing, 0, 0, "F", "none",
+     "every evaluation's expert choices to F (F.<rank>of<size> per MPI rank or\n"
+     "shard; covers the images this run makes; read with ditmoe-routes)", NULL},
+    {'\0', "shard", DM_OPT_STR, &A.shard, 0, 0, "I/N",
+     "MPI rank/size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1",
+     "this process does the indices i with i mod N == I", NULL},
+    DM_CLI_COMMON_OPTS(A.common, "the CPUs this process may use, shared among the MPI ranks of "
+                                 "a node"),
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "[options] --num N -o DIR      generate DIR/{index:06d}.png, index 0..N-1\n"
+          "       " PROG " pack DIR OUT.npz [--labels]  pack them for the ADM evaluator",
+    "Many class-conditional samples for FID, sharded over processes, resumable. Image i's class\n"
+    "and noise depend only on (seed, i); every PNG carries the parameters that reproduce it.",
+    OPTS, NULL, "'" PROG " pack --help' lists the pack options.\n"};
+
+/* pack */
+typedef struct {
+    int labels;
+    int64_t num;
+    dm_cli_list pos;
+    dm_cli_common common;
+} pack_args_t;
+static pack_args_t P;
+static const dm_cli_opt PACK_OPTS[] = {
+    {'\0', "labels", DM_OPT_SET, &P.labels, 1, 0, NULL, "off",
+     "also store the class ids (tEXt \"class\") as arr_1, int64 [N]", NULL},
+    {'n', "num", DM_OPT_I64, &P.num, 1, 1e9, "N", "the manifest's",
+     "image count when DIR has no manifest.json", NULL},
+    DM_CLI_LOG_OPTS(P.common),
+    DM_CLI_HELP_OPTS,
+    DM_CLI_END};
+static const dm_cli_prog PACK = {
+    PROG " pack", "DIR OUT.npz [--labels] [--num N]",
+    "Pack DIR/000000.png .. into OUT.npz (arr_0 uint8 [N,H,W,3]) for the ADM evaluator\n"
+    "(DITMOE_FORCE_ZIP64=1 writes ZIP64 records even for small files).",
+    PACK_OPTS, &P.pos, NULL};
 
 /* ------------------------------------------------------------------ who does what */
 
@@ -144,7 +125,7 @@ static dm_status pick_shard(const args_t *a, int *argc, char ***argv, shard_t *s
 #ifdef DITMOE_HAVE_MPI
     if (under_mpi_launcher()) {
         int ok = MPI_Init(argc, argv) == MPI_SUCCESS;
-        if (!ok) return dm_fail(DM_ERR_IO, "MPI_Init failed");
+        if (!ok) return dm_fail(DM_ERR_BACKEND, "MPI_Init failed");
         sh->mpi = 1;
         MPI_Comm_rank(MPI_COMM_WORLD, &sh->rank);
         MPI_Comm_size(MPI_COMM_WORLD, &sh->size);
@@ -202,81 +183,7 @@ static int default_threads(void)
     return n > 0 ? n : 1;
 }
 
-/* ------------------------------------------------------------------ progress */
-
-typedef struct {
-    int enabled, width;
-    int tty;             /* redraw one line; else a plain line every 30 s (logs, mpirun) */
-    int64_t total, done; /* images this process must make / has made */
-    int nb;              /* images in the running batch */
-    double t0, last;
-} prog_t;
-
-static void fmt_time(double s, char *buf, size_t n)
-{
-    if (!(s >= 0) || s > 1e8) s = 0;
-    long t = (long)(s + 0.5);
-    if (t >= 3600)
-        snprintf(buf, n, "%ld:%02ld:%02ld", t / 3600, (t / 60) % 60, t % 60);
-    else
-        snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
-}
-
-static void prog_draw(prog_t *p, double frac_of_batch, int force)
-{
-    if (!p->enabled) return;
-    double now = dm_time_sec();
-    if (!force && now - p->last < (p->tty ? 0.25 : 30.0)) return;
-    p->last = now;
-    double el = now - p->t0, made = (double)p->done + frac_of_batch * p->nb;
-    char rate[32] = "-- img/s", eta[32] = "--:--", line[160];
-    if (made > 0 && el > 0) {
-        double ips = made / el;
-        snprintf(rate, sizeof rate, ips >= 1 ? "%.2f img/s" : "%.3f img/s", ips);
-        fmt_time(((double)p->total - made) / ips, eta, sizeof eta);
-    }
-    int w = snprintf(line, sizeof line, "%s%lld/%lld images  %s  ETA %s", p->tty ? "\r" : "",
-                     (long long)p->done, (long long)p->total, rate, eta);
-    if (w < 0) return;
-    if (!p->tty) {
-        fprintf(stderr, "%s\n", line);
-        return;
-    }
-    if (w > (int)sizeof line - 1) w = (int)sizeof line - 1;
-    fputs(line, stderr);
-    for (int i = w; i < p->width; i++) fputc(' ', stderr);
-    p->width = w;
-    fflush(stderr);
-}
-
-static void prog_end(prog_t *p)
-{
-    if (!p->enabled || !p->tty || !p->width) return;
-    prog_draw(p, 0, 1);
-    fputc('\n', stderr);
-    p->width = 0;
-}
-
-static void on_step(void *ctx, int step, int nsteps)
-{
-    prog_draw(ctx, (double)step / nsteps, 0);
-}
-
-static void on_pack(void *ctx, int i, int n)
-{
-    prog_t *p = ctx;
-    p->done = i;
-    p->total = n;
-    prog_draw(p, 0, i == n);
-}
-
 /* ------------------------------------------------------------------ helpers */
-
-static const char *base_name(const char *p)
-{
-    const char *s = strrchr(p, '/');
-    return s ? s + 1 : p;
-}
 
 /* mkdir -p (tolerates a concurrent rank creating the same directory). */
 static dm_status make_dir(const char *dir)
@@ -284,327 +191,270 @@ static dm_status make_dir(const char *dir)
     char buf[PATH_MAX];
     if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
         return dm_fail(DM_ERR_ARG, "-o %s: path too long", dir);
+    struct stat s;
+    if (stat(dir, &s) == 0 && !S_ISDIR(s.st_mode))
+        return dm_fail(DM_ERR_ARG, "-o %s: not a directory", dir);
     for (char *p = buf + 1;; p++) {
         if (*p == '/' || !*p) {
             char c = *p;
             *p = '\0';
             if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-                return dm_fail(DM_ERR_ARG, "-o %s: cannot create directory %s: %s", dir, buf,
+                return dm_fail(DM_ERR_WRITE, "-o %s: cannot create directory %s: %s", dir, buf,
                                strerror(errno));
             *p = c;
             if (!c) break;
         }
     }
-    struct stat s;
     if (stat(dir, &s) != 0 || !S_ISDIR(s.st_mode))
         return dm_fail(DM_ERR_ARG, "-o %s: not a directory", dir);
-    if (access(dir, W_OK) != 0) return dm_fail(DM_ERR_ARG, "-o %s: not writable", dir);
+    if (access(dir, W_OK) != 0) return dm_fail(DM_ERR_WRITE, "-o %s: not writable", dir);
     return DM_OK;
 }
 
-static int fail_code(dm_status st)
+static void on_pack(void *ctx, int i, int n)
 {
-    fprintf(stderr, PROG ": %s\n", dm_last_error());
-    return st == DM_ERR_NOMEM ? 1 : 2;
+    dm_cli_progress *p = ctx;
+    p->total = n;
+    dm_cli_progress_set(p, i);
 }
 
 /* ------------------------------------------------------------------ pack */
 
-static int pack_main(int argc, char **argv)
+static dm_status pack_main(int argc, char **argv, int *done)
 {
-    const char *dir = NULL, *out = NULL;
-    int labels = 0, quiet = 0;
-    int64_t num = -1;
-    dm_status st;
-    for (int i = 2; i < argc; i++) {
-        const char *s = argv[i];
-        if (!strcmp(s, "--labels"))
-            labels = 1;
-        else if (!strcmp(s, "-q")) {
-            quiet = 1;
-            dm_set_log_level(DM_LOG_QUIET);
-        } else if (!strcmp(s, "-v"))
-            dm_set_log_level(DM_LOG_VERBOSE);
-        else if (!strcmp(s, "--num") || !strcmp(s, "-n")) {
-            if (i + 1 >= argc) return fail_code(dm_fail(DM_ERR_ARG, "%s needs a value", s));
-            if ((st = dm_cli_i64("--num", argv[++i], 1, 1000000000LL, &num))) return fail_code(st);
-        } else if (s[0] == '-' && s[1])
-            return fail_code(dm_fail(DM_ERR_ARG, "pack: unknown flag '%s' (see --help)", s));
-        else if (!dir)
-            dir = s;
-        else if (!out)
-            out = s;
-        else
-            return fail_code(dm_fail(DM_ERR_ARG, "pack: unexpected argument '%s' (usage: pack DIR "
-                                     "OUT.npz [--labels])", s));
-    }
-    if (!dir || !out)
-        return fail_code(dm_fail(DM_ERR_ARG, "pack: usage: " PROG " pack DIR OUT.npz [--labels]"));
+    P.num = -1;
+    dm_cli_common_init(&P.common);
+    dm_status st = dm_cli_parse_from(&PACK, 2, argc, argv, done);
+    if (st || *done) return st;
+    dm_cli_common_apply(&P.common, 0);
+    if (P.pos.n != 2)
+        return dm_fail(DM_ERR_ARG, "pack: usage: " PROG " pack DIR OUT.npz [--labels]%s",
+                       P.pos.n > 2 ? " (too many arguments)" : "");
+    const char *dir = P.pos.v[0], *out = P.pos.v[1];
+    int64_t num = P.num;
     if (num < 0) {
-        dm_batch_params p;
-        if ((st = dm_batch_manifest_read(dir, &p))) return fail_code(st);
-        num = p.num;
+        dm_batch_params bp;
+        if ((st = dm_batch_manifest_read(dir, &bp))) return st;
+        num = bp.num;
     }
     const char *fz = getenv("DITMOE_FORCE_ZIP64");
     const int force = fz && *fz && strcmp(fz, "0");
-    prog_t prog = {0};
-    prog.enabled = !quiet && dm_get_log_level() > 0;
-    prog.tty = isatty(2);
-    prog.t0 = dm_time_sec();
-    st = dm_batch_pack(dir, num, out, labels, force, on_pack, &prog);
-    prog_end(&prog);
-    if (st) return fail_code(st);
+    dm_cli_progress prog;
+    dm_cli_progress_start(&prog, (double)num, "images", dm_get_log_level() > DM_LOG_QUIET);
+    st = dm_batch_pack(dir, num, out, P.labels, force, on_pack, &prog);
+    dm_cli_progress_end(&prog);
+    if (st) return st;
     dm_log(DM_LOG_INFO, "wrote %s: arr_0 uint8 [%lld,H,W,3]%s%s in %.1f s", out, (long long)num,
-           labels ? ", arr_1 int64 labels" : "", force ? " (ZIP64 forced)" : "",
+           P.labels ? ", arr_1 int64 labels" : "", force ? " (ZIP64 forced)" : "",
            dm_time_sec() - prog.t0);
-    return 0;
+    return DM_OK;
 }
 
 /* ------------------------------------------------------------------ generate */
 
-int main(int argc, char **argv)
-{
-    if (argc >= 2 && !strcmp(argv[1], "pack")) {
-        for (int i = 2; i < argc; i++)
-            if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-                usage(stdout);
-                return 0;
-            }
-        return pack_main(argc, argv);
-    }
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (!strcmp(argv[i], "--version")) {
-            printf(PROG " %s\n", DITMOE_VERSION);
-            return 0;
-        }
-    }
-    args_t a = {0};
-    dm_status st = parse(argc, argv, &a);
-    if (st) return fail_code(st);
-    shard_t sh = {0};
-    if ((st = pick_shard(&a, &argc, &argv, &sh))) return fail_code(st);
-
-    int rc = 0, phase_setup = 1;
-    dm_model *m = NULL;
-    dm_vae *vae = NULL;
-    dm_batch_classes cls = {0};
-    uint8_t *done = NULL, *u8 = NULL;
-    uint64_t *todo = NULL, *ib = NULL;
-    int64_t *yb = NULL;
-    float *z = NULL, *img = NULL;
-    dm_trace *trace = NULL;
-    prog_t prog = {0};
-    long long made = 0, skipped = 0;
-    const double t_start = dm_time_sec();
-    if (sh.rank != 0) dm_set_log_level(a.quiet ? DM_LOG_QUIET : dm_get_log_level() > DM_LOG_INFO
-                                                                     ? DM_LOG_VERBOSE
-                                                                     : DM_LOG_QUIET);
-    dm_set_threads(a.have_threads ? a.threads : default_threads());
-
-#define CHECK(expr)                                                                            \
-    do {                                                                                       \
-        if ((st = (expr)) != DM_OK) {                                                          \
-            rc = phase_setup ? fail_code(st)                                                   \
-                             : (fprintf(stderr, PROG ": %s\n", dm_last_error()),               \
-                                st == DM_ERR_IO || st == DM_ERR_NOMEM ? 1 : 2);                \
-            goto done;                                                                         \
-        }                                                                                      \
-    } while (0)
-
-    char model_path[PATH_MAX], vae_path[PATH_MAX], places[3 * PATH_MAX];
-    if (a.model) {
-        snprintf(model_path, sizeof model_path, "%s", a.model);
-    } else if (!dm_default_asset(DM_DEFAULT_MODEL, model_path, sizeof model_path)) {
-        dm_default_asset_places(DM_DEFAULT_MODEL, places, sizeof places);
-        CHECK(dm_fail(DM_ERR_ARG, "no --model given and the default model was not found "
-                      "(looked at: %s)", places));
-    }
-    if (a.vae) {
-        snprintf(vae_path, sizeof vae_path, "%s", a.vae);
-    } else if (!dm_default_asset(DM_DEFAULT_VAE, vae_path, sizeof vae_path)) {
-        dm_default_asset_places(DM_DEFAULT_VAE, places, sizeof places);
-        CHECK(dm_fail(DM_ERR_ARG, "no --vae given and the default VAE was not found (looked "
-                      "at: %s)", places));
-    }
-
-    CHECK(dm_model_load(model_path, &m));
-    const dm_config *c = dm_model_config(m);
+typedef struct {
+    shard_t sh;
+    char model_path[PATH_MAX], vae_path[PATH_MAX];
+    dm_pipeline *pl;
     dm_sample_params p;
-    CHECK(dm_cli_sampler_params(&a.sf, c, a.seed, &p));
-    CHECK(dm_batch_classes_parse(a.classes, c, &cls));
-    CHECK(dm_vae_load(vae_path, &vae));
-    const dm_vae_info *vi = dm_vae_get_info(vae);
-    const int C = c->in_channels, S = c->input_size;
-    if (vi->z_channels != C)
-        CHECK(dm_fail(DM_ERR_ARG, "latent channels differ: model %s has %d, VAE %s has %d",
-                      model_path, C, vae_path, vi->z_channels));
-    if (vi->out_channels != 1 && vi->out_channels != 3)
-        CHECK(dm_fail(DM_ERR_ARG, "%s: the VAE has %d output channels (PNG needs 1 or 3)",
-                      vae_path, vi->out_channels));
-    const int oc = vi->out_channels, H = S * vi->factor, W = S * vi->factor;
-    CHECK(make_dir(a.out));
-
-    /* The run's identity: hashes of both files and every parameter an image depends on. */
+    dm_batch_classes cls;
     dm_batch_params bp;
-    memset(&bp, 0, sizeof bp);
-    snprintf(bp.model_file, sizeof bp.model_file, "%.255s", base_name(model_path));
-    snprintf(bp.vae_file, sizeof bp.vae_file, "%.255s", base_name(vae_path));
-    double th = dm_time_sec();
-    CHECK(dm_sha256_file(model_path, bp.model_sha256));
-    CHECK(dm_sha256_file(vae_path, bp.vae_sha256));
-    dm_log(DM_LOG_VERBOSE, "SHA-256 of model and VAE in %.2f s", dm_time_sec() - th);
-    bp.seed = p.seed;
-    snprintf(bp.sampler, sizeof bp.sampler, "%s", dm_sampler_name(p.sampler));
-    bp.steps = p.steps;
-    bp.cfg_scale = p.cfg_scale;
-    bp.cfg_channels = p.cfg_channels;
-    bp.cfg_t_lo = p.cfg_t_lo;
-    bp.cfg_t_hi = p.cfg_t_hi;
-    bp.eta = p.eta;
-    dm_batch_classes_str(&cls, bp.classes, sizeof bp.classes);
-    bp.num_classes = c->num_classes;
-    bp.num = a.num;
-    bp.width = W;
-    bp.height = H;
-    bp.channels = oc;
-    int found = 0;
-    CHECK(dm_batch_manifest_check(a.out, &bp, &found));
+    uint8_t *done, *pix;
+    uint64_t *todo, *ib;
+    int64_t *yb;
+    int64_t ntodo;
+    dm_trace *trace;
+    dm_cli_progress prog;
+    long long made, skipped;
+} run_t;
 
-    /* Resume: finished indices are the files present (they appear only by rename). */
-    done = malloc((size_t)a.num);
-    if (!done) CHECK(dm_fail(DM_ERR_NOMEM, "out of memory for %lld flags", (long long)a.num));
-    int64_t ndone_all = 0;
-    CHECK(dm_batch_scan_complete(a.out, a.num, W, H, oc, done, &ndone_all, sh.rank, sh.size));
-    if (sh.rank == 0) CHECK(dm_batch_manifest_write(a.out, &bp, ndone_all));
-    int64_t ntodo = 0, nown = 0;
-    for (int64_t i = sh.rank; i < a.num; i += sh.size) nown++;
-    todo = malloc((size_t)(nown ? nown : 1) * sizeof *todo);
-    if (!todo) CHECK(dm_fail(DM_ERR_NOMEM, "out of memory"));
-    for (int64_t i = sh.rank; i < a.num; i += sh.size)
-        if (!done[i]) todo[ntodo++] = (uint64_t)i;
-    skipped = nown - ntodo;
-
-    char cfgch[16];
-    snprintf(cfgch, sizeof cfgch, p.cfg_channels ? "%d" : "all", p.cfg_channels);
-    dm_log(DM_LOG_INFO, "%s: %s, %lld images of %dx%d into %s (%s), classes %s, sampler %s, "
-           "%d steps, cfg %g on %s channels, seed %llu, batch %d, %d threads",
-           base_name(model_path), c->name[0] ? c->name : dm_objective_name(c->objective),
-           (long long)a.num, W, H, a.out, found ? "resuming" : "new", bp.classes,
-           dm_sampler_name(p.sampler), p.steps, (double)p.cfg_scale, cfgch,
-           (unsigned long long)p.seed, a.batch, dm_get_threads());
-    dm_log(DM_LOG_INFO, "shard %d of %d (%s): %lld indices, %lld already done, %lld to make",
-           sh.rank, sh.size, sh.source, (long long)nown, skipped, (long long)ntodo);
-    phase_setup = 0;
-
-    const int B = a.batch;
-    const size_t per_lat = (size_t)C * S * S;
-    z = malloc((size_t)B * per_lat * sizeof(float));
-    img = malloc((size_t)B * oc * H * W * sizeof(float));
-    u8 = malloc((size_t)oc * H * W);
-    yb = malloc((size_t)B * sizeof(int64_t));
-    ib = malloc((size_t)B * sizeof(uint64_t));
-    if (!z || !img || !u8 || !yb || !ib)
-        CHECK(dm_fail(DM_ERR_NOMEM, "out of memory for a batch of %d", B));
-    dm_log(DM_LOG_VERBOSE, "buffers: latents %zu floats, images %zu floats per batch; forward on "
-           "%d rows", (size_t)B * per_lat, (size_t)B * oc * H * W,
-           p.cfg_scale != 1.0f ? 2 * B : B);
-
-    dm_denoiser d;
-    dm_model_denoiser(m, &d);
-    if (a.dump_routing) { /* every evaluation's expert choices; one file per process */
-        char path[PATH_MAX + 32];
-        if (sh.size > 1)
-            snprintf(path, sizeof path, "%s.%dof%d", a.dump_routing, sh.rank, sh.size);
-        else
-            snprintf(path, sizeof path, "%s", a.dump_routing);
-        dm_trace_shape tshape;
-        dm_trace_shape_from_model(&tshape, c, &p);
-        CHECK(dm_trace_open(path, &tshape, c, model_path, &p, &trace));
-        char pattern[PATH_MAX + 16];
-        snprintf(pattern, sizeof pattern, "%s/%%06d.png", a.out); /* the overlay finds images */
-        CHECK(dm_trace_note(trace, "images", pattern));
-        dm_trace_denoiser(trace, m, &d);
+static dm_status find_assets(run_t *r)
+{
+    char places[3 * PATH_MAX];
+    if (A.model) {
+        snprintf(r->model_path, sizeof r->model_path, "%s", A.model);
+    } else if (!dm_default_asset(DM_DEFAULT_MODEL, r->model_path, sizeof r->model_path)) {
+        dm_default_asset_places(DM_DEFAULT_MODEL, places, sizeof places);
+        return dm_fail(DM_ERR_IO, "no --model given and the default model was not found "
+                       "(looked at: %s)", places);
     }
-    prog.enabled = sh.rank == 0 && !a.quiet && dm_get_log_level() > 0;
-    prog.tty = isatty(2);
-    prog.total = ntodo;
-    prog.t0 = prog.last = dm_time_sec();
-    char seed_s[32], steps_s[16], scale_s[32], interval_s[64], eta_s[32];
-    snprintf(seed_s, sizeof seed_s, "%llu", (unsigned long long)p.seed);
-    snprintf(steps_s, sizeof steps_s, "%d", p.steps);
-    snprintf(scale_s, sizeof scale_s, "%g", (double)p.cfg_scale);
-    snprintf(interval_s, sizeof interval_s, "%g,%g", (double)p.cfg_t_lo, (double)p.cfg_t_hi);
-    snprintf(eta_s, sizeof eta_s, "%g", (double)p.eta);
-    double sample_sec = 0, vae_sec = 0, png_sec = 0, last_manifest = dm_time_sec();
-    for (int64_t t0 = 0; t0 < ntodo; t0 += B) {
-        const int nb = (int)(ntodo - t0 < B ? ntodo - t0 : B);
+    if (A.vae) {
+        snprintf(r->vae_path, sizeof r->vae_path, "%s", A.vae);
+    } else if (!dm_default_asset(DM_DEFAULT_VAE, r->vae_path, sizeof r->vae_path)) {
+        dm_default_asset_places(DM_DEFAULT_VAE, places, sizeof places);
+        return dm_fail(DM_ERR_IO, "no --vae given and the default VAE was not found (looked "
+                       "at: %s)", places);
+    }
+    return DM_OK;
+}
+
+/* The run's identity: hashes of both files and every parameter an image depends on. */
+static dm_status identity(run_t *r)
+{
+    const dm_config *c = dm_pipeline_config(r->pl);
+    const dm_pipeline_info *in = dm_pipeline_get_info(r->pl);
+    dm_batch_params *bp = &r->bp;
+    memset(bp, 0, sizeof *bp);
+    snprintf(bp->model_file, sizeof bp->model_file, "%.255s", dm_cli_base_name(r->model_path));
+    snprintf(bp->vae_file, sizeof bp->vae_file, "%.255s", dm_cli_base_name(r->vae_path));
+    double th = dm_time_sec();
+    dm_status st;
+    if ((st = dm_sha256_file(r->model_path, bp->model_sha256))) return st;
+    if ((st = dm_sha256_file(r->vae_path, bp->vae_sha256))) return st;
+    dm_log(DM_LOG_VERBOSE, "SHA-256 of model and VAE in %.2f s", dm_time_sec() - th);
+    bp->seed = r->p.seed;
+    snprintf(bp->sampler, sizeof bp->sampler, "%s", dm_sampler_name(r->p.sampler));
+    bp->steps = r->p.steps;
+    bp->cfg_scale = r->p.cfg_scale;
+    bp->cfg_channels = r->p.cfg_channels;
+    bp->cfg_t_lo = r->p.cfg_t_lo;
+    bp->cfg_t_hi = r->p.cfg_t_hi;
+    bp->eta = r->p.eta;
+    dm_batch_classes_str(&r->cls, bp->classes, sizeof bp->classes);
+    bp->num_classes = c->num_classes;
+    bp->num = A.num;
+    bp->width = in->width;
+    bp->height = in->height;
+    bp->channels = in->channels;
+    return DM_OK;
+}
+
+/* Open, check the manifest, find what is left to do (finished indices are the files present:
+ * they appear only by rename). */
+static dm_status setup(run_t *r)
+{
+    dm_status st;
+    const shard_t *sh = &r->sh;
+    if ((st = find_assets(r))) return st;
+    dm_pipeline_opts po;
+    dm_pipeline_opts_init(&po);
+    po.model_path = r->model_path;
+    po.vae_path = r->vae_path;
+    po.backend = A.common.backend;
+    po.device = A.common.device;
+    if ((st = dm_pipeline_open(&po, &r->pl))) return st;
+    const dm_config *c = dm_pipeline_config(r->pl);
+    if ((st = dm_cli_sampler_params(&A.sf, c, A.seed, &r->p))) return st;
+    if ((st = dm_batch_classes_parse(A.classes, c, &r->cls))) return st;
+    if ((st = make_dir(A.out))) return st;
+    if ((st = identity(r))) return st;
+    int found = 0;
+    if ((st = dm_batch_manifest_check(A.out, &r->bp, &found))) return st;
+    r->done = malloc((size_t)A.num);
+    if (!r->done) return dm_fail(DM_ERR_NOMEM, "out of memory for %lld flags", (long long)A.num);
+    int64_t ndone_all = 0;
+    if ((st = dm_batch_scan_complete(A.out, A.num, r->bp.width, r->bp.height, r->bp.channels,
+                                     r->done, &ndone_all, sh->rank, sh->size)))
+        return st;
+    if (sh->rank == 0 && (st = dm_batch_manifest_write(A.out, &r->bp, ndone_all))) return st;
+    int64_t nown = 0;
+    for (int64_t i = sh->rank; i < A.num; i += sh->size) nown++;
+    r->todo = malloc((size_t)(nown ? nown : 1) * sizeof *r->todo);
+    if (!r->todo) return dm_fail(DM_ERR_NOMEM, "out of memory");
+    for (int64_t i = sh->rank; i < A.num; i += sh->size)
+        if (!r->done[i]) r->todo[r->ntodo++] = (uint64_t)i;
+    r->skipped = nown - r->ntodo;
+
+    const dm_pipeline_info *in = dm_pipeline_get_info(r->pl);
+    char cfgch[16];
+    snprintf(cfgch, sizeof cfgch, r->p.cfg_channels ? "%d" : "all", r->p.cfg_channels);
+    dm_log(DM_LOG_INFO, "%s: %s, %lld images of %dx%d into %s (%s), classes %s, sampler %s, "
+           "%d steps, cfg %g on %s channels, seed %llu, batch %d, %d threads, backend %s",
+           dm_cli_base_name(r->model_path), c->name[0] ? c->name : dm_objective_name(c->objective),
+           (long long)A.num, in->width, in->height, A.out, found ? "resuming" : "new",
+           r->bp.classes, dm_sampler_name(r->p.sampler), r->p.steps, (double)r->p.cfg_scale,
+           cfgch, (unsigned long long)r->p.seed, A.batch, dm_get_threads(),
+           dm_backend_name(A.common.backend));
+    dm_log(DM_LOG_INFO, "shard %d of %d (%s): %lld indices, %lld already done, %lld to make",
+           sh->rank, sh->size, sh->source, (long long)nown, r->skipped, (long long)r->ntodo);
+
+    const int B = A.batch;
+    r->pix = malloc((size_t)B * in->channels * in->height * in->width);
+    r->yb = malloc((size_t)B * sizeof(int64_t));
+    r->ib = malloc((size_t)B * sizeof(uint64_t));
+    if (!r->pix || !r->yb || !r->ib)
+        return dm_fail(DM_ERR_NOMEM, "out of memory for a batch of %d", B);
+    if (A.dump_routing) { /* every evaluation's expert choices; one file per process */
+        char path[PATH_MAX + 32];
+        if (sh->size > 1)
+            snprintf(path, sizeof path, "%s.%dof%d", A.dump_routing, sh->rank, sh->size);
+        else
+            snprintf(path, sizeof path, "%s", A.dump_routing);
+        dm_trace_shape tshape;
+        dm_trace_shape_from_model(&tshape, c, &r->p);
+        if ((st = dm_trace_open(path, &tshape, c, r->model_path, &r->p, &r->trace))) return st;
+        char pattern[PATH_MAX + 16];
+        snprintf(pattern, sizeof pattern, "%s/%%06d.png", A.out); /* the overlay finds images */
+        if ((st = dm_trace_note(r->trace, "images", pattern))) return st;
+    }
+    return DM_OK;
+}
+
+/* Batches of the indices still to make, each image written as it is finished. */
+static dm_status run_batches(run_t *r)
+{
+    const dm_pipeline_info *in = dm_pipeline_get_info(r->pl);
+    const int B = A.batch;
+    const size_t per_img = (size_t)in->channels * in->height * in->width;
+    dm_status st;
+    dm_cli_progress_start(&r->prog, (double)r->ntodo, "images",
+                          r->sh.rank == 0 && dm_get_log_level() > DM_LOG_QUIET);
+    double png_sec = 0, last_manifest = dm_time_sec();
+    for (int64_t t0 = 0; t0 < r->ntodo; t0 += B) {
+        const int nb = (int)(r->ntodo - t0 < B ? r->ntodo - t0 : B);
         for (int b = 0; b < nb; b++) {
-            ib[b] = todo[t0 + b];
-            yb[b] = dm_batch_class_of(&cls, p.seed, ib[b]);
+            r->ib[b] = r->todo[t0 + b];
+            r->yb[b] = dm_batch_class_of(&r->cls, r->p.seed, r->ib[b]);
         }
-        prog.nb = nb;
-        double ts = dm_time_sec();
-        if (trace) CHECK(dm_trace_batch(trace, nb, yb, ib));
-        st = dm_sample(&d, &p, nb, yb, ib, NULL, z, on_step, &prog);
-        CHECK(st);
-        /* Decode with the model's latent scale (dm_vae_decode divides by the VAE's own). */
-        if (c->vae_scale > 0 && vi->scale != c->vae_scale) {
-            const float r = vi->scale / c->vae_scale;
-            for (size_t j = 0; j < (size_t)nb * per_lat; j++) z[j] *= r;
-        }
-        double tv = dm_time_sec();
-        CHECK(dm_vae_decode(vae, nb, S, S, z, img));
+        dm_cli_step_ctx sc = {&r->prog, (double)r->made, (double)nb / r->p.steps};
+        dm_pipeline_hooks h = {dm_cli_on_step, &sc, r->trace, NULL, NULL};
+        if ((st = dm_pipeline_generate(r->pl, &r->p, nb, r->yb, r->ib, &h, r->pix))) return st;
         double tp = dm_time_sec();
         for (int b = 0; b < nb; b++) {
-            const int k = (int)yb[b];
-            char path[PATH_MAX + 32], idx_s[24], cls_s[96];
-            dm_image_to_u8(oc, H, W, img + (size_t)b * oc * H * W, u8);
-            dm_batch_png_path(a.out, ib[b], path, sizeof path);
-            snprintf(idx_s, sizeof idx_s, "%llu", (unsigned long long)ib[b]);
-            if (c->class_names)
-                snprintf(cls_s, sizeof cls_s, "%d (%s)", k, c->class_names[k]);
-            else
-                snprintf(cls_s, sizeof cls_s, "%d", k);
-            const char *text[] = {"Software", PROG " " DITMOE_VERSION, "model", bp.model_file,
-                                  "vae", bp.vae_file, "class", cls_s, "seed", seed_s,
-                                  "steps", steps_s, "sampler", bp.sampler, "cfg-scale", scale_s,
-                                  "cfg-channels", cfgch, "cfg-interval", interval_s, "eta", eta_s,
-                                  "image-index", idx_s, NULL};
-            CHECK(dm_png_write(path, W, H, oc, u8, text));
+            char path[PATH_MAX + 32];
+            dm_batch_png_path(A.out, r->ib[b], path, sizeof path);
+            dm_gen_text t;
+            dm_gen_text_init(&t, r->pl, &r->p, PROG " " DITMOE_VERSION, r->yb[b], r->ib[b]);
+            if ((st = dm_png_write(path, in->width, in->height, in->channels,
+                                   r->pix + (size_t)b * per_img, t.kv)))
+                return st;
         }
-        double te = dm_time_sec();
-        sample_sec += tv - ts;
-        vae_sec += tp - tv;
+        const double te = dm_time_sec();
         png_sec += te - tp;
-        made += nb;
-        prog.done = made;
-        prog_draw(&prog, 0, 0);
+        r->made += nb;
+        dm_cli_progress_set(&r->prog, (double)r->made);
         /* Progress of the whole job (all shards: the files present) every 30 s. */
-        if (sh.rank == 0 && te - last_manifest > 30) {
+        if (r->sh.rank == 0 && te - last_manifest > 30) {
             int64_t n = 0;
-            if (dm_batch_scan(a.out, a.num, NULL, &n, -1, 1) == DM_OK)
-                dm_batch_manifest_write(a.out, &bp, n);
+            if (dm_batch_scan(A.out, A.num, NULL, &n, -1, 1) == DM_OK)
+                dm_batch_manifest_write(A.out, &r->bp, n);
             last_manifest = te;
         }
     }
-    prog_end(&prog);
+    dm_cli_progress_end(&r->prog);
+    const dm_pipeline_stats *ps = dm_pipeline_get_stats(r->pl);
+    if (r->made > 0)
+        dm_log(DM_LOG_VERBOSE, "this process: %.3f img/s (transformer+sampler %.3f s/img, VAE "
+               "%.3f s/img, PNG %.4f s/img)", (double)r->made / (ps->sample_sec + ps->decode_sec +
+               png_sec), ps->sample_sec / r->made, ps->decode_sec / r->made, png_sec / r->made);
+    return DM_OK;
+}
 
-    /* All the communication: a barrier and a gather of counts. */
-    long long counts[2] = {made, skipped}, total_made = made, total_skipped = skipped;
+/* All the communication: a barrier and a gather of counts; then the final manifest. */
+static dm_status finish(run_t *r, double t_start)
+{
+    const shard_t *sh = &r->sh;
+    long long counts[2] = {r->made, r->skipped}, total_made = r->made, total_skipped = r->skipped;
 #ifdef DITMOE_HAVE_MPI
-    if (sh.mpi) {
-        long long *all = sh.rank == 0 ? malloc((size_t)sh.size * 2 * sizeof *all) : NULL;
+    if (sh->mpi) {
+        long long *all = sh->rank == 0 ? malloc((size_t)sh->size * 2 * sizeof *all) : NULL;
         MPI_Barrier(MPI_COMM_WORLD);
         MPI_Gather(counts, 2, MPI_LONG_LONG, all, 2, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
         if (all) {
             total_made = total_skipped = 0;
-            for (int r = 0; r < sh.size; r++) {
-                total_made += all[2 * r];
-                total_skipped += all[2 * r + 1];
+            for (int q = 0; q < sh->size; q++) {
+                total_made += all[2 * q];
+                total_skipped += all[2 * q + 1];
             }
             free(all);
         }
@@ -612,43 +462,64 @@ int main(int argc, char **argv)
 #else
     (void)counts;
 #endif
-    if (trace) {
-        st = dm_trace_close(trace);
-        trace = NULL;
-        CHECK(st);
+    dm_status st;
+    if (r->trace) {
+        st = dm_trace_close(r->trace);
+        r->trace = NULL;
+        if (st) return st;
     }
-    if (sh.rank == 0) {
-        int64_t n = 0;
-        CHECK(dm_batch_scan(a.out, a.num, NULL, &n, -1, 1));
-        CHECK(dm_batch_manifest_write(a.out, &bp, n));
-        const double wall = dm_time_sec() - t_start;
-        const int all_known = sh.mpi || sh.size == 1;
-        dm_log(DM_LOG_INFO, "%s %lld images (%lld were already there) in %.1f s%s; %s holds "
-               "%lld of %lld", all_known ? "made" : "this shard made", all_known ? total_made : made,
-               all_known ? total_skipped : skipped, wall, sh.size > 1 && !sh.mpi ?
-               " (other shards run separately)" : "", a.out, (long long)n, (long long)a.num);
-        if (made > 0)
-            dm_log(DM_LOG_INFO, "this process: %.3f img/s (transformer+sampler %.3f s/img, VAE "
-                   "%.3f s/img, PNG %.4f s/img)", (double)made / (sample_sec + vae_sec + png_sec),
-                   sample_sec / made, vae_sec / made, png_sec / made);
-    }
+    if (sh->rank != 0) return DM_OK;
+    int64_t n = 0;
+    if ((st = dm_batch_scan(A.out, A.num, NULL, &n, -1, 1))) return st;
+    if ((st = dm_batch_manifest_write(A.out, &r->bp, n))) return st;
+    const double wall = dm_time_sec() - t_start;
+    const int all_known = sh->mpi || sh->size == 1;
+    dm_log(DM_LOG_INFO, "%s %lld images (%lld were already there) in %.1f s%s; %s holds "
+           "%lld of %lld", all_known ? "made" : "this shard made", all_known ? total_made : r->made,
+           all_known ? total_skipped : r->skipped, wall, sh->size > 1 && !sh->mpi ?
+           " (other shards run separately)" : "", A.out, (long long)n, (long long)A.num);
+    return DM_OK;
+}
 
-done:
-    dm_trace_abort(trace);
-    prog_end(&prog);
-    free(done);
-    free(todo);
-    free(z);
-    free(img);
-    free(u8);
-    free(yb);
-    free(ib);
-    dm_batch_classes_free(&cls);
-    dm_vae_free(vae);
-    dm_model_free(m);
+int main(int argc, char **argv)
+{
+    int done = 0;
+    dm_status st;
+    if (argc >= 2 && !strcmp(argv[1], "pack")) {
+        st = pack_main(argc, argv, &done);
+        return dm_cli_exit(PROG, st);
+    }
+    A.batch = 8;
+    A.num = -1;
+    dm_cli_common_init(&A.common);
+    st = dm_cli_parse(&PROGRAM, argc, argv, &done);
+    if (st || done) return dm_cli_exit(PROG, st);
+    if (A.num < 0) st = dm_fail(DM_ERR_ARG, "--num N is required (the number of images)");
+    else if (!A.out) st = dm_fail(DM_ERR_ARG, "-o DIR is required (the output directory)");
+    if (st) return dm_cli_exit(PROG, st);
+    static run_t r;
+    if ((st = pick_shard(&A, &argc, &argv, &r.sh))) return dm_cli_exit(PROG, st);
+    const double t_start = dm_time_sec();
+    dm_cli_common_apply(&A.common, default_threads());
+    if (r.sh.rank != 0) /* other ranks: quiet unless -v */
+        dm_set_log_level(dm_get_log_level() > DM_LOG_INFO ? DM_LOG_VERBOSE : DM_LOG_QUIET);
+
+    st = setup(&r);
+    if (!st) st = run_batches(&r);
+    if (!st) st = finish(&r, t_start);
+    dm_trace_abort(r.trace);
+    dm_cli_progress_end(&r.prog);
+    free(r.done);
+    free(r.todo);
+    free(r.pix);
+    free(r.yb);
+    free(r.ib);
+    dm_batch_classes_free(&r.cls);
+    dm_pipeline_free(r.pl);
+    const int rc = dm_cli_exit(PROG, st);
 #ifdef DITMOE_HAVE_MPI
-    if (sh.mpi) {
-        if (rc && sh.size > 1) MPI_Abort(MPI_COMM_WORLD, rc); /* never leave ranks in a barrier */
+    if (r.sh.mpi) {
+        if (rc && r.sh.size > 1) MPI_Abort(MPI_COMM_WORLD, rc); /* never leave ranks in a barrier */
         MPI_Finalize();
     }
 #endif

@@ -1,81 +1,50 @@
 /* ditmoe-forward: one forward pass of a DiT-MoE model on inputs from .npy files.
  *   ditmoe-forward --model M.safetensors --x x.npy --t t.npy --y y.npy --out out.npy
- *                  [--routes routes.npy] [--threads N] [--bench N] */
-#include "ditmoe.h"
+ *                  [--routes routes.npy] [--threads N] [--bench N] [--backend cpu]
+ * Exit codes (ditmoe.h dm_exit_code): 0 ok, 2 bad input (flags, missing or malformed files,
+ * shapes), 1 runtime failure. */
+#include "flags.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: ditmoe-forward --model M.safetensors --x x.npy --t t.npy --y y.npy --out out.npy\n"
-            "  --model FILE    DiT-MoE safetensors file (required)\n"
-            "  --x FILE        float32 [B,C,H,W] latent input (required)\n"
-            "  --t FILE        float32 [B] timesteps, fed to the embedder as given (required)\n"
-            "  --y FILE        int64 [B] labels, null class = number of classes (required)\n"
-            "  --out FILE      float32 [B,Cout,H,W] output (required unless --bench)\n"
-            "  --routes FILE   int32 [layers,B*T,k] chosen experts, descending gate weight\n"
-            "  --threads N     threads (default: all cores)\n"
-            "  --bench N       time N forwards after one warm-up; print forward_ms_median\n"
-            "  -v, -q          verbose / quiet\n"
-            "  --help, --version\n");
-}
+#define PROG "ditmoe-forward"
 
-static int fail(dm_status st)
-{
-    fprintf(stderr, "ditmoe-forward: %s\n", dm_last_error());
-    return dm_exit_code(st);
-}
+typedef struct {
+    const char *model, *x, *t, *y, *out, *routes;
+    int bench;
+    dm_cli_common common;
+} args_t;
+
+static args_t A;
+
+static const dm_cli_opt OPTS[] = {
+    {'\0', "model", DM_OPT_STR, &A.model, 0, 0, "FILE", "none (required)",
+     "DiT-MoE / ProMoE .safetensors", NULL},
+    {'\0', "x", DM_OPT_STR, &A.x, 0, 0, "FILE", "none (required)",
+     "float32 [B,C,H,W] latent input (.npy)", NULL},
+    {'\0', "t", DM_OPT_STR, &A.t, 0, 0, "FILE", "none (required)",
+     "float32 [B] timesteps, fed to the embedder as given", NULL},
+    {'\0', "y", DM_OPT_STR, &A.y, 0, 0, "FILE", "none (required)",
+     "int64 (or int32) [B] labels, null class = number of classes", NULL},
+    {'\0', "out", DM_OPT_STR, &A.out, 0, 0, "FILE", "none (required unless --bench)",
+     "float32 [B,Cout,H,W] output", NULL},
+    {'\0', "routes", DM_OPT_STR, &A.routes, 0, 0, "FILE", "none",
+     "int32 [layers,B*T,k] chosen experts, descending gate weight", NULL},
+    {'\0', "bench", DM_OPT_INT, &A.bench, 0, 100000, "N", "0",
+     "time N forwards after one warm-up; print forward_ms_median", NULL},
+    DM_CLI_COMMON_OPTS(A.common, "0 = all cores"),
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "--model M.safetensors --x x.npy --t t.npy --y y.npy --out out.npy [options]",
+    "One forward pass of a DiT-MoE / ProMoE model on inputs from .npy files.", OPTS, NULL, NULL};
 
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
-}
-
-typedef struct {
-    const char *model, *x, *t, *y, *out, *routes;
-    int threads, bench;
-} args_t;
-
-static dm_status parse(int argc, char **argv, args_t *a)
-{
-    for (int i = 1; i < argc; i++) {
-        const char *s = argv[i];
-        const char **dst = !strcmp(s, "--model")    ? &a->model
-                           : !strcmp(s, "--x")      ? &a->x
-                           : !strcmp(s, "--t")      ? &a->t
-                           : !strcmp(s, "--y")      ? &a->y
-                           : !strcmp(s, "--out")    ? &a->out
-                           : !strcmp(s, "--routes") ? &a->routes
-                                                    : NULL;
-        int *num = !strcmp(s, "--threads") ? &a->threads : !strcmp(s, "--bench") ? &a->bench : NULL;
-        if (!strcmp(s, "-v")) {
-            dm_set_log_level(DM_LOG_VERBOSE);
-        } else if (!strcmp(s, "-q")) {
-            dm_set_log_level(DM_LOG_QUIET);
-        } else if (dst || num) {
-            if (i + 1 >= argc) return dm_fail(DM_ERR_ARG, "%s needs a value", s);
-            const char *v = argv[++i];
-            if (dst) {
-                *dst = v;
-            } else {
-                char *end;
-                long n = strtol(v, &end, 10);
-                if (*end || n < 0 || n > 100000)
-                    return dm_fail(DM_ERR_ARG, "%s: '%s' is not a non-negative integer", s, v);
-                *num = (int)n;
-            }
-        } else {
-            return dm_fail(DM_ERR_ARG, "unknown flag '%s' (see --help)", s);
-        }
-    }
-    const char *missing = !a->model ? "--model" : !a->x ? "--x" : !a->t ? "--t" : !a->y ? "--y"
-                          : (!a->out && !a->bench) ? "--out" : NULL;
-    if (missing) return dm_fail(DM_ERR_ARG, "missing required flag %s (see --help)", missing);
-    return DM_OK;
 }
 
 /* Read x, t, y and check them against the model: shapes, dtypes. y may be int64 or int32. */
@@ -110,27 +79,26 @@ static dm_status read_inputs(const args_t *a, const dm_config *c, dm_npy *x, dm_
 
 int main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (!strcmp(argv[i], "--version")) {
-            printf("ditmoe-forward %s\n", DITMOE_VERSION);
-            return 0;
-        }
-    }
-    args_t a = {0};
-    dm_status st = parse(argc, argv, &a);
-    if (st) return fail(st);
-    dm_set_threads(a.threads);
+    dm_cli_common_init(&A.common);
+    int done = 0;
+    dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
+    if (st || done) return dm_cli_exit(PROG, st);
+    const char *missing = !A.model ? "--model" : !A.x ? "--x" : !A.t ? "--t" : !A.y ? "--y"
+                          : (!A.out && !A.bench) ? "--out" : NULL;
+    if (missing)
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "missing required flag %s (see --help)",
+                                         missing));
+    dm_cli_common_apply(&A.common, -1);
+    const args_t a = A;
 
     dm_model *m = NULL;
     dm_npy x = {0}, t = {0}, y = {0};
     int64_t *labels = NULL;
     float *out = NULL;
     dm_routes routes = {0};
-    if ((st = dm_model_load(a.model, &m))) goto done;
+    dm_load_opts lo;
+    dm_cli_common_load_opts(&a.common, &lo);
+    if ((st = dm_model_load_opts(a.model, &lo, &m))) goto done;
     const dm_config *c = dm_model_config(m);
     if ((st = read_inputs(&a, c, &x, &t, &y, &labels))) goto done;
     const int B = (int)x.shape[0], T = (c->input_size / c->patch) * (c->input_size / c->patch);
@@ -177,5 +145,5 @@ done:
     dm_npy_free(&t);
     dm_npy_free(&y);
     dm_model_free(m);
-    return st ? fail(st) : 0;
+    return dm_cli_exit(PROG, st);
 }

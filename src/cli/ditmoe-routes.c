@@ -3,10 +3,10 @@
  * expert — plus per-layer load statistics, as JSON and heatmap PNGs, and an overlay of one
  * sample's image tinted by the expert each token chose.
  *   ditmoe-routes [-o DIR] [--uncond] [--sample N] [--image PNG] DUMP [DUMP...]
- * Exit codes: 0 ok, 2 bad input (flags, malformed dumps), 1 runtime failure. */
-#include "cli/common.h"
-#include "io/atomic.h"
-#include "trace/render.h"
+ * Exit codes (ditmoe.h dm_exit_code): 0 ok, 2 bad input (flags, missing or malformed dumps),
+ * 1 runtime failure (memory, an output that cannot be written). */
+#include "common.h"
+#include "flags.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -17,84 +17,46 @@
 #include <sys/stat.h>
 
 #define PROG "ditmoe-routes"
-#define MAX_DUMPS 4096
 #define MAX_OV_STEPS 16
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-"usage: " PROG " [options] DUMP [DUMP...]\n"
-"  -o DIR              output directory, created if missing (default: routes)\n"
-"                      writes routes.json, class_expert.png, position_expert.png,\n"
-"                      step_expert.png, overlay.png\n"
-"  --uncond            count the unconditional half of guided batches instead of the\n"
-"                      conditional one (default: conditional, as the paper)\n"
-"  --sample N          image index for the overlay (default: first image of the first dump)\n"
-"  --image PNG         that image (default: the dump's \"images\" note, e.g. out-%%03d.png,\n"
-"                      relative to the working directory, then to the dump's directory)\n"
-"  --overlay-steps L   comma list of steps shown in the overlay (default: 5 spread evenly)\n"
-"  --cell N            heatmap cell size in pixels (default: 14)\n"
-"  --no-png            JSON only\n"
-"  -q, -v              quiet / verbose\n"
-"  --help, --version\n"
-"Colour scale of the heatmaps: P(expert | row) x E, i.e. the share of the row's picks relative\n"
-"to uniform, log scale, blue 1/4x - white 1x - red 4x (clipped).\n");
-}
-
 typedef struct {
-    const char *dumps[MAX_DUMPS];
-    int ndumps;
+    dm_cli_list dumps;
     const char *out, *image, *ov_steps;
     int uncond, no_png, cell, have_sample;
     uint64_t sample;
+    dm_cli_common common;
 } args_t;
 
-static dm_status parse(int argc, char **argv, args_t *a)
-{
-    a->out = "routes";
-    a->cell = 14;
-    for (int i = 1; i < argc; i++) {
-        const char *s = argv[i];
-        if (!strcmp(s, "-q")) {
-            dm_set_log_level(DM_LOG_QUIET);
-            continue;
-        }
-        if (!strcmp(s, "-v")) {
-            dm_set_log_level(DM_LOG_VERBOSE);
-            continue;
-        }
-        if (!strcmp(s, "--uncond")) {
-            a->uncond = 1;
-            continue;
-        }
-        if (!strcmp(s, "--no-png")) {
-            a->no_png = 1;
-            continue;
-        }
-        if (s[0] == '-' && s[1]) {
-            const int takes = !strcmp(s, "-o") || !strcmp(s, "--sample") || !strcmp(s, "--image") ||
-                              !strcmp(s, "--overlay-steps") || !strcmp(s, "--cell");
-            if (!takes) return dm_fail(DM_ERR_ARG, "unknown flag '%s' (see --help)", s);
-            if (i + 1 >= argc) return dm_fail(DM_ERR_ARG, "%s needs a value (see --help)", s);
-            const char *v = argv[++i];
-            dm_status st = DM_OK;
-            if (!strcmp(s, "-o")) a->out = v;
-            else if (!strcmp(s, "--image")) a->image = v;
-            else if (!strcmp(s, "--overlay-steps")) a->ov_steps = v;
-            else if (!strcmp(s, "--cell")) st = dm_cli_int("--cell", v, 2, 64, &a->cell);
-            else {
-                st = dm_cli_u64("--sample", v, &a->sample);
-                a->have_sample = 1;
-            }
-            if (st) return st;
-            continue;
-        }
-        if (a->ndumps >= MAX_DUMPS) return dm_fail(DM_ERR_ARG, "at most %d dumps", MAX_DUMPS);
-        a->dumps[a->ndumps++] = s;
-    }
-    if (!a->ndumps) return dm_fail(DM_ERR_ARG, "no dump given (see --help)");
-    return DM_OK;
-}
+static args_t A;
+
+static const dm_cli_opt OPTS[] = {
+    {'o', "output", DM_OPT_STR, &A.out, 0, 0, "DIR", "routes",
+     "output directory, created if missing; writes routes.json, class_expert.png,\n"
+     "position_expert.png, step_expert.png, overlay.png", NULL},
+    {'\0', "uncond", DM_OPT_SET, &A.uncond, 1, 0, NULL, "off (conditional, as the paper)",
+     "count the unconditional half of guided batches instead of the conditional one", NULL},
+    {'\0', "sample", DM_OPT_U64, &A.sample, 0, 0, "N", "first image of the first dump",
+     "image index for the overlay", &A.have_sample},
+    {'\0', "image", DM_OPT_STR, &A.image, 0, 0, "PNG",
+     "the dump's \"images\" note, e.g. out-%03d.png",
+     "that image (the note is taken relative to the working directory, then to the\n"
+     "dump's directory)", NULL},
+    {'\0', "overlay-steps", DM_OPT_STR, &A.ov_steps, 0, 0, "L", "5 spread evenly",
+     "comma list of steps shown in the overlay", NULL},
+    {'\0', "cell", DM_OPT_INT, &A.cell, 2, 64, "N", "14", "heatmap cell size in pixels", NULL},
+    {'\0', "no-png", DM_OPT_SET, &A.no_png, 1, 0, NULL, "off", "JSON only", NULL},
+    DM_CLI_LOG_OPTS(A.common),
+    DM_CLI_HELP_OPTS,
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "[options] DUMP [DUMP...]",
+    "Routing dumps (ditmoe-sample/ditmoe-batch --dump-routing) -> the DiT-MoE paper's views per\n"
+    "MoE layer (class x expert, token position x expert, step x expert), load statistics as\n"
+    "JSON and heatmap PNGs, and an overlay of one sample tinted by the expert each token chose.",
+    OPTS, &A.dumps,
+    "Colour scale of the heatmaps: P(expert | row) x E, i.e. the share of the row's picks relative\n"
+    "to uniform, log scale, blue 1/4x - white 1x - red 4x (clipped).\n"};
 
 static int same_shape(const dm_trace_shape *a, const dm_trace_shape *b)
 {
@@ -125,8 +87,8 @@ static dm_status gather(const args_t *a, gathered_t *g)
     g->have_sample = a->have_sample;
     g->sample = a->sample;
     g->ov_class = -1;
-    for (int d = 0; d < a->ndumps; d++) {
-        if ((st = dm_trace_read_open(a->dumps[d], &r))) return st;
+    for (int d = 0; d < a->dumps.n; d++) {
+        if ((st = dm_trace_read_open(a->dumps.v[d], &r))) return st;
         const dm_trace_shape *s = dm_trace_read_shape(r);
         if (d == 0) {
             shape0 = *s;
@@ -143,15 +105,15 @@ static dm_status gather(const args_t *a, gathered_t *g)
             for (size_t i = 0; i < (size_t)s->layers * S * T; i++) g->ov[i] = -2;
             if (s->steps <= 0) {
                 st = dm_fail(DM_ERR_FORMAT, "%s: the dump does not record the number of sampler "
-                             "steps", a->dumps[d]);
+                             "steps", a->dumps.v[d]);
                 goto fail;
             }
         } else if (!same_shape(&shape0, s)) {
             st = dm_fail(DM_ERR_ARG, "%s: routing shape (layers %d, grid %dx%d, k %d, E %d, "
                          "classes %d, steps %d) differs from %s's (layers %d, grid %dx%d, k %d, "
-                         "E %d, classes %d, steps %d)", a->dumps[d], s->layers, s->grid_h,
+                         "E %d, classes %d, steps %d)", a->dumps.v[d], s->layers, s->grid_h,
                          s->grid_w, s->top_k, s->num_experts, s->num_classes, s->steps,
-                         a->dumps[0], shape0.layers, shape0.grid_h, shape0.grid_w, shape0.top_k,
+                         a->dumps.v[0], shape0.layers, shape0.grid_h, shape0.grid_w, shape0.top_k,
                          shape0.num_experts, shape0.num_classes, shape0.steps);
             goto fail;
         }
@@ -162,7 +124,7 @@ static dm_status gather(const args_t *a, gathered_t *g)
             if ((st = dm_trace_read_next(r, &rec))) goto fail;
             if (!rec) break;
             if ((st = dm_route_counts_add(&g->c, rec))) {
-                st = dm_fail(st, "%s: record %ld: %s", a->dumps[d], n, dm_last_error());
+                st = dm_fail(st, "%s: record %ld: %s", a->dumps.v[d], n, dm_last_error());
                 goto fail;
             }
             if (d == 0 && rec->step < S && isnan(g->step_t[rec->step])) g->step_t[rec->step] = rec->t[0];
@@ -170,11 +132,11 @@ static dm_status gather(const args_t *a, gathered_t *g)
                 g->sample = (uint64_t)rec->image[0];
                 g->have_sample = 1;
             }
-            if (g->ov_dump && g->ov_dump != a->dumps[d]) continue; /* first dump with it */
+            if (g->ov_dump && g->ov_dump != a->dumps.v[d]) continue; /* first dump with it */
             const size_t RT = (size_t)rec->rows * T;
             for (int row = 0; row < rec->rows; row++) {
                 if ((uint64_t)rec->image[row] != g->sample || rec->uncond[row] != a->uncond) continue;
-                g->ov_dump = a->dumps[d];
+                g->ov_dump = a->dumps.v[d];
                 g->ov_class = rec->cls[row];
                 for (int l = 0; l < s->layers; l++) {
                     int32_t *dst = g->ov + ((size_t)l * S + rec->step) * T;
@@ -185,7 +147,7 @@ static dm_status gather(const args_t *a, gathered_t *g)
             }
             n++;
         }
-        dm_log(DM_LOG_VERBOSE, "%s: %ld records", a->dumps[d], n);
+        dm_log(DM_LOG_VERBOSE, "%s: %ld records", a->dumps.v[d], n);
         dm_trace_read_close(r);
         r = NULL;
     }
@@ -276,7 +238,7 @@ static dm_status write_json(const args_t *a, const gathered_t *g, int Xc, const 
     const int Lm = s->layers, X = c->X, T = dm_trace_tokens(s), S = c->S, C = s->num_classes;
     cJSON *o = cJSON_CreateObject();
     cJSON *dumps = cJSON_AddArrayToObject(o, "dumps");
-    for (int d = 0; d < a->ndumps; d++) cJSON_AddItemToArray(dumps, cJSON_CreateString(a->dumps[d]));
+    for (int d = 0; d < a->dumps.n; d++) cJSON_AddItemToArray(dumps, cJSON_CreateString(a->dumps.v[d]));
     cJSON_AddStringToObject(o, "counted", a->uncond ? "unconditional" : "conditional");
     cJSON_AddStringToObject(o, "counting", "every pick of every token (all k), weights unused");
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(g->head0, "model");
@@ -338,20 +300,17 @@ static dm_status write_json(const args_t *a, const gathered_t *g, int Xc, const 
     char *text = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);
     if (!text) return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
-    char tmp[DM_ATOMIC_TMP_MAX];
-    FILE *f = dm_atomic_open(path, tmp);
-    if (!f) {
-        free(text);
-        return DM_ERR_IO;
-    }
     const size_t len = strlen(text);
-    if (fwrite(text, 1, len, f) != len || fputc('\n', f) == EOF) {
+    char *withnl = realloc(text, len + 2);
+    if (!withnl) {
         free(text);
-        dm_atomic_abort(f, tmp);
-        return dm_fail(DM_ERR_IO, "%s: write failed", path);
+        return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
     }
-    free(text);
-    return dm_atomic_commit(f, tmp, path);
+    withnl[len] = '\n';
+    withnl[len + 1] = '\0';
+    dm_status st2 = dm_write_file_atomic(path, withnl, len + 1);
+    free(withnl);
+    return st2;
 }
 
 /* ------------------------------------------------------------------ figures */
@@ -401,7 +360,7 @@ static dm_status save(const dm_canvas *cv, const char *dir, const char *name, co
     snprintf(path, sizeof path, "%s/%s", dir, name);
     const char *text[] = {"Software", PROG " " DITMOE_VERSION, "Description", what, "counted",
                           a->uncond ? "unconditional half" : "conditional half", "dump",
-                          a->dumps[0], NULL};
+                          a->dumps.v[0], NULL};
     dm_status st = dm_png_write(path, cv->w, cv->h, 3, cv->pix, text);
     if (!st) dm_log(DM_LOG_INFO, "wrote %s", path);
     return st;
@@ -528,28 +487,18 @@ static int find_image(const args_t *a, const gathered_t *g, char *path, size_t n
     }
     const cJSON *notes = cJSON_GetObjectItemCaseSensitive(g->head0, "notes");
     const cJSON *pat = cJSON_GetObjectItemCaseSensitive(notes, "images");
-    if (!cJSON_IsString(pat) || g->ov_dump != a->dumps[0]) return 0;
-    const char *p = pat->valuestring, *pc = strchr(p, '%');
+    if (!cJSON_IsString(pat) || g->ov_dump != a->dumps.v[0]) return 0;
     char name[PATH_MAX];
-    if (pc) { /* exactly one %[0-9]*d, no other conversion */
-        const char *q = pc + 1;
-        while (*q >= '0' && *q <= '9') q++;
-        if (*q != 'd' || strchr(q, '%') || q - pc > 4) return 0;
-        char w[8] = "";
-        memcpy(w, pc + 1, (size_t)(q - pc - 1));
-        snprintf(name, sizeof name, "%.*s%0*llu%s", (int)(pc - p), p, w[0] ? atoi(w) : 0,
-                 (unsigned long long)g->sample, q + 1);
-    } else {
-        snprintf(name, sizeof name, "%s", p); /* a run of one image */
-    }
+    if (dm_cli_pattern_count(pat->valuestring) < 0) return 0; /* at most one %[0N]d */
+    dm_cli_pattern_format(pat->valuestring, g->sample, name, sizeof name);
     struct stat sb;
     snprintf(path, n, "%s", name);
     if (stat(path, &sb) == 0) return 1;
-    const char *slash = strrchr(a->dumps[0], '/');
+    const char *slash = strrchr(a->dumps.v[0], '/');
     if (name[0] != '/' && slash) {
-        const int dl = (int)(slash - a->dumps[0]);
+        const int dl = (int)(slash - a->dumps.v[0]);
         if ((size_t)dl + 2 + strlen(name) > n) return 0;
-        memcpy(path, a->dumps[0], (size_t)dl);
+        memcpy(path, a->dumps.v[0], (size_t)dl);
         path[dl] = '/';
         memcpy(path + dl + 1, name, strlen(name) + 1);
         if (stat(path, &sb) == 0) return 1;
@@ -671,28 +620,19 @@ static dm_status overlay_figure(const args_t *a, const gathered_t *g)
 
 int main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (!strcmp(argv[i], "--version")) {
-            printf(PROG " %s\n", DITMOE_VERSION);
-            return 0;
-        }
-    }
-    args_t a;
-    memset(&a, 0, sizeof a);
+    A.out = "routes";
+    A.cell = 14;
+    dm_cli_common_init(&A.common);
+    int done_now = 0;
+    dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done_now);
+    if (st || done_now) return dm_cli_exit(PROG, st);
+    if (!A.dumps.n) return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "no dump given (see --help)"));
+    dm_cli_common_apply(&A.common, -1);
+    const args_t a = A;
     gathered_t g;
     memset(&g, 0, sizeof g);
-    dm_status st = parse(argc, argv, &a);
-    if (st) goto done;
-    if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
-        st = dm_fail(DM_ERR_ARG, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
-        goto done;
-    }
     const double t0 = dm_time_sec();
-    if ((st = gather(&a, &g))) goto done;
+    if ((st = gather(&a, &g))) goto done; /* read every dump before creating anything */
     if (a.have_sample && !g.ov_dump && !a.no_png) {
         st = dm_fail(DM_ERR_ARG, "--sample %llu: no such image in the %s half of the dumps",
                      (unsigned long long)a.sample, a.uncond ? "unconditional" : "conditional");
@@ -701,11 +641,15 @@ int main(int argc, char **argv)
     const dm_trace_shape *s = &g.c.shape;
     const int Xc = a.uncond && s->uncond_expert >= 0 ? g.c.X : s->num_experts;
     dm_log(DM_LOG_INFO, "%d dump(s): %lld %s rows, %lld picks over %d layers, %d steps, %.2f s",
-           a.ndumps, (long long)g.c.rows, a.uncond ? "unconditional" : "conditional",
+           a.dumps.n, (long long)g.c.rows, a.uncond ? "unconditional" : "conditional",
            (long long)g.c.picks, s->layers, g.c.S, dm_time_sec() - t0);
     if (g.c.rows == 0)
         dm_log(DM_LOG_INFO, "no %s rows in the dumps%s", a.uncond ? "unconditional" : "conditional",
                a.uncond ? " (was guidance off?)" : "");
+    if (mkdir(a.out, 0777) != 0 && errno != EEXIST) {
+        st = dm_fail(DM_ERR_WRITE, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
+        goto done;
+    }
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/routes.json", a.out);
     if ((st = write_json(&a, &g, Xc, path))) goto done;
@@ -720,10 +664,9 @@ int main(int argc, char **argv)
         goto done;
     st = overlay_figure(&a, &g);
 done:
-    if (st) fprintf(stderr, PROG ": %s\n", dm_last_error());
     dm_route_counts_free(&g.c);
     cJSON_Delete(g.head0);
     free(g.step_t);
     free(g.ov);
-    return st ? dm_exit_code(st) : 0;
+    return dm_cli_exit(PROG, st);
 }

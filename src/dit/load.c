@@ -1,4 +1,5 @@
-/* dm_model_load / dm_model_free: read a DiT-MoE safetensors file into float32 weights. */
+/* dm_model_load / dm_model_free: read a DiT-MoE / ProMoE safetensors file into weights of the
+ * model's backend (backend.h: the file's bytes and dtype go in, the backend picks the layout). */
 #include "dit/model.h"
 #include "io/st_internal.h"
 
@@ -13,64 +14,63 @@
         dm_status st_ = (call);           \
         if (st_ != DM_OK) return st_;     \
     } while (0)
-static dm_status own(dm_model *m, void *p)
+static dm_status own(dm_model *m, dm_weight *w)
 {
     if (m->n_owned == m->cap_owned) {
         int cap = m->cap_owned ? 2 * m->cap_owned : 64;
-        void **q = realloc(m->owned, (size_t)cap * sizeof *q);
+        dm_weight **q = realloc(m->owned, (size_t)cap * sizeof *q);
         if (!q) {
-            free(p);
+            m->be->ops->weight_free(m->be->ctx, w);
             return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
         }
         m->owned = q;
         m->cap_owned = cap;
     }
-    m->owned[m->n_owned++] = p;
+    m->owned[m->n_owned++] = w;
+    m->weight_bytes += m->be->ops->weight_bytes(w);
     return DM_OK;
 }
 
-/* Load tensor `name` (printf-style) of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1-4) into a
- * new float32 buffer the caller owns. */
-static dm_status load_raw(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
-                          int64_t d1, int64_t d2, int64_t d3, const char *fmt, va_list ap)
+/* A backend weight from host data of `dtype`, owned by the model. */
+static dm_status make(dm_model *m, const char *name, dm_weight_role role, dm_weight_use use,
+                      dm_dtype dtype, int rows, int cols, const void *data, dm_weight **out)
+{
+    dm_weight_desc d = {.name = name, .role = role, .use = use, .dtype = dtype, .rows = rows,
+                        .cols = cols, .data = data};
+    TRY(m->be->ops->weight(m->be->ctx, &d, out));
+    return own(m, *out);
+}
+
+/* Float32 tensor `name` of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1-4) as a VECTOR weight. */
+static dm_status load(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weight_role role,
+                      int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 10, 11)));
+static dm_status load(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weight_role role,
+                      int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
 {
     char name[256];
-    vsnprintf(name, sizeof name, fmt, ap);
-    const int64_t shape[4] = {d0, d1, d2, d3};
-    (void)m;
-    return dm_st_load_f32(f, name, ndim, shape, out);
-}
-
-/* As load_raw, the buffer owned by the model. */
-static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
-                      int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
-    __attribute__((format(printf, 9, 10)));
-static dm_status load(dm_model *m, const dm_st_file *f, float **out, int ndim, int64_t d0,
-                      int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
-{
     va_list ap;
     va_start(ap, fmt);
-    dm_status st = load_raw(m, f, out, ndim, d0, d1, d2, d3, fmt, ap);
+    vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
-    return st != DM_OK ? st : own(m, *out);
+    const int64_t shape[4] = {d0, d1, d2, d3};
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= shape[i];
+    float *v;
+    TRY(dm_st_load_f32(f, name, ndim, shape, &v));
+    dm_status st = make(m, name, role, DM_USE_VECTOR, DM_F32, (int)n, 1, v, out);
+    free(v);
+    return st;
 }
 
-/* Pack W [out, in] for dm_linear_packed (the packed copy owned by the model); frees W. */
-static dm_status pack(dm_model *m, float *W, int out, int in, dm_pmat *pm)
-{
-    int fail = dm_pmat_pack(pm, W, out, in);
-    free(W);
-    if (fail) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    return own(m, pm->p);
-}
-
-/* Load a matrix stored as [out, in] (or [out, a, b, c] with in = a*b*c) and pack it. BF16 and
- * F16 tensors stay 16-bit (half the memory, same results: widening to float32 is exact). */
-static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
-                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
-    __attribute__((format(printf, 9, 10)));
-static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, int64_t d0,
-                       int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+/* Matrix stored as [out, in] (or [out, a, b, c] with in = a*b*c) as a LINEAR weight: the file's
+ * bytes and dtype go to the backend (the CPU keeps BF16/F16 16-bit, same results: widening to
+ * float32 is exact). */
+static dm_status loadp(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weight_role role,
+                       int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 10, 11)));
+static dm_status loadp(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weight_role role,
+                       int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
 {
     char name[256];
     va_list ap;
@@ -80,46 +80,46 @@ static dm_status loadp(dm_model *m, const dm_st_file *f, dm_pmat *pm, int ndim, 
     const int64_t shape[4] = {d0, d1, d2, d3};
     const int64_t in = d1 * (ndim == 4 ? d2 * d3 : 1);
     const dm_st_tensor *t = dm_st_find(f, name);
-    if (t && (t->dtype == DM_BF16 || t->dtype == DM_F16)) {
+    if (t && (t->dtype == DM_F32 || t->dtype == DM_BF16 || t->dtype == DM_F16)) {
         TRY(dm_st_check_shape(f, name, ndim, shape));
-        int r = dm_pmat_pack_half(pm, t->data, t->dtype, (int)d0, (int)in);
-        if (r == -1) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-        if (r == 0) return own(m, pm->p);
-        /* r == -2: this build cannot run the type natively; widen to float32 below */
+        return make(m, name, role, DM_USE_LINEAR, t->dtype, (int)d0, (int)in, t->data, out);
     }
-    float *W;
+    float *W; /* absent (the error names it) or another dtype: through the float32 loader */
     TRY(dm_st_load_f32(f, name, ndim, shape, &W));
-    return pack(m, W, (int)d0, (int)in, pm);
+    dm_status st = make(m, name, role, DM_USE_LINEAR, DM_F32, (int)d0, (int)in, W, out);
+    free(W);
+    return st;
 }
 
-#define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), 1, a, 0, 0, 0, __VA_ARGS__))
-#define LOAD2(dst, a, b, ...) TRY(load(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
-#define LOADP(dst, a, b, ...) TRY(loadp(m, f, &(dst), 2, a, b, 0, 0, __VA_ARGS__))
+#define LOAD1(dst, a, ...) TRY(load(m, f, &(dst), DM_ROLE_NORM, 1, a, 0, 0, 0, __VA_ARGS__))
+#define LOAD2(dst, role, a, b, ...) TRY(load(m, f, &(dst), role, 2, a, b, 0, 0, __VA_ARGS__))
+#define LOADP(dst, role, a, b, ...) TRY(loadp(m, f, &(dst), role, 2, a, b, 0, 0, __VA_ARGS__))
 
-/* DiT-MoE SwiGLU expert: gate_proj and up_proj [F, D] packed into one [2F, D] matrix so one
- * GEMM computes both; down_proj [D, F]; no biases. */
+/* DiT-MoE SwiGLU expert: gate_proj and up_proj [F, D] concatenated into one [2F, D] matrix so
+ * one GEMM computes both; down_proj [D, F]; no biases. */
 static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefix, int F, int D,
-                             dm_mlp_w *w)
+                             dm_weight_role role, dm_mlp_layer *w)
 {
-    char gname[160], uname[160];
+    char gname[160], uname[160], name[176];
     snprintf(gname, sizeof gname, "%s.gate_proj.weight", prefix);
     snprintf(uname, sizeof uname, "%s.up_proj.weight", prefix);
-    *w = (dm_mlp_w){.act = DM_MLP_SWIGLU, .F = F};
+    snprintf(name, sizeof name, "%s.gate_proj+up_proj", prefix);
+    *w = (dm_mlp_layer){.act = DM_MLP_SWIGLU, .F = F};
     const int64_t shape[2] = {F, D};
     const dm_st_tensor *tg = dm_st_find(f, gname), *tu = dm_st_find(f, uname);
-    if (tg && tu && tg->dtype == tu->dtype && (tg->dtype == DM_BF16 || tg->dtype == DM_F16)) {
+    dm_weight *w1 = NULL;
+    if (tg && tu && tg->dtype == tu->dtype &&
+        (tg->dtype == DM_F32 || tg->dtype == DM_BF16 || tg->dtype == DM_F16)) {
         TRY(dm_st_check_shape(f, gname, 2, shape));
         TRY(dm_st_check_shape(f, uname, 2, shape));
-        unsigned char *raw = malloc(2 * tg->nbytes); /* [2F, D] 16-bit, gate rows then up rows */
+        unsigned char *raw = malloc(2 * tg->nbytes); /* [2F, D]: gate rows then up rows */
         if (!raw) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
         memcpy(raw, tg->data, tg->nbytes);
         memcpy(raw + tg->nbytes, tu->data, tu->nbytes);
-        int r = dm_pmat_pack_half(&w->w1, raw, tg->dtype, 2 * F, D);
+        dm_status st = make(m, name, role, DM_USE_LINEAR, tg->dtype, 2 * F, D, raw, &w1);
         free(raw);
-        if (r == -1) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-        if (r == 0) TRY(own(m, w->w1.p));
-    }
-    if (!w->w1.p) {
+        TRY(st);
+    } else {
         float *g = NULL, *u = NULL, *gu = NULL;
         dm_status st = dm_st_load_f32(f, gname, 2, shape, &g);
         if (st == DM_OK) st = dm_st_load_f32(f, uname, 2, shape, &u);
@@ -128,26 +128,31 @@ static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefi
         if (st == DM_OK) {
             memcpy(gu, g, (size_t)F * D * sizeof(float));
             memcpy(gu + (size_t)F * D, u, (size_t)F * D * sizeof(float));
+            st = make(m, name, role, DM_USE_LINEAR, DM_F32, 2 * F, D, gu, &w1);
         }
         free(g);
         free(u);
-        if (st != DM_OK) return st;
-        TRY(pack(m, gu, 2 * F, D, &w->w1));
+        free(gu);
+        TRY(st);
     }
-    LOADP(w->w2, D, F, "%s.down_proj.weight", prefix);
+    w->w1 = w1;
+    dm_weight *w2;
+    LOADP(w2, role, D, F, "%s.down_proj.weight", prefix);
+    w->w2 = w2;
     return DM_OK;
 }
 
 /* GELU-tanh MLP with biases: <prefix>.<up>.weight [F, D] + bias [F], <prefix>.<down> [D, F] + [D]
  * (ProMoE experts: up_proj/down_proj; dense blocks: fc1/fc2). */
 static dm_status load_gelu(dm_model *m, const dm_st_file *f, const char *prefix, const char *up,
-                           const char *down, int F, int D, dm_mlp_w *w)
+                           const char *down, int F, int D, dm_weight_role role, dm_mlp_layer *w)
 {
-    *w = (dm_mlp_w){.act = DM_MLP_GELU_TANH, .F = F};
-    LOADP(w->w1, F, D, "%s.%s.weight", prefix, up);
-    LOAD1(w->b1, F, "%s.%s.bias", prefix, up);
-    LOADP(w->w2, D, F, "%s.%s.weight", prefix, down);
-    LOAD1(w->b2, D, "%s.%s.bias", prefix, down);
+    dm_weight *w1, *b1, *w2, *b2;
+    LOADP(w1, role, F, D, "%s.%s.weight", prefix, up);
+    LOAD1(b1, F, "%s.%s.bias", prefix, up);
+    LOADP(w2, role, D, F, "%s.%s.weight", prefix, down);
+    LOAD1(b2, D, "%s.%s.bias", prefix, down);
+    *w = (dm_mlp_layer){.act = DM_MLP_GELU_TANH, .F = F, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2};
     return DM_OK;
 }
 
@@ -157,9 +162,9 @@ static dm_status load_attention(dm_model *m, const dm_st_file *f, int i, dm_bloc
     const int D = c->hidden, hd = D / c->heads;
     /* DiT-MoE XL/G: Wqkv/out_proj + q_norm/k_norm; S/B and ProMoE: timm qkv/proj. */
     const int flash = c->attn == DM_ATTN_QKNORM && c->arch == DM_ARCH_DITMOE;
-    LOADP(b->qkv_w, 3 * D, D, "blocks.%d.attn.%s.weight", i, flash ? "Wqkv" : "qkv");
+    LOADP(b->qkv_w, DM_ROLE_ATTN, 3 * D, D, "blocks.%d.attn.%s.weight", i, flash ? "Wqkv" : "qkv");
     LOAD1(b->qkv_b, 3 * D, "blocks.%d.attn.%s.bias", i, flash ? "Wqkv" : "qkv");
-    LOADP(b->proj_w, D, D, "blocks.%d.attn.%s.weight", i, flash ? "out_proj" : "proj");
+    LOADP(b->proj_w, DM_ROLE_ATTN, D, D, "blocks.%d.attn.%s.weight", i, flash ? "out_proj" : "proj");
     LOAD1(b->proj_b, D, "blocks.%d.attn.%s.bias", i, flash ? "out_proj" : "proj");
     if (c->attn == DM_ATTN_QKNORM) {
         LOAD1(b->q_norm_w, hd, "blocks.%d.attn.q_norm.weight", i);
@@ -170,56 +175,72 @@ static dm_status load_attention(dm_model *m, const dm_st_file *f, int i, dm_bloc
     return DM_OK;
 }
 
-static dm_status load_ditmoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe_w *moe)
+static dm_status alloc_experts(dm_model *m, dm_block_w *b)
+{
+    b->experts = calloc((size_t)b->ffn.d.n_experts, sizeof *b->experts);
+    if (!b->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    b->ffn.experts = b->experts;
+    return DM_OK;
+}
+
+static dm_status load_ditmoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
 {
     const dm_config *c = &m->cfg;
-    const int D = c->hidden;
+    const int D = c->hidden, E = c->num_experts;
     char prefix[128];
-    *moe = (dm_moe_w){.kind = DM_ROUTE_SOFTMAX_TOPK, .E = c->num_experts, .k = c->top_k, .D = D,
-                      .n_experts = c->num_experts};
-    LOADP(moe->gate, moe->E, D, "blocks.%d.moe.gate.weight", i);
-    moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
-    if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    for (int e = 0; e < moe->E; e++) {
+    b->ffn = (dm_ffn_layer){.d = {.kind = DM_ROUTE_SOFTMAX_TOPK, .E = E, .k = c->top_k, .D = D,
+                                  .n_experts = E}};
+    dm_weight *gate;
+    LOADP(gate, DM_ROLE_ROUTER, E, D, "blocks.%d.moe.gate.weight", i);
+    b->ffn.gate = gate;
+    TRY(alloc_experts(m, b));
+    for (int e = 0; e < E; e++) {
         snprintf(prefix, sizeof prefix, "blocks.%d.moe.experts.%d", i, e);
-        TRY(load_swiglu(m, f, prefix, c->expert_hidden, D, &moe->experts[e]));
+        TRY(load_swiglu(m, f, prefix, c->expert_hidden, D, DM_ROLE_EXPERT, &b->experts[e]));
     }
     if (c->shared_hidden > 0) {
         snprintf(prefix, sizeof prefix, "blocks.%d.moe.shared_experts", i);
-        TRY(load_swiglu(m, f, prefix, c->shared_hidden, D, &moe->shared));
+        TRY(load_swiglu(m, f, prefix, c->shared_hidden, D, DM_ROLE_SHARED, &b->ffn.shared));
     }
     return DM_OK;
 }
 
 /* ProMoE MoE block: prototypes (stored L2-normalised), E routed experts + the unconditional
  * expert (index E), shared expert; all GELU-tanh with biases. */
-static dm_status load_promoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_moe_w *moe)
+static dm_status load_promoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
 {
     const dm_config *c = &m->cfg;
     const int D = c->hidden, E = c->num_experts;
-    char prefix[128];
-    *moe = (dm_moe_w){.kind = c->promoe_ec ? DM_ROUTE_PROTO_EC : DM_ROUTE_PROTO_TC, .E = E,
-                      .k = c->top_k, .D = D, .act = (dm_gate_act)c->router_act, .n_experts = E + 1};
+    char prefix[128], name[128];
+    b->ffn = (dm_ffn_layer){.d = {.kind = c->promoe_ec ? DM_ROUTE_PROTO_EC : DM_ROUTE_PROTO_TC,
+                                  .E = E, .k = c->top_k, .D = D,
+                                  .act = (dm_gate_act)c->router_act, .n_experts = E + 1}};
+    snprintf(name, sizeof name, "blocks.%d.mlp.cluster_centers", i);
+    const int64_t shape[2] = {E, D};
     float *protos;
-    TRY(load(m, f, &protos, 2, E, D, 0, 0, "blocks.%d.mlp.cluster_centers", i));
-    for (int e = 0; e < E; e++) { /* F.normalize(p, eps 1e-12) */
+    TRY(dm_st_load_f32(f, name, 2, shape, &protos));
+    for (int e = 0; e < E; e++) { /* F.normalize(p, eps 1e-12), host-side at load */
         float *p = protos + (size_t)e * D;
         double nn = 0;
         for (int d = 0; d < D; d++) nn += (double)p[d] * p[d];
         float inv = 1.0f / fmaxf((float)sqrt(nn), 1e-12f);
         for (int d = 0; d < D; d++) p[d] *= inv;
     }
-    if (dm_pmat_pack(&moe->gate, protos, E, D)) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    TRY(own(m, moe->gate.p));
-    moe->experts = calloc((size_t)moe->n_experts, sizeof *moe->experts);
-    if (!moe->experts) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+    dm_weight *gate = NULL;
+    dm_status st = make(m, name, DM_ROLE_ROUTER, DM_USE_LINEAR, DM_F32, E, D, protos, &gate);
+    free(protos);
+    TRY(st);
+    b->ffn.gate = gate;
+    TRY(alloc_experts(m, b));
     for (int e = 0; e <= E; e++) {
         snprintf(prefix, sizeof prefix, "blocks.%d.mlp.experts.%d", i, e);
-        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->expert_hidden, D, &moe->experts[e]));
+        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->expert_hidden, D, DM_ROLE_EXPERT,
+                      &b->experts[e]));
     }
     if (c->shared_hidden > 0) {
         snprintf(prefix, sizeof prefix, "blocks.%d.mlp.shared_expert", i);
-        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->shared_hidden, D, &moe->shared));
+        TRY(load_gelu(m, f, prefix, "up_proj", "down_proj", c->shared_hidden, D, DM_ROLE_SHARED,
+                      &b->ffn.shared));
     }
     return DM_OK;
 }
@@ -229,14 +250,16 @@ static dm_status load_block(dm_model *m, const dm_st_file *f, int i, dm_block_w 
     const dm_config *c = &m->cfg;
     const int D = c->hidden;
     char prefix[128];
-    LOADP(b->mod_w, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
+    LOADP(b->mod_w, DM_ROLE_MOD, 6 * D, D, "blocks.%d.adaLN_modulation.1.weight", i);
     LOAD1(b->mod_b, 6 * D, "blocks.%d.adaLN_modulation.1.bias", i);
     TRY(load_attention(m, f, i, b));
     b->is_moe = !c->moe_interleave || i % 2 == 1;
-    if (c->arch == DM_ARCH_DITMOE) return load_ditmoe_ffn(m, f, i, &b->moe);
-    if (b->is_moe) return load_promoe_ffn(m, f, i, &b->moe);
+    if (c->arch == DM_ARCH_DITMOE) return load_ditmoe_ffn(m, f, i, b);
+    if (b->is_moe) return load_promoe_ffn(m, f, i, b);
     snprintf(prefix, sizeof prefix, "blocks.%d.mlp", i);
-    return load_gelu(m, f, prefix, "fc1", "fc2", c->mlp_hidden, D, &b->mlp);
+    b->ffn = (dm_ffn_layer){.d = {.kind = DM_ROUTE_DENSE, .k = 1, .D = D, .n_experts = 1},
+                            .experts = &b->mlp};
+    return load_gelu(m, f, prefix, "fc1", "fc2", c->mlp_hidden, D, DM_ROLE_MLP, &b->mlp);
 }
 
 static dm_status load_all(dm_model *m, const dm_st_file *f)
@@ -250,24 +273,27 @@ static dm_status load_all(dm_model *m, const dm_st_file *f)
     m->G = c->input_size / p;
     m->T = m->G * m->G;
     if (dm_st_find(f, "pos_embed")) {
-        TRY(load(m, f, &m->pos_embed, 3, 1, m->T, D, 0, "pos_embed"));
+        TRY(load(m, f, &m->pos_embed, DM_ROLE_EMBED, 3, 1, m->T, D, 0, "pos_embed"));
     } else {
-        m->pos_embed = malloc((size_t)m->T * D * sizeof(float));
-        if (!m->pos_embed) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-        TRY(own(m, m->pos_embed));
-        dm_pos_embed_2d(D, m->G, m->pos_embed);
+        float *pe = malloc((size_t)m->T * D * sizeof(float));
+        if (!pe) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        dm_pos_embed_2d(D, m->G, pe);
+        dm_status st = make(m, "pos_embed (computed)", DM_ROLE_EMBED, DM_USE_VECTOR, DM_F32,
+                            m->T * D, 1, pe, &m->pos_embed);
+        free(pe);
+        TRY(st);
         dm_log(DM_LOG_VERBOSE, "%s: no pos_embed tensor, computed the 2-D sin-cos table", m->path);
     }
-    TRY(loadp(m, f, &m->patch_w, 4, D, C, p, p, "x_embedder.proj.weight"));
+    TRY(loadp(m, f, &m->patch_w, DM_ROLE_EMBED, 4, D, C, p, p, "x_embedder.proj.weight"));
     LOAD1(m->patch_b, D, "x_embedder.proj.bias");
-    LOADP(m->t_w1, D, DM_TIME_FREQ_DIM, "t_embedder.mlp.0.weight");
+    LOADP(m->t_w1, DM_ROLE_EMBED, D, DM_TIME_FREQ_DIM, "t_embedder.mlp.0.weight");
     LOAD1(m->t_b1, D, "t_embedder.mlp.0.bias");
-    LOADP(m->t_w2, D, D, "t_embedder.mlp.2.weight");
+    LOADP(m->t_w2, DM_ROLE_EMBED, D, D, "t_embedder.mlp.2.weight");
     LOAD1(m->t_b2, D, "t_embedder.mlp.2.bias");
-    LOAD2(m->y_table, c->num_classes + 1, D, "y_embedder.embedding_table.weight");
-    LOADP(m->final_mod_w, 2 * D, D, "final_layer.adaLN_modulation.1.weight");
+    LOAD2(m->y_table, DM_ROLE_EMBED, c->num_classes + 1, D, "y_embedder.embedding_table.weight");
+    LOADP(m->final_mod_w, DM_ROLE_FINAL, 2 * D, D, "final_layer.adaLN_modulation.1.weight");
     LOAD1(m->final_mod_b, 2 * D, "final_layer.adaLN_modulation.1.bias");
-    LOADP(m->final_w, p * p * Co, D, "final_layer.linear.weight");
+    LOADP(m->final_w, DM_ROLE_FINAL, p * p * Co, D, "final_layer.linear.weight");
     LOAD1(m->final_b, p * p * Co, "final_layer.linear.bias");
     m->blocks = calloc((size_t)c->depth, sizeof *m->blocks);
     if (!m->blocks) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
@@ -285,20 +311,22 @@ dm_status dm_model_load(const char *path, dm_model **out)
 dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model **out)
 {
     *out = NULL;
-    dm_status bst = dm_backend_check(o->backend);
-    if (bst != DM_OK) return bst;
-    if (o->backend != DM_BACKEND_CPU)
-        return dm_fail(DM_ERR_ARG, "backend %s: not implemented for the transformer yet", dm_backend_name(o->backend));
-    *out = NULL;
-    dm_model *m = calloc(1, sizeof *m);
-    if (!m) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
-    m->path = strdup(path);
-    if (!m->path) {
-        free(m);
-        return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
+    dm_backend *be = NULL;
+    dm_status st = dm_backend_open(o, &be);
+    if (st != DM_OK) return st;
+    st = dm_backend_require(be, "alloc,release,upload,download,sync,weight,weight_free,"
+                            "weight_bytes,linear,layernorm_mod,gated_add,silu,timestep_embed,"
+                            "patchify,unpatchify,add_rows,embed_add,attention,ffn", path);
+    dm_model *m = st == DM_OK ? calloc(1, sizeof *m) : NULL;
+    if (m) m->path = strdup(path);
+    if (!m || !m->path) {
+        if (m) free(m);
+        dm_backend_close(be);
+        return st != DM_OK ? st : dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
     }
+    m->be = be;
     dm_st_file *f = NULL;
-    dm_status st = dm_st_open(path, &f);
+    st = dm_st_open_opts(path, o->cfg, &f); /* overrides: .pt files (pt_config.c) */
     if (st == DM_OK) st = load_all(m, f);
     dm_st_close(f);
     if (st != DM_OK) {
@@ -306,10 +334,11 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
         return st;
     }
     const dm_config *c = &m->cfg;
-    dm_log(DM_LOG_VERBOSE, "%s: %s D=%d L=%d H=%d E=%d k=%d %s attention, %s, %d classes", path,
-           dm_arch_name(c->arch), c->hidden, c->depth, c->heads, c->num_experts, c->top_k,
-           c->attn == DM_ATTN_QKNORM ? "qknorm" : "timm", dm_objective_name(c->objective),
-           c->num_classes);
+    dm_log(DM_LOG_VERBOSE, "%s: %s D=%d L=%d H=%d E=%d k=%d %s attention, %s, %d classes, "
+           "%.1f MiB of weights on backend %s", path, dm_arch_name(c->arch), c->hidden, c->depth,
+           c->heads, c->num_experts, c->top_k, c->attn == DM_ATTN_QKNORM ? "qknorm" : "timm",
+           dm_objective_name(c->objective), c->num_classes, m->weight_bytes / 1048576.0,
+           m->be->ops->name);
     *out = m;
     return DM_OK;
 }
@@ -317,16 +346,17 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
 void dm_model_free(dm_model *m)
 {
     if (!m) return;
-    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    const dm_backend_ops *ops = m->be->ops;
+    for (int i = 0; i < m->n_owned; i++) ops->weight_free(m->be->ctx, m->owned[i]);
     free(m->owned);
     if (m->blocks)
-        for (int i = 0; i < m->cfg.depth; i++) free(m->blocks[i].moe.experts);
+        for (int i = 0; i < m->cfg.depth; i++) free(m->blocks[i].experts);
     free(m->blocks);
     dm_workspace *w = &m->ws;
-    float *bufs[] = {w->x, w->h, w->qkv, w->att, w->tmp, w->patches, w->outp, w->tfreq, w->thid,
-                     w->c, w->mod};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
-    dm_moe_scratch_free(&w->moe);
+    dm_buf *bufs[] = {&w->xin, &w->x, &w->h, &w->qkv, &w->att, &w->tmp, &w->patches, &w->outp,
+                      &w->out, &w->tfreq, &w->thid, &w->c, &w->mod};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) ops->release(m->be->ctx, bufs[i]);
+    dm_backend_close(m->be);
     dm_config_free(&m->cfg);
     free(m->path);
     free(m);

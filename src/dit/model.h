@@ -1,62 +1,70 @@
-/* DiT-MoE / ProMoE weights and activations (internal to src/dit). Shapes follow the PyTorch
- * state dicts (ditmoe.md §3.1, promoe.md §4); every weight is held as float32 whatever the
- * file's dtype. */
+/* DiT-MoE / ProMoE weights and activations (internal to src/dit). Shapes follow the PyTorch state
+ * dicts (docs/spec/ditmoe.md §3.1, docs/spec/promoe.md §4, docs/format.md). Every weight is a
+ * handle of the model's backend (backend.h), created from the file's bytes and dtype: the backend
+ * picks the storage (the CPU keeps BF16/F16 matrices 16-bit in its packed panels, F32 as float32).
+ * Activations are backend memory. */
 #ifndef DM_DIT_MODEL_H
 #define DM_DIT_MODEL_H
 
+#include "backend/backend.h"
 #include "ditmoe.h"
-#include "router/moe.h"
 
 typedef struct {
-    dm_pmat mod_w; float *mod_b; /* adaLN_modulation.1: [6D, D], [6D] */
-    dm_pmat qkv_w; float *qkv_b; /* attn.qkv or attn.Wqkv: [3D, D], [3D] */
-    float *q_norm_w, *q_norm_b; /* attn.q_norm: [hd] (qknorm layout only, else NULL) */
-    float *k_norm_w, *k_norm_b; /* attn.k_norm: [hd] */
-    dm_pmat proj_w; float *proj_b; /* attn.proj or attn.out_proj: [D, D], [D] */
-    int is_moe;                 /* 1: MoE feed-forward (moe); 0: dense MLP (mlp, ProMoE even blocks) */
-    dm_moe_w moe;
-    dm_mlp_w mlp;               /* mlp.fc1 [F, D] + [F], mlp.fc2 [D, F] + [D], GELU-tanh */
+    dm_weight *mod_w, *mod_b;           /* adaLN_modulation.1: [6D, D], [6D] */
+    dm_weight *qkv_w, *qkv_b;           /* attn.qkv or attn.Wqkv: [3D, D], [3D] */
+    dm_weight *q_norm_w, *q_norm_b;     /* attn.q_norm: [hd] (qknorm layout only, else NULL) */
+    dm_weight *k_norm_w, *k_norm_b;     /* attn.k_norm: [hd] */
+    dm_weight *proj_w, *proj_b;         /* attn.proj or attn.out_proj: [D, D], [D] */
+    int is_moe;        /* 1: MoE feed-forward; 0: dense MLP (ProMoE even blocks) */
+    dm_ffn_layer ffn;  /* the feed-forward layer as the backend's ffn op sees it */
+    dm_mlp_layer *experts; /* [ffn.d.n_experts] owned (ffn.experts points here) */
+    dm_mlp_layer mlp;  /* dense: mlp.fc1 [F, D] + [F], mlp.fc2 [D, F] + [D], GELU-tanh */
 } dm_block_w;
 
-/* Activation buffers for a batch of up to `cap_B` images. */
+/* Activation buffers (backend memory) for a batch of up to `cap_B` images. */
 typedef struct {
     int cap_B;
-    float *x;       /* [B*T, D] residual stream */
-    float *h;       /* [B*T, D] normalised + modulated input of a sub-layer */
-    float *qkv;     /* [B*T, 3D] */
-    float *att;     /* [B*T, D] attention output before the projection */
-    float *tmp;     /* [B*T, D] sub-layer output */
-    float *patches; /* [B*T, C*p*p] */
-    float *outp;    /* [B*T, p*p*Cout] final layer output per token */
-    float *tfreq;   /* [B, 256] timestep sinusoid */
-    float *thid;    /* [B, D] */
-    float *c;       /* [B, D] conditioning, then SiLU(c) */
-    float *mod;     /* [B, 6D] adaLN parameters of the current block */
-    dm_moe_scratch moe;
+    dm_buf xin;     /* [B, C, S, S] model input */
+    dm_buf x;       /* [B*T, D] residual stream */
+    dm_buf h;       /* [B*T, D] normalised + modulated input of a sub-layer */
+    dm_buf qkv;     /* [B*T, 3D] */
+    dm_buf att;     /* [B*T, D] attention output before the projection */
+    dm_buf tmp;     /* [B*T, D] sub-layer output */
+    dm_buf patches; /* [B*T, C*p*p] */
+    dm_buf outp;    /* [B*T, p*p*Cout] final layer output per token */
+    dm_buf out;     /* [B, Cout, S, S] model output */
+    dm_buf tfreq;   /* [B, 256] timestep sinusoid */
+    dm_buf thid;    /* [B, D] */
+    dm_buf c;       /* [B, D] conditioning, then SiLU(c) */
+    dm_buf mod;     /* [B, 6D] adaLN parameters of the current block */
 } dm_workspace;
 
 struct dm_model {
     char *path;
     dm_config cfg;
-    int T, G;                  /* tokens per image, token grid side */
-    float *pos_embed;          /* [T, D] */
-    dm_pmat patch_w; float *patch_b; /* x_embedder.proj: [D, C*p*p], [D] */
-    dm_pmat t_w1; float *t_b1; /* t_embedder.mlp.0: [D, 256], [D] */
-    dm_pmat t_w2; float *t_b2; /* t_embedder.mlp.2: [D, D], [D] */
-    float *y_table;            /* y_embedder.embedding_table: [num_classes+1, D] */
-    dm_block_w *blocks;        /* [L] */
-    dm_pmat final_mod_w; float *final_mod_b; /* final_layer.adaLN_modulation.1: [2D, D], [2D] */
-    dm_pmat final_w; float *final_b; /* final_layer.linear: [p*p*Cout, D], [p*p*Cout] */
-    void **owned;              /* every buffer above (packed ones too), freed by dm_model_free */
+    dm_backend *be;
+    int T, G;                             /* tokens per image, token grid side */
+    dm_weight *pos_embed;                 /* [T, D] */
+    dm_weight *patch_w, *patch_b;         /* x_embedder.proj: [D, C*p*p], [D] */
+    dm_weight *t_w1, *t_b1;               /* t_embedder.mlp.0: [D, 256], [D] */
+    dm_weight *t_w2, *t_b2;               /* t_embedder.mlp.2: [D, D], [D] */
+    dm_weight *y_table;                   /* y_embedder.embedding_table: [num_classes+1, D] */
+    dm_block_w *blocks;                   /* [L] */
+    dm_weight *final_mod_w, *final_mod_b; /* final_layer.adaLN_modulation.1: [2D, D], [2D] */
+    dm_weight *final_w, *final_b;         /* final_layer.linear: [p*p*Cout, D], [p*p*Cout] */
+    dm_weight **owned;                    /* every weight above, freed by dm_model_free */
     int n_owned, cap_owned;
+    size_t weight_bytes;                  /* backend storage of all weights */
     dm_workspace ws;
 };
 
-/* Embedding helpers (embed.c). */
-#define DM_TIME_FREQ_DIM 256
-void dm_patchify(const float *x, int B, int C, int S, int p, float *patches);
-void dm_unpatchify(const float *tok, int B, int Cout, int S, int p, float *out);
-void dm_timestep_sinusoid(const float *t, int B, float *out);
+/* The 2-D sin-cos position table out [G*G, D] (embed.c), used when the file has no pos_embed. */
 void dm_pos_embed_2d(int D, int G, float *out);
+
+/* Plain references of the embedding ops (embed.c), what every backend's patchify, unpatchify
+ * and timestep_embed compute (host memory). */
+void dm_patchify_ref(const float *x, int B, int C, int S, int p, float *patches);
+void dm_unpatchify_ref(const float *tok, int B, int Cout, int S, int p, float *out);
+void dm_timestep_sinusoid_ref(const float *t, int B, float *out);
 
 #endif

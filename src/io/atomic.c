@@ -42,3 +42,16 @@ void dm_atomic_abort(FILE *f, const char *tmp)
     if (f) fclose(f);
     if (tmp && tmp[0]) remove(tmp);
 }
+
+dm_status dm_write_file_atomic(const char *path, const void *data, size_t n)
+{
+    char tmp[DM_ATOMIC_TMP_MAX];
+    FILE *f = dm_atomic_open(path, tmp);
+    if (!f) return DM_ERR_WRITE;
+    if (n && fwrite(data, 1, n, f) != n) {
+        int err = errno;
+        dm_atomic_abort(f, tmp);
+        return dm_fail(DM_ERR_WRITE, "%s: write failed: %s", path, strerror(err ? err : EIO));
+    }
+    return dm_atomic_commit(f, tmp, path);
+}

@@ -513,7 +513,10 @@ dm_status dm_config_from_file(const dm_st_file *f, dm_config *cfg)
     cfg->default_sampler = DM_SAMPLER_UNSET; /* sampling fields: only what the file says */
     cfg->cfg_channels = -1;
     const char *meta = dm_st_meta(f, "ditmoe");
+    char *json = NULL; /* .pt files and overrides: the converter's JSON (pt_config.c) */
     dm_status st;
+    if ((f->is_pt || f->has_overrides) && (st = dm_config_json(f, &json)) != DM_OK) return st;
+    if (json) meta = json;
     if (meta) {
         st = parse_meta(dm_st_path(f), meta, cfg);
         if (st == DM_OK) st = cross_check(f, cfg);
@@ -521,6 +524,8 @@ dm_status dm_config_from_file(const dm_st_file *f, dm_config *cfg)
         st = infer(f, cfg);
         if (st == DM_OK) st = cross_check(f, cfg);
     }
+    free(json);
+    if (st == DM_OK) st = dm_config_default_class_names(cfg); /* ImageNet for 1000 classes */
     if (st != DM_OK) dm_config_free(cfg);
     return st;
 }
@@ -589,6 +594,13 @@ dm_status dm_config_class_id(const dm_config *cfg, const char *s, int *out)
         if (*end == '\0') {
             if (errno || v < 0 || v >= cfg->num_classes) {
                 class_hint(cfg, hint, sizeof hint);
+                const char *in = cfg->num_classes != 1000 && !errno ? dm_imagenet_class((int)v) : NULL;
+                if (in) /* e.g. --class 207 on the default 10-class model */
+                    return dm_fail(DM_ERR_ARG,
+                                   "class id %s out of range (%s); %ld is an ImageNet class (%s): "
+                                   "pass --model with an ImageNet checkpoint, e.g. --model "
+                                   "dit_moe_s_8E2A.pt",
+                                   s, hint, v, in);
                 return dm_fail(DM_ERR_ARG, "class id %s out of range (%s)", s, hint);
             }
             *out = (int)v;

@@ -1,7 +1,10 @@
 /* PNG output (libpng), written atomically, with tEXt chunks carrying the generation parameters;
- * and the float [-1,1] CHW -> uint8 HWC conversion DiT's sample_ddp.py uses. */
+ * PNG input as 8-bit RGB (overlays); and the float [-1,1] CHW -> uint8 HWC conversion DiT's
+ * sample_ddp.py uses. */
 #include "io/atomic.h"
+#include "io/png_scan.h"
 
+#include <errno.h>
 #include <png.h>
 #include <setjmp.h>
 #include <stdlib.h>
@@ -106,4 +109,50 @@ dm_status dm_png_write(const char *path, int w, int h, int channels, const uint8
     free(chunks);
     free(rows);
     return dm_atomic_commit(fp, tmp, path);
+}
+
+dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb)
+{
+    *rgb = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return dm_fail(DM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    /* libpng allocates a chunk's claimed length before reading it: every length is checked
+     * against the file first (io/png_scan.h; found by tests/fuzz/fuzz_png) */
+    dm_status st = dm_png_prescan(f, path);
+    if (st) {
+        fclose(f);
+        return st;
+    }
+    png_image im;
+    memset(&im, 0, sizeof im);
+    im.version = PNG_IMAGE_VERSION;
+    if (!png_image_begin_read_from_stdio(&im, f)) {
+        fclose(f);
+        return dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
+    }
+    im.format = PNG_FORMAT_RGB;
+    if (im.width < 1 || im.height < 1 || (uint64_t)im.width * im.height > 1u << 26) {
+        png_image_free(&im);
+        fclose(f);
+        return dm_fail(DM_ERR_FORMAT, "%s: PNG of %ux%u pixels is out of range", path, im.width,
+                       im.height);
+    }
+    uint8_t *buf = malloc(PNG_IMAGE_SIZE(im));
+    if (!buf) {
+        png_image_free(&im);
+        fclose(f);
+        return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+    }
+    if (!png_image_finish_read(&im, NULL, buf, 0, NULL)) {
+        free(buf);
+        dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
+        png_image_free(&im);
+        fclose(f);
+        return DM_ERR_FORMAT;
+    }
+    fclose(f);
+    *w = (int)im.width;
+    *h = (int)im.height;
+    *rgb = buf;
+    return DM_OK;
 }

@@ -18,19 +18,6 @@
 
 #define ST_MAX_HEADER ((uint64_t)100 << 20) /* 100 MB of JSON is far beyond any real model */
 
-struct dm_st_file {
-    char *path;
-    void *map;            /* whole file, [size] */
-    size_t size;
-    const uint8_t *data;  /* start of the data section, [data_size] */
-    size_t data_size;
-    int n;
-    dm_st_tensor *t;      /* [n] in header order; names owned (malloc'd) */
-    int *by_name;         /* [n] indices sorted by name, for bsearch */
-    int nmeta;
-    char **meta_key;      /* [nmeta] */
-    char **meta_val;      /* [nmeta] */
-};
 
 char *dm_fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape)
 {
@@ -91,6 +78,8 @@ void dm_st_close(dm_st_file *f)
         free(f->meta_key[i]);
         free(f->meta_val[i]);
     }
+    for (int i = 0; i < f->n_owned; i++) free(f->owned[i]);
+    free(f->owned);
     free(f->t);
     free(f->by_name);
     free(f->meta_key);
@@ -190,6 +179,24 @@ static dm_status parse_tensor(dm_st_file *f, const cJSON *e, dm_st_tensor *t, ui
     return DM_OK;
 }
 
+dm_status dm_st_index(dm_st_file *f)
+{
+    name_idx *ni = malloc(((size_t)f->n + 1) * sizeof *ni);
+    if (!ni) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", f->path);
+    for (int i = 0; i < f->n; i++) ni[i] = (name_idx){f->t[i].name, i};
+    qsort(ni, (size_t)f->n, sizeof *ni, cmp_name_idx);
+    for (int i = 0; i < f->n; i++) f->by_name[i] = ni[i].idx;
+    free(ni);
+    for (int i = 1; i < f->n; i++)
+        if (strcmp(f->t[f->by_name[i]].name, f->t[f->by_name[i - 1]].name) == 0)
+            return dm_fail(DM_ERR_FORMAT, "%s: %s: tensor %s", f->path, f->t[f->by_name[i]].name,
+                           f->is_pt ? "appears twice after stripping module./model. prefixes"
+                                    : "appears twice in the header");
+    return DM_OK;
+}
+
+int dm_st_is_pt(const dm_st_file *f) { return f->is_pt; }
+
 typedef struct {
     uint64_t begin, end;
     int idx;
@@ -246,22 +253,7 @@ static dm_status parse_header(dm_st_file *f, const char *json, size_t len)
         sp[f->n] = (span){b, b + t->nbytes, f->n};
         f->n++;
     }
-    /* Duplicate names. */
-    name_idx *ni = malloc(((size_t)f->n + 1) * sizeof *ni);
-    if (!ni) {
-        st = dm_fail(DM_ERR_NOMEM, "%s: out of memory", p);
-        goto done;
-    }
-    for (int i = 0; i < f->n; i++) ni[i] = (name_idx){f->t[i].name, i};
-    qsort(ni, (size_t)f->n, sizeof *ni, cmp_name_idx);
-    for (int i = 0; i < f->n; i++) f->by_name[i] = ni[i].idx;
-    free(ni);
-    for (int i = 1; i < f->n; i++)
-        if (strcmp(f->t[f->by_name[i]].name, f->t[f->by_name[i - 1]].name) == 0) {
-            st = dm_fail(DM_ERR_FORMAT, "%s: %s: tensor appears twice in the header", p,
-                         f->t[f->by_name[i]].name);
-            goto done;
-        }
+    if ((st = dm_st_index(f)) != DM_OK) goto done;
     /* Overlaps: sort non-empty spans by begin; each must start at or after the previous end. */
     int ns = 0;
     for (int i = 0; i < f->n; i++)
@@ -282,6 +274,11 @@ done:
 }
 
 dm_status dm_st_open(const char *path, dm_st_file **out)
+{
+    return dm_st_open_opts(path, NULL, out);
+}
+
+dm_status dm_st_open_opts(const char *path, const dm_config_overrides *ov, dm_st_file **out)
 {
     *out = NULL;
     dm_st_file *f = calloc(1, sizeof *f);
@@ -308,7 +305,8 @@ dm_status dm_st_open(const char *path, dm_st_file **out)
     }
     if (sb.st_size < 8) {
         st = dm_fail(DM_ERR_FORMAT,
-                     "%s: file too short for a safetensors header (expected >= 8 bytes, found %lld)",
+                     "%s: file too short for a safetensors header or a PyTorch checkpoint "
+                     "(expected >= 8 bytes, found %lld)",
                      path, (long long)sb.st_size);
         close(fd);
         goto fail;
@@ -321,7 +319,16 @@ dm_status dm_st_open(const char *path, dm_st_file **out)
         st = dm_fail(DM_ERR_IO, "%s: cannot mmap: %s", path, strerror(errno));
         goto fail;
     }
+    if (ov && dm_config_overrides_any(ov)) {
+        f->ov = *ov;
+        f->has_overrides = 1;
+    }
     const uint8_t *b = f->map;
+    if (dm_pt_magic(b, f->size)) { /* a torch.save file (.pt/.pth): pt.c */
+        if ((st = dm_pt_fill(f)) != DM_OK) goto fail;
+        *out = f;
+        return DM_OK;
+    }
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | b[i];
     if (hlen > f->size - 8) {

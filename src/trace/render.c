@@ -1,12 +1,8 @@
 /* A tiny RGB canvas with a hand-drawn 5x7 bitmap font, the colour scales of ditmoe-routes'
  * figures, and PNG reading through libpng's simplified API. */
-#include "trace/render.h"
-#include "io/png_scan.h"
+#include "ditmoe.h"
 
-#include <errno.h>
 #include <math.h>
-#include <png.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -143,48 +139,4 @@ void dm_color_expert(int e, uint8_t rgb[3])
         {0, 0, 128}};
     const uint8_t *p = e < 0 ? (const uint8_t[3]){128, 128, 128} : P[e % 16];
     memcpy(rgb, p, 3);
-}
-
-dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb)
-{
-    *rgb = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return dm_fail(DM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    dm_status st = dm_png_prescan(f, path); /* chunk lengths bounded by the file (png_scan.h) */
-    if (st) {
-        fclose(f);
-        return st;
-    }
-    png_image im;
-    memset(&im, 0, sizeof im);
-    im.version = PNG_IMAGE_VERSION;
-    if (!png_image_begin_read_from_stdio(&im, f)) {
-        fclose(f);
-        return dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
-    }
-    im.format = PNG_FORMAT_RGB;
-    if (im.width < 1 || im.height < 1 || (uint64_t)im.width * im.height > 1u << 26) {
-        png_image_free(&im);
-        fclose(f);
-        return dm_fail(DM_ERR_FORMAT, "%s: PNG of %ux%u pixels is out of range", path, im.width,
-                       im.height);
-    }
-    uint8_t *buf = malloc(PNG_IMAGE_SIZE(im));
-    if (!buf) {
-        png_image_free(&im);
-        fclose(f);
-        return dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
-    }
-    if (!png_image_finish_read(&im, NULL, buf, 0, NULL)) {
-        free(buf);
-        dm_fail(DM_ERR_FORMAT, "%s: cannot read PNG: %s", path, im.message);
-        png_image_free(&im);
-        fclose(f);
-        return DM_ERR_FORMAT;
-    }
-    fclose(f);
-    *w = (int)im.width;
-    *h = (int)im.height;
-    *rgb = buf;
-    return DM_OK;
 }

@@ -1,6 +1,7 @@
-/* VAE decoder forward (spec/vae_samplers.md A.2-A.6) and the public dm_vae_* API.
- * One image at a time: three activation buffers of the largest map plus im2col/attention scratch,
- * so memory is bounded for any batch. */
+/* VAE decoder forward (docs/spec/vae_samplers.md A.2-A.6, docs/vae.md) and the public dm_vae_* API,
+ * through the backend's ops (backend/backend.h). One image at a time: three activation buffers of
+ * the largest map (the backend keeps its own conv/attention scratch), so memory is bounded for any
+ * batch. */
 #include "vae/vae_internal.h"
 
 #include <math.h>
@@ -17,14 +18,22 @@ dm_status dm_vae_load(const char *path, dm_vae **out)
 dm_status dm_vae_load_opts(const char *path, const dm_load_opts *o, dm_vae **out)
 {
     *out = NULL;
-    dm_status bst = dm_backend_check(o->backend);
-    if (bst != DM_OK) return bst;
-    if (o->backend != DM_BACKEND_CPU)
-        return dm_fail(DM_ERR_ARG, "backend %s: not implemented for the VAE yet", dm_backend_name(o->backend));
-    *out = NULL;
+    dm_backend *be = NULL;
+    dm_status st = dm_backend_open(o, &be);
+    if (st != DM_OK) return st;
+    st = dm_backend_require(be, "alloc,release,upload,download,sync,weight,weight_free,conv2d,"
+                            "group_norm,upsample2x,vae_attention", path);
+    if (st != DM_OK) {
+        dm_backend_close(be);
+        return st;
+    }
     dm_vae *v = calloc(1, sizeof *v);
-    if (!v) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
-    dm_status st = dm_vae_load_weights(path, v);
+    if (!v) {
+        dm_backend_close(be);
+        return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
+    }
+    v->be = be;
+    st = dm_vae_load_weights(path, v);
     if (st != DM_OK) {
         dm_vae_free(v);
         return st;
@@ -35,9 +44,10 @@ dm_status dm_vae_load_opts(const char *path, const dm_load_opts *o, dm_vae **out
 
 static void free_ws(dm_vae *v)
 {
-    for (int i = 0; i < 3; i++) { free(v->act[i]); v->act[i] = NULL; }
-    free(v->col); v->col = NULL;
-    free(v->attn_ws); v->attn_ws = NULL;
+    if (!v->be) return;
+    for (int i = 0; i < 3; i++) v->be->ops->release(v->be->ctx, &v->act[i]);
+    v->be->ops->release(v->be->ctx, &v->zbuf);
+    v->be->ops->release(v->be->ctx, &v->obuf);
     v->ws_h = v->ws_w = 0;
 }
 
@@ -46,6 +56,7 @@ void dm_vae_free(dm_vae *v)
     if (!v) return;
     dm_vae_free_weights(v);
     free_ws(v);
+    dm_backend_close(v->be);
     free(v);
 }
 
@@ -53,130 +64,132 @@ const dm_vae_info *dm_vae_get_info(const dm_vae *v) { return &v->info; }
 
 static size_t maxz(size_t a, size_t b) { return a > b ? a : b; }
 
-/* Largest activation (C*H*W) and im2col band over the whole network for latent h x w. */
-static void plan(const dm_vae *v, int h, int w, size_t *act, size_t *col)
+/* Largest activation (C*H*W) over the whole network for latent h x w. */
+static size_t plan(const dm_vae *v, int h, int w)
 {
     size_t hw = (size_t)h * w;
     size_t A = maxz((size_t)v->info.z_channels, (size_t)v->latent_ch) * hw;
-    size_t Cl = dm_vae_conv_col_size(v->latent_ch, h, w, 3);
     A = maxz(A, (size_t)v->top * hw);
-    Cl = maxz(Cl, dm_vae_conv_col_size(v->top, h, w, 3));
     int H = h, W = w, prev = v->top;
     for (int i = 0; i < v->levels; i++) {
         const dm_vae_level *lv = &v->level[i];
         A = maxz(A, (size_t)maxz((size_t)prev, (size_t)lv->width) * H * W);
-        Cl = maxz(Cl, dm_vae_conv_col_size(prev, H, W, 3));
-        Cl = maxz(Cl, dm_vae_conv_col_size(lv->width, H, W, 3));
         if (lv->has_up) {
             H *= 2; W *= 2;
             A = maxz(A, (size_t)lv->width * H * W);
-            Cl = maxz(Cl, dm_vae_conv_col_size(lv->width, H, W, 3));
         }
         prev = lv->width;
     }
-    *act = A;
-    *col = Cl;
+    return A;
 }
 
 static dm_status ensure_ws(dm_vae *v, int h, int w)
 {
     if (v->ws_h == h && v->ws_w == w) return DM_OK;
     free_ws(v);
-    size_t act, col;
-    plan(v, h, w, &act, &col);
-    for (int i = 0; i < 3; i++) v->act[i] = malloc(sizeof(float) * act);
-    v->col = malloc(sizeof(float) * (col ? col : 1));
-    size_t aws = v->has_attn ? dm_vae_attn_ws_size(v->top, h * w) : 1;
-    v->attn_ws = malloc(sizeof(float) * aws);
-    if (!v->act[0] || !v->act[1] || !v->act[2] || !v->col || !v->attn_ws) {
+    const size_t act = plan(v, h, w), f = (size_t)v->info.factor;
+    const size_t zn = (size_t)v->info.z_channels * h * w;
+    const size_t on = (size_t)v->info.out_channels * h * f * w * f;
+    dm_status st = DM_OK;
+    for (int i = 0; i < 3 && st == DM_OK; i++)
+        st = v->be->ops->alloc(v->be->ctx, sizeof(float) * act, &v->act[i]);
+    if (st == DM_OK) st = v->be->ops->alloc(v->be->ctx, sizeof(float) * zn, &v->zbuf);
+    if (st == DM_OK) st = v->be->ops->alloc(v->be->ctx, sizeof(float) * on, &v->obuf);
+    if (st != DM_OK) {
         free_ws(v);
-        return dm_fail(DM_ERR_NOMEM, "%s: cannot allocate decoder workspace for a %dx%d latent "
-                       "(%zu MiB)", v->path, h, w,
-                       (3 * act + col + aws) * sizeof(float) >> 20);
+        return dm_fail(st, "%s: cannot allocate decoder workspace for a %dx%d latent (%zu MiB)",
+                       v->path, h, w, (3 * act + zn + on) * sizeof(float) >> 20);
     }
-    dm_log(DM_LOG_VERBOSE, "VAE workspace for %dx%d latent: 3 x %zu MiB activations, %zu MiB "
-           "im2col, %zu MiB attention", h, w, act * 4 >> 20, col * 4 >> 20, aws * 4 >> 20);
+    dm_log(DM_LOG_VERBOSE, "VAE workspace for %dx%d latent: 3 x %zu MiB activations", h, w,
+           act * 4 >> 20);
     v->ws_h = h;
     v->ws_w = w;
     return DM_OK;
 }
 
+#define TRY(call)                     \
+    do {                              \
+        dm_status st_ = (call);       \
+        if (st_ != DM_OK) return st_; \
+    } while (0)
+
 /* Per-op wall time of the current decode (v->prof_t), reported with -v. */
 enum { T_CONV, T_NORM, T_ATTN, T_OTHER };
 
-static void conv_any(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out,
-                     int acc)
+static dm_status conv_any(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W,
+                          float *out, int acc)
 {
     double t0 = dm_time_sec();
-    if (acc)
-        dm_vae_conv2d_acc(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
-    else
-        dm_vae_conv2d(x, c->cin, H, W, c->w, c->b, c->cout, c->k, v->col, out);
+    TRY(v->be->ops->conv2d(v->be->ctx, x, c->cin, H, W, c->w, c->b, c->cout, c->k, acc, out));
     v->prof_t[T_CONV] += dm_time_sec() - t0;
     v->prof_flops += 2.0 * c->cout * c->cin * c->k * c->k * (double)H * W;
+    return DM_OK;
 }
-static void conv(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out)
+static dm_status conv(dm_vae *v, const dm_vae_conv *c, const float *x, int H, int W, float *out)
 {
-    conv_any(v, c, x, H, W, out, 0);
+    return conv_any(v, c, x, H, W, out, 0);
 }
 
-static void norm(dm_vae *v, const float *x, int C, size_t HW, const dm_vae_gn *g, float *y)
+static dm_status norm(dm_vae *v, const float *x, int C, size_t HW, const dm_vae_gn *g, float *y)
 {
     double t0 = dm_time_sec();
-    dm_vae_group_norm(x, C, HW, v->groups, DM_VAE_EPS, g->g, g->b, 1, y);
+    TRY(v->be->ops->group_norm(v->be->ctx, x, C, HW, v->groups, DM_VAE_EPS, g->g, g->b, 1, y));
     v->prof_t[T_NORM] += dm_time_sec() - t0;
+    return DM_OK;
 }
 
 /* x [cin, H, W] in *a -> [cout, H, W] in *a (buffers may be swapped); *b, c scratch of the same
  * capacity. The residual add is fused into conv2 (accumulating sgemm). */
-static void resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float **a, float **b, float *c)
+static dm_status resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float **a, float **b,
+                          float *c)
 {
     const size_t HW = (size_t)H * W;
-    norm(v, *a, r->cin, HW, &r->norm1, *b);
-    conv(v, &r->conv1, *b, H, W, c);                                  /* c [cout, HW] */
-    norm(v, c, r->cout, HW, &r->norm2, c);
+    TRY(norm(v, *a, r->cin, HW, &r->norm1, *b));
+    TRY(conv(v, &r->conv1, *b, H, W, c));                             /* c [cout, HW] */
+    TRY(norm(v, c, r->cout, HW, &r->norm2, c));
     if (r->shortcut.w) {
-        conv(v, &r->shortcut, *a, H, W, *b);                         /* b = shortcut(x) */
-        conv_any(v, &r->conv2, c, H, W, *b, 1);                      /* b += conv2(h) */
+        TRY(conv(v, &r->shortcut, *a, H, W, *b));                    /* b = shortcut(x) */
+        TRY(conv_any(v, &r->conv2, c, H, W, *b, 1));                 /* b += conv2(h) */
         float *t = *a; *a = *b; *b = t;
     } else {
-        conv_any(v, &r->conv2, c, H, W, *a, 1);                      /* a = x + conv2(h) */
+        TRY(conv_any(v, &r->conv2, c, H, W, *a, 1));                 /* a = x + conv2(h) */
     }
+    return DM_OK;
 }
 
 dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
 {
-    float *a = v->act[0], *b = v->act[1], *c = v->act[2];
+    float *a = v->act[0].p, *b = v->act[1].p, *c = v->act[2].p;
     const size_t hw = (size_t)h * w;
     for (int i = 0; i < 4; i++) v->prof_t[i] = 0;
     v->prof_flops = 0;
     const double t_start = dm_time_sec();
-    conv(v, &v->post_quant, z, h, w, b);                 /* b [latent_ch, h, w] */
-    conv(v, &v->conv_in, b, h, w, a);                    /* a [top, h, w] */
-    resblock(v, &v->mid[0], h, w, &a, &b, c);
+    TRY(conv(v, &v->post_quant, z, h, w, b));            /* b [latent_ch, h, w] */
+    TRY(conv(v, &v->conv_in, b, h, w, a));               /* a [top, h, w] */
+    TRY(resblock(v, &v->mid[0], h, w, &a, &b, c));
     if (v->has_attn) {
         const dm_vae_attn *at = &v->attn;
-        dm_vae_attn_w aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
-                            at->wv, at->bv, at->wo, at->bo};
+        dm_vae_attn_layer aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
+                                at->wv, at->bv, at->wo, at->bo};
         double t0 = dm_time_sec();
-        dm_vae_attention(a, v->top, (int)hw, v->groups, &aw, v->attn_ws);
+        TRY(v->be->ops->vae_attention(v->be->ctx, a, v->top, (int)hw, v->groups, &aw));
         v->prof_t[T_ATTN] += dm_time_sec() - t0;
     }
-    resblock(v, &v->mid[1], h, w, &a, &b, c);
+    TRY(resblock(v, &v->mid[1], h, w, &a, &b, c));
     int H = h, W = w;
     for (int i = 0; i < v->levels; i++) {
         const dm_vae_level *lv = &v->level[i];
-        for (int j = 0; j < lv->nres; j++) resblock(v, &lv->res[j], H, W, &a, &b, c);
+        for (int j = 0; j < lv->nres; j++) TRY(resblock(v, &lv->res[j], H, W, &a, &b, c));
         if (lv->has_up) {
             double t0 = dm_time_sec();
-            dm_vae_upsample2x(a, lv->width, H, W, c);   /* c [width, 2H, 2W] */
+            TRY(v->be->ops->upsample2x(v->be->ctx, a, lv->width, H, W, c)); /* c [width, 2H, 2W] */
             v->prof_t[T_OTHER] += dm_time_sec() - t0;
             H *= 2; W *= 2;
-            conv(v, &lv->up, c, H, W, a);
+            TRY(conv(v, &lv->up, c, H, W, a));
         }
     }
-    norm(v, a, v->norm_out.c, (size_t)H * W, &v->norm_out, b);
-    conv(v, &v->conv_out, b, H, W, img);                 /* img [out_ch, H, W] */
+    TRY(norm(v, a, v->norm_out.c, (size_t)H * W, &v->norm_out, b));
+    TRY(conv(v, &v->conv_out, b, H, W, img));            /* img [out_ch, H, W] */
     const double tt = dm_time_sec() - t_start;
     const double *t = v->prof_t;
     dm_log(DM_LOG_VERBOSE, "VAE image %dx%d: %.3f s: conv %.3f s (%.1f GFLOP, %.1f GFLOP/s), "
@@ -204,7 +217,9 @@ dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *i
         const float *zb = z + (size_t)bi * zn;
         for (size_t i = 0; i < zn; i++) zs[i] = zb[i] / v->info.scale; /* z / scaling_factor */
         float *ob = img + (size_t)bi * on;
-        st = dm_vae_decode_one(v, h, w, zs, ob);
+        st = v->be->ops->upload(v->be->ctx, v->zbuf.p, zs, sizeof(float) * zn);
+        if (st == DM_OK) st = dm_vae_decode_one(v, h, w, v->zbuf.p, v->obuf.p);
+        if (st == DM_OK) st = v->be->ops->download(v->be->ctx, ob, v->obuf.p, sizeof(float) * on);
         if (st != DM_OK) break;
         for (size_t i = 0; i < on; i++)
             if (!isfinite(ob[i])) {

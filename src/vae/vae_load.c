@@ -1,7 +1,8 @@
-/* VAE decoder loading: naming-scheme detection (diffusers current / diffusers 0.4.2 legacy /
- * ldm, with or without "first_stage_model."), configuration inferred from tensor shapes (plus the
+/* VAE decoder loading: naming-scheme detection (diffusers current / diffusers 0.4.2 legacy / ldm,
+ * with or without "first_stage_model."), configuration inferred from tensor shapes (plus the
  * optional "__metadata__" key "ditmoe.vae"), weights converted to float32. Encoder tensors are
- * ignored. See docs/vae.md and spec/vae_samplers.md A.8-A.9. */
+ * ignored. See docs/vae.md and docs/spec/vae_samplers.md A.8-A.9. Weights become backend handles
+ * (float32). */
 #include "vae/vae_internal.h"
 
 #include <cjson/cJSON.h>
@@ -15,6 +16,7 @@ static const char *scheme_name[] = {"diffusers", "diffusers-legacy (query/key/va
 
 typedef struct {
     const dm_st_file *f;
+    dm_backend *be;
     const char *path;
     scheme_t scheme;
     const char *prefix; /* "" or "first_stage_model." */
@@ -113,7 +115,8 @@ static dm_status note_used(loader *ld, const char *fname)
 
 /* Load the tensor named (diffusers-current) `dname` with shape shape[0..ndim); when alt_ndim > 0
  * the file may instead hold it with the trailing unit dims (ldm 1x1 convs for attention). */
-static dm_status load(loader *ld, const char *dname, int ndim, const int64_t *shape, float **out)
+static dm_status load_f32(loader *ld, const char *dname, int ndim, const int64_t *shape,
+                          float **out, char *fname_out, size_t cap)
 {
     char fname[256], want[96], got[96];
     const dm_st_tensor *t = find(ld, dname, fname, sizeof fname);
@@ -140,7 +143,24 @@ static dm_status load(loader *ld, const char *dname, int ndim, const int64_t *sh
                        dm_dtype_name(t->dtype));
     dm_status st = dm_st_load_f32(ld->f, fname, ndim, shape, out);
     if (st != DM_OK) return st;
+    snprintf(fname_out, cap, "%s", fname);
     return note_used(ld, fname);
+}
+
+/* As load_f32, into a backend weight: 1-D tensors are VECTOR [n], others CONV [shape[0], rest]. */
+static dm_status load(loader *ld, const char *dname, int ndim, const int64_t *shape,
+                      dm_weight **out)
+{
+    char fname[256];
+    float *f = NULL;
+    dm_status st = load_f32(ld, dname, ndim, shape, &f, fname, sizeof fname);
+    if (st != DM_OK) return st;
+    int64_t cols = 1;
+    for (int i = 1; i < ndim; i++) cols *= shape[i];
+    st = dm_backend_weight_f32(ld->be, fname, DM_ROLE_VAE, ndim == 1 ? DM_USE_VECTOR : DM_USE_CONV,
+                               (int)shape[0], (int)cols, f, out);
+    free(f);
+    return st;
 }
 
 static dm_status load_conv(loader *ld, const char *base, int cout, int cin, int k, dm_vae_conv *c)
@@ -155,7 +175,7 @@ static dm_status load_conv(loader *ld, const char *base, int cout, int cin, int 
     return load(ld, n, 1, bs, &c->b);
 }
 
-static dm_status load_linear(loader *ld, const char *base, int C, float **w, float **b)
+static dm_status load_linear(loader *ld, const char *base, int C, dm_weight **w, dm_weight **b)
 {
     char n[224];
     int64_t ws[2] = {C, C}, bs[1] = {C};
@@ -420,7 +440,7 @@ dm_status dm_vae_load_weights(const char *path, dm_vae *v)
     dm_st_file *f = NULL;
     dm_status st = dm_st_open(path, &f);
     if (st != DM_OK) return st;
-    loader ld = {.f = f, .path = path};
+    loader ld = {.f = f, .be = v->be, .path = path};
     snprintf(v->path, sizeof v->path, "%s", path);
     st = load_all(&ld, v);
     for (int i = 0; i < ld.nused; i++) free(ld.used[i]);
@@ -429,28 +449,34 @@ dm_status dm_vae_load_weights(const char *path, dm_vae *v)
     return st;
 }
 
-static void free_conv(dm_vae_conv *c) { free(c->w); free(c->b); }
-static void free_gn(dm_vae_gn *g) { free(g->g); free(g->b); }
-static void free_res(dm_vae_res *r)
+static void wfree(dm_vae *v, dm_weight **w)
 {
-    free_gn(&r->norm1); free_gn(&r->norm2);
-    free_conv(&r->conv1); free_conv(&r->conv2); free_conv(&r->shortcut);
+    v->be->ops->weight_free(v->be->ctx, *w);
+    *w = NULL;
+}
+static void free_conv(dm_vae *v, dm_vae_conv *c) { wfree(v, &c->w); wfree(v, &c->b); }
+static void free_gn(dm_vae *v, dm_vae_gn *g) { wfree(v, &g->g); wfree(v, &g->b); }
+static void free_res(dm_vae *v, dm_vae_res *r)
+{
+    free_gn(v, &r->norm1); free_gn(v, &r->norm2);
+    free_conv(v, &r->conv1); free_conv(v, &r->conv2); free_conv(v, &r->shortcut);
 }
 
 void dm_vae_free_weights(dm_vae *v)
 {
-    free_conv(&v->post_quant);
-    free_conv(&v->conv_in);
-    free_res(&v->mid[0]);
-    free_res(&v->mid[1]);
+    if (!v->be) return;
+    free_conv(v, &v->post_quant);
+    free_conv(v, &v->conv_in);
+    free_res(v, &v->mid[0]);
+    free_res(v, &v->mid[1]);
     dm_vae_attn *a = &v->attn;
-    free_gn(&a->norm);
-    free(a->wq); free(a->bq); free(a->wk); free(a->bk);
-    free(a->wv); free(a->bv); free(a->wo); free(a->bo);
+    free_gn(v, &a->norm);
+    dm_weight **ws[] = {&a->wq, &a->bq, &a->wk, &a->bk, &a->wv, &a->bv, &a->wo, &a->bo};
+    for (size_t i = 0; i < sizeof ws / sizeof *ws; i++) wfree(v, ws[i]);
     for (int i = 0; i < DM_VAE_MAX_LEVELS; i++) {
-        for (int j = 0; j < DM_VAE_MAX_RES; j++) free_res(&v->level[i].res[j]);
-        free_conv(&v->level[i].up);
+        for (int j = 0; j < DM_VAE_MAX_RES; j++) free_res(v, &v->level[i].res[j]);
+        free_conv(v, &v->level[i].up);
     }
-    free_gn(&v->norm_out);
-    free_conv(&v->conv_out);
+    free_gn(v, &v->norm_out);
+    free_conv(v, &v->conv_out);
 }

@@ -1,12 +1,8 @@
 /* libFuzzer target: every PNG we read — ditmoe-routes' overlay reader (dm_png_read_rgb,
- * src/trace/render.c), resume's completeness check (src/batch/pngcheck.c) and pack's libpng
+ * src/io/png.c), resume's completeness check (src/batch/pngcheck.c) and pack's libpng
  * reader (src/batch/pack.c, one image into an .npz with its label). */
 #include "batch/batch.h"
 #include "fuzz_common.h"
-
-/* Declared in src/trace/render.h (moving to ditmoe.h with io/png.c); repeated here so the
- * target builds on either side of that move. */
-dm_status dm_png_read_rgb(const char *path, int *w, int *h, uint8_t **rgb);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -1,13 +1,15 @@
 /* Multi-head self-attention over all tokens of each image (no mask), optional per-head q/k
  * LayerNorm (the XL/G "qknorm" layout).
  *
- * Fast path: one (image, head) pair per OpenMP task; both products are single-threaded sgemm
- * calls reading q, k, v in place from the qkv rows (leading dimension 3D) and writing the head's
- * columns of `out` (leading dimension D). With qk-norm, q and k are normalised into scratch
- * first. The OpenMP build of OpenBLAS runs single-threaded inside our parallel region. */
+ * Fast path: one (image, head) pair per OpenMP task; both products go through our fixed-order
+ * GEMM (gemm.h) on the calling thread: S = (q k^T) / sqrt(hd) with k^T packed from the k rows,
+ * softmax over each row of S, then out = S v with v packed from the qkv rows. Every value is
+ * computed by one thread in an order that depends only on T and hd, so the result is the same
+ * bits for any thread count and any batch. With qk-norm, q and k are normalised into scratch
+ * first. */
+#include "backend/cpu/gemm.h"
 #include "backend/cpu/ops.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,10 +28,11 @@ int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm
     const int D = H * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
+    const size_t npk = dm_bpack_size(hd, T), npv = dm_bpack_size(T, hd);
 #pragma omp parallel reduction(| : failed)
     {
         size_t nq = qk ? (size_t)2 * T * hd : 0;
-        float *buf = malloc(((size_t)T * T + nq) * sizeof(float));
+        float *buf = malloc(((size_t)T * T + npk + npv + nq) * sizeof(float));
         if (!buf) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < B * H; bh++) {
@@ -39,18 +42,23 @@ int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm
             const float *q = rows + (size_t)h * hd, *k = rows + D + (size_t)h * hd;
             const float *v = rows + 2 * D + (size_t)h * hd;
             int ldq = 3 * D, ldk = 3 * D;
-            float *s = buf; /* [T, T] scores, then probabilities */
+            float *s = buf;                        /* [T, T] scores, then probabilities */
+            float *pk = s + (size_t)T * T;         /* k^T [hd, T] packed */
+            float *pv = pk + npk;                  /* v [T, hd] packed */
             if (qk) {
-                float *qn = buf + (size_t)T * T, *kn = qn + (size_t)T * hd;
+                float *qn = pv + npv, *kn = qn + (size_t)T * hd;
                 norm_head(rows, T, D, 0, h, hd, qk->q_w, qk->q_b, qk->eps, qn);
                 norm_head(rows, T, D, 1, h, hd, qk->k_w, qk->k_b, qk->eps, kn);
                 q = qn, k = kn, ldq = ldk = hd;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, ldq, k, ldk,
-                        0.0f, s, T);
+            dm_bpack_t(k, (size_t)ldk, hd, T, pk);
+            dm_gemm_epi e = DM_GEMM_EPI_INIT;
+            e.alpha = scale;
+            dm_gemm(q, (size_t)ldq, T, hd, (dm_gemm_b){pk, 0}, T, s, (size_t)T, &e, 0);
             dm_softmax_rows(s, T, T);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1.0f, s, T, v, 3 * D,
-                        0.0f, out + (size_t)b * T * D + (size_t)h * hd, D);
+            dm_bpack(v, (size_t)3 * D, T, hd, pv);
+            dm_gemm(s, (size_t)T, T, T, (dm_gemm_b){pv, 0}, hd, out + (size_t)b * T * D + (size_t)h * hd,
+                    (size_t)D, NULL, 0);
         }
         free(buf);
     }

@@ -11,6 +11,7 @@
  * Compiled with -ffp-contract=fast so the accumulation is FMA. */
 #include "backend/cpu/ops.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -207,4 +208,259 @@ void dm_linear_packed_ref(const float *x, int N, const dm_pmat *W, const float *
             for (int i = 0; i < W->in; i++) acc += (double)x[(size_t)n * W->in + i] * dm_pmat_get(W, o, i);
             y[(size_t)n * W->out + o] = (float)acc;
         }
+}
+
+/* ---- generic row-major product with a fixed reduction order (gemm.h) ----------------------- */
+#include "backend/cpu/gemm.h"
+
+#define GMR 8 /* rows per tile */
+
+size_t dm_bpack_size(int K, int N)
+{
+    return (size_t)(N + DM_GEMM_NR - 1) / DM_GEMM_NR * (size_t)K * DM_GEMM_NR;
+}
+
+void dm_bpack(const float *B, size_t ldb, int K, int N, float *Bp)
+{
+    const int np = (N + DM_GEMM_NR - 1) / DM_GEMM_NR;
+    for (int j = 0; j < np; j++) {
+        const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
+        float *dst = Bp + (size_t)j * K * DM_GEMM_NR;
+        const float *src = B + (size_t)j * DM_GEMM_NR;
+        if (nc == DM_GEMM_NR) /* constant size: an inlined copy, not a libc call per row */
+            for (int k = 0; k < K; k++)
+                memcpy(dst + (size_t)k * DM_GEMM_NR, src + (size_t)k * ldb, sizeof(float) * DM_GEMM_NR);
+        else
+            for (int k = 0; k < K; k++) {
+                float *d = dst + (size_t)k * DM_GEMM_NR;
+                memcpy(d, src + (size_t)k * ldb, sizeof(float) * nc);
+                for (int c = nc; c < DM_GEMM_NR; c++) d[c] = 0.0f;
+            }
+    }
+}
+
+void dm_bpack_t(const float *Bt, size_t ldbt, int K, int N, float *Bp)
+{
+    const int np = (N + DM_GEMM_NR - 1) / DM_GEMM_NR;
+    for (int j = 0; j < np; j++) {
+        const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
+        float *dst = Bp + (size_t)j * K * DM_GEMM_NR;
+        for (int c = 0; c < DM_GEMM_NR; c++) {
+            const float *src = Bt + (size_t)(j * DM_GEMM_NR + c) * ldbt;
+            for (int k = 0; k < K; k++) dst[(size_t)k * DM_GEMM_NR + c] = c < nc ? src[k] : 0.0f;
+        }
+    }
+}
+
+/* acc + a * b, one rounding (explicit, so no code path depends on the compiler contracting). */
+static inline v16 vfma(v16 acc, float a, v16 b)
+{
+#ifdef __AVX512F__
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)b, (__m512)acc);
+    return (v16)r;
+#else
+    v16 r;
+    for (int i = 0; i < 16; i++) r[i] = fmaf(a, b[i], acc[i]);
+    return r;
+#endif
+}
+
+/* The one epilogue every tile shape goes through (noinline: a single compiled copy, so the
+ * alpha / bias / accumulate arithmetic is the same instructions for every element). */
+__attribute__((noinline)) static void gstore(v16 acc[GMR][2], int m, int nc, float *C, size_t ldc,
+                                             const dm_gemm_epi *e, int i0, int j0)
+{
+    for (int r = 0; r < m; r++) {
+        float row[DM_GEMM_NR];
+        memcpy(row, &acc[r][0], sizeof acc[r][0]);
+        memcpy(row + 16, &acc[r][1], sizeof acc[r][1]);
+        float *c = C + (size_t)r * ldc;
+        const float rb = e->row_bias ? e->row_bias[i0 + r] : 0.0f;
+        for (int i = 0; i < nc; i++) {
+            float v = row[i];
+            if (e->alpha != 1.0f) v = v * e->alpha;
+            if (e->row_bias) v = v + rb;
+            if (e->col_bias) v = v + e->col_bias[j0 + i];
+            c[i] = e->accumulate ? c[i] + v : v;
+        }
+    }
+}
+
+/* Rows i0 .. i0+m-1 (m <= GMR) of C, panel columns j0 .. j0+nc-1. bp: panel row 0; stride:
+ * floats between panel rows (32 when packed, ldb in place). */
+static void gtile(const float *A, size_t lda, int m, int K, const float *bp, size_t stride, int nc,
+                  float *C, size_t ldc, const dm_gemm_epi *e, int i0, int j0)
+{
+    v16 acc[GMR][2];
+    for (int r = 0; r < GMR; r++) acc[r][0] = acc[r][1] = (v16){0};
+    if (nc == DM_GEMM_NR && m == GMR) {
+        for (int k = 0; k < K; k++) {
+            const v16 b0 = *(const v16 *)(bp + (size_t)k * stride);
+            const v16 b1 = *(const v16 *)(bp + (size_t)k * stride + 16);
+            for (int r = 0; r < GMR; r++) {
+                const float a = A[(size_t)r * lda + k];
+                acc[r][0] = vfma(acc[r][0], a, b0);
+                acc[r][1] = vfma(acc[r][1], a, b1);
+            }
+        }
+    } else {
+        /* Partial tile: same chain per element; the last columns of an in-place B are copied
+         * (never read past the row). */
+        for (int k = 0; k < K; k++) {
+            float t[DM_GEMM_NR] = {0};
+            const float *brow = bp + (size_t)k * stride;
+            if (nc < DM_GEMM_NR) {
+                memcpy(t, brow, sizeof(float) * nc);
+                brow = t;
+            }
+            const v16 b0 = *(const v16 *)brow, b1 = *(const v16 *)(brow + 16);
+            for (int r = 0; r < m; r++) {
+                const float a = A[(size_t)r * lda + k];
+                acc[r][0] = vfma(acc[r][0], a, b0);
+                acc[r][1] = vfma(acc[r][1], a, b1);
+            }
+        }
+    }
+    gstore(acc, m, nc, C, ldc, e, i0, j0);
+}
+
+void dm_gemm_panel(const float *A, size_t lda, int M, int K, const float *bp, size_t ldb, int j0,
+                   int nc, float *C, size_t ldc, const dm_gemm_epi *e)
+{
+    const size_t stride = ldb ? ldb : DM_GEMM_NR;
+    const dm_gemm_epi none = DM_GEMM_EPI_INIT;
+    if (!e) e = &none;
+    for (int i = 0; i < M; i += GMR)
+        gtile(A + (size_t)i * lda, lda, M - i < GMR ? M - i : GMR, K, bp, stride, nc,
+              C + (size_t)i * ldc + j0, ldc, e, i, j0);
+}
+
+void dm_gemm(const float *A, size_t lda, int M, int K, dm_gemm_b B, int N, float *C, size_t ldc,
+             const dm_gemm_epi *e, int threaded)
+{
+    if (M <= 0 || N <= 0) return;
+    const dm_gemm_epi none = DM_GEMM_EPI_INIT;
+    if (!e) e = &none;
+    const int np = (N + DM_GEMM_NR - 1) / DM_GEMM_NR, mt = (M + GMR - 1) / GMR;
+    if (threaded && B.ldb && M >= 4 * GMR && np >= 2) {
+        /* B in place with rows far apart: each thread copies one panel at a time into a packed
+         * [K][32] buffer (contiguous, stays in cache) and runs every row tile on it. A thread
+         * without memory for the copy reads B in place: the same bits either way. */
+#pragma omp parallel
+        {
+            float *buf = malloc(sizeof(float) * dm_bpack_size(K, DM_GEMM_NR));
+#pragma omp for schedule(dynamic, 1)
+            for (int j = 0; j < np; j++) {
+                const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
+                const float *bj = B.p + (size_t)j * DM_GEMM_NR;
+                if (buf) dm_bpack(bj, B.ldb, K, nc, buf);
+                dm_gemm_panel(A, lda, M, K, buf ? buf : bj, buf ? 0 : B.ldb, j * DM_GEMM_NR, nc,
+                              C, ldc, e);
+            }
+            free(buf);
+        }
+        return;
+    }
+    const size_t stride = B.ldb ? B.ldb : DM_GEMM_NR;
+    /* panel j starts at column j*32 (in place) or at the j-th packed [K][32] block */
+    const size_t pstep = B.ldb ? DM_GEMM_NR : (size_t)K * DM_GEMM_NR;
+#pragma omp parallel for collapse(2) schedule(static) if (threaded)
+    for (int j = 0; j < np; j++)
+        for (int i = 0; i < mt; i++) {
+            const int m = M - i * GMR < GMR ? M - i * GMR : GMR;
+            const int nc = N - j * DM_GEMM_NR < DM_GEMM_NR ? N - j * DM_GEMM_NR : DM_GEMM_NR;
+            gtile(A + (size_t)i * GMR * lda, lda, m, K, B.p + (size_t)j * pstep, stride, nc,
+                  C + (size_t)i * GMR * ldc + (size_t)j * DM_GEMM_NR, ldc, e, i * GMR,
+                  j * DM_GEMM_NR);
+        }
+}
+
+void dm_gemm_ref(const float *A, size_t lda, int M, int K, const float *B, size_t ldb, int N,
+                 float *C, size_t ldc, const dm_gemm_epi *e)
+{
+    const dm_gemm_epi none = DM_GEMM_EPI_INIT;
+    if (!e) e = &none;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0;
+            for (int k = 0; k < K; k++) s += (double)A[(size_t)i * lda + k] * B[(size_t)k * ldb + j];
+            s *= e->alpha;
+            if (e->row_bias) s += e->row_bias[i];
+            if (e->col_bias) s += e->col_bias[j];
+            float *c = C + (size_t)i * ldc + j;
+            *c = e->accumulate ? (float)(*c + s) : (float)s;
+        }
+}
+
+/* ---- packed A, k-blocked panel product ---------------------------------------------------- */
+#ifndef DM_GEMM_KC
+#define DM_GEMM_KC 192 /* k rows of a B panel per block: 192 x 128 B = 24 KiB stay in L1 */
+#endif
+
+size_t dm_apack_size(int M, int K)
+{
+    return (size_t)(M + GMR - 1) / GMR * GMR * (size_t)K;
+}
+
+void dm_apack(const float *A, size_t lda, int M, int K, float *Ap)
+{
+    const int mt = (M + GMR - 1) / GMR;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < mt; i++) {
+        float *d = Ap + (size_t)i * K * GMR;
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < GMR; r++) {
+                const int row = i * GMR + r;
+                d[(size_t)k * GMR + r] = row < M ? A[(size_t)row * lda + k] : 0.0f;
+            }
+    }
+}
+
+/* acc += A tile (packed [K][8]) · panel rows k0 .. k1-1 (packed [K][32]); always the full 8 x 32
+ * (padding rows and columns are zeros and are never stored). Same FMA chain as gtile. */
+static inline void gtile_ap(const float *ap, int k0, int k1, const float *bp, v16 acc[GMR][2])
+{
+    for (int k = k0; k < k1; k++) {
+        const v16 b0 = *(const v16 *)(bp + (size_t)k * DM_GEMM_NR);
+        const v16 b1 = *(const v16 *)(bp + (size_t)k * DM_GEMM_NR + 16);
+        const float *a = ap + (size_t)k * GMR;
+        for (int r = 0; r < GMR; r++) {
+            acc[r][0] = vfma(acc[r][0], a[r], b0);
+            acc[r][1] = vfma(acc[r][1], a[r], b1);
+        }
+    }
+}
+
+void dm_gemm_panel_ap(const float *Ap, int M, int K, const float *bp, int j0, int nc, float *C,
+                      size_t ldc, const dm_gemm_epi *e, float *part)
+{
+    const dm_gemm_epi none = DM_GEMM_EPI_INIT;
+    if (!e) e = &none;
+    const int mt = (M + GMR - 1) / GMR;
+    const int kc = part && K > DM_GEMM_KC ? DM_GEMM_KC : K;
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        const int k1 = K - k0 < kc ? K : k0 + kc;
+        for (int i = 0; i < mt; i++) {
+            v16 acc[GMR][2];
+            float *pp = part ? part + (size_t)i * GMR * DM_GEMM_NR : NULL;
+            for (int r = 0; r < GMR; r++) {
+                if (k0 == 0) {
+                    acc[r][0] = acc[r][1] = (v16){0};
+                } else { /* the running sums, stored as float32: exactly the register values */
+                    memcpy(&acc[r][0], pp + r * DM_GEMM_NR, sizeof acc[r][0]);
+                    memcpy(&acc[r][1], pp + r * DM_GEMM_NR + 16, sizeof acc[r][1]);
+                }
+            }
+            gtile_ap(Ap + (size_t)i * K * GMR, k0, k1, bp, acc);
+            if (k1 == K) {
+                const int m = M - i * GMR < GMR ? M - i * GMR : GMR;
+                gstore(acc, m, nc, C + (size_t)i * GMR * ldc + j0, ldc, e, i * GMR, j0);
+            } else {
+                for (int r = 0; r < GMR; r++) {
+                    memcpy(pp + r * DM_GEMM_NR, &acc[r][0], sizeof acc[r][0]);
+                    memcpy(pp + r * DM_GEMM_NR + 16, &acc[r][1], sizeof acc[r][1]);
+                }
+            }
+        }
+    }
 }

@@ -9,8 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). OpenBLAS sgemm. */
-void dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
+/* y[N,out] = x[N,in] · W[out,in]^T (+ b[out] when b != NULL). Our fixed-order GEMM (gemm.h),
+ * W packed per call. Returns 0, or -1 when the packing buffer cannot be allocated. */
+int dm_linear(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 void dm_linear_ref(const float *x, int N, int in, const float *W, const float *b, int out, float *y);
 
 /* Weights packed for dm_linear_packed: [ceil(out/DM_PANEL)][in][DM_PANEL], zero-padded, kept
@@ -54,7 +55,9 @@ void dm_swiglu(const float *gu, int rows, int F, float *h);
 
 /* exp(x) for the activations, inline so the loops calling it vectorise (libm's expf is a call
  * per element): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6
- * polynomial; within a few ulp of expf over [-87, 88], clamped outside. */
+ * polynomial; within a few ulp of expf over [-87, 88], clamped outside (+-Inf included). NaN in
+ * gives NaN out: the clamps let NaN through to the polynomial, and the exponent n is replaced by
+ * 0 before its integer conversion (converting NaN to int32_t would be undefined behaviour). */
 static inline float dm_exp_fast(float x)
 {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
@@ -68,10 +71,11 @@ static inline float dm_exp_fast(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
+    const float ni = n == n ? n : 0.0f; /* NaN only when x is NaN; p is NaN then */
     union {
         uint32_t u;
         float f;
-    } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
+    } scale = {.u = (uint32_t)((int32_t)ni + 127) << 23};
     return p * scale.f;
 }
 
@@ -90,5 +94,26 @@ typedef struct {
 int dm_attention(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk, float *out);
 void dm_attention_ref(const float *qkv, int B, int T, int H, int hd, const dm_qk_norm *qk,
                       float *out);
+
+/* ---- VAE decoder kernels (one image, channel-major [C, H, W]); references in vae/vae_ref.h ---- */
+#include "vae/vae_ref.h"
+
+/* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
+ * zero padding (k-1)/2, k odd. col: scratch of at least dm_vae_conv_col_size(Cin, H, W, k)
+ * floats (may be NULL when that is 0). `out` must not alias `x`. */
+size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);
+void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
+                   int k, float *col, float *out);
+/* Same, accumulating: out += conv(x) + b (the residual add). */
+void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
+                       int Cout, int k, float *col, float *out);
+/* y [C, HW] = GroupNorm(x)*gamma + beta (+ SiLU); y may equal x. */
+void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
+                       const float *beta, int silu, float *y);
+/* out [C, 2H, 2W] = nearest-neighbour 2x upsample of x [C, H, W]. */
+void dm_vae_upsample2x(const float *x, int C, int H, int W, float *out);
+/* In place: x [C, N] += Wo·attn(GN(x)) + bo; ws: scratch of dm_vae_attn_ws_size(C, N) floats. */
+size_t dm_vae_attn_ws_size(int C, int N);
+void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, float *ws);
 
 #endif

@@ -1,0 +1,313 @@
+/* The CPU backend: the op table of backend/backend.h over the kernels of backend/cpu/ (ops.h).
+ * Memory is host memory; upload/download are copies; every op runs synchronously. */
+#include "backend/cpu/cpu.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- memory ---- */
+
+static dm_status cpu_alloc(void *ctx, size_t bytes, dm_buf *out)
+{
+    (void)ctx;
+    out->p = malloc(bytes ? bytes : 1);
+    out->bytes = out->p ? bytes : 0;
+    return out->p ? DM_OK
+                  : dm_fail(DM_ERR_NOMEM, "cpu: out of memory (need %.1f MiB)", bytes / 1048576.0);
+}
+
+static void cpu_release(void *ctx, dm_buf *b)
+{
+    (void)ctx;
+    if (!b) return;
+    free(b->p);
+    b->p = NULL;
+    b->bytes = 0;
+}
+
+static dm_status cpu_copy(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    (void)ctx;
+    if (bytes && dst != src) memmove(dst, src, bytes);
+    return DM_OK;
+}
+
+static dm_status cpu_sync(void *ctx)
+{
+    (void)ctx;
+    return DM_OK;
+}
+
+/* ---- weights ---- */
+
+static dm_status cpu_weight(void *ctx, const dm_weight_desc *d, dm_weight **out)
+{
+    (void)ctx;
+    *out = NULL;
+    const char *name = d->name ? d->name : "weight";
+    if (d->rows < 0 || d->cols < 0)
+        return dm_fail(DM_ERR_ARG, "cpu: %s: bad shape [%d, %d]", name, d->rows, d->cols);
+    dm_weight *w = calloc(1, sizeof *w);
+    if (!w) return dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory", name);
+    *w = (dm_weight){.use = d->use, .role = d->role, .rows = d->rows, .cols = d->cols};
+    const size_t n = (size_t)d->rows * d->cols;
+    dm_status st = DM_OK;
+    if (d->use == DM_USE_LINEAR && (d->dtype == DM_BF16 || d->dtype == DM_F16)) {
+        /* 16-bit weights stay 16-bit (widening inside the kernel is exact) when this build can */
+        int r = dm_pmat_pack_half(&w->pm, d->data, d->dtype, d->rows, d->cols);
+        if (r == -1) st = dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory", name);
+        if (r != -2) goto done;
+    }
+    float *f = malloc((n ? n : 1) * sizeof(float));
+    if (!f) {
+        st = dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory", name);
+        goto done;
+    }
+    st = dm_convert_to_f32(d->dtype, d->data, n, f);
+    if (st != DM_OK) {
+        free(f);
+        goto done;
+    }
+    if (d->use == DM_USE_LINEAR) {
+        if (dm_pmat_pack(&w->pm, f, d->rows, d->cols)) st = dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory", name);
+        free(f);
+    } else {
+        w->f = f;
+    }
+done:
+    if (st != DM_OK) {
+        free(w);
+        return st;
+    }
+    *out = w;
+    return DM_OK;
+}
+
+static void cpu_weight_free(void *ctx, dm_weight *w)
+{
+    (void)ctx;
+    if (!w) return;
+    dm_pmat_free(&w->pm);
+    free(w->f);
+    free(w);
+}
+
+static size_t cpu_weight_bytes(const dm_weight *w)
+{
+    if (!w) return 0;
+    return w->use == DM_USE_LINEAR ? dm_pmat_bytes(&w->pm)
+                                   : (size_t)w->rows * w->cols * sizeof(float);
+}
+
+/* ---- DiT ---- */
+
+static dm_status cpu_linear(void *ctx, const float *x, int N, const dm_weight *W, const dm_weight *b,
+                            float *y)
+{
+    (void)ctx;
+    dm_linear_packed(x, N, &W->pm, dm_cpu_f(b), y);
+    return DM_OK;
+}
+
+static dm_status cpu_layernorm_mod(void *ctx, const float *x, int B, int T, int D, float eps,
+                                   const float *shift, const float *scale, int mod_stride, float *y)
+{
+    (void)ctx;
+    dm_layernorm(x, B * T, D, eps, NULL, NULL, y);
+    if (shift) dm_modulate(y, B, T, D, shift, scale, mod_stride);
+    return DM_OK;
+}
+
+static dm_status cpu_gated_add(void *ctx, float *x, const float *y, int B, int T, int D,
+                               const float *gate, int mod_stride)
+{
+    (void)ctx;
+    dm_gated_add(x, y, B, T, D, gate, mod_stride);
+    return DM_OK;
+}
+
+static dm_status cpu_silu(void *ctx, float *x, size_t n)
+{
+    (void)ctx;
+    dm_silu(x, n);
+    return DM_OK;
+}
+
+static dm_status cpu_timestep_embed(void *ctx, const float *t, int B, float *out)
+{
+    (void)ctx;
+    dm_timestep_sinusoid(t, B, out);
+    return DM_OK;
+}
+
+static dm_status cpu_patchify(void *ctx, const float *x, int B, int C, int S, int p, float *patches)
+{
+    (void)ctx;
+    dm_patchify(x, B, C, S, p, patches);
+    return DM_OK;
+}
+
+static dm_status cpu_unpatchify(void *ctx, const float *tok, int B, int Cout, int S, int p,
+                                float *out)
+{
+    (void)ctx;
+    dm_unpatchify(tok, B, Cout, S, p, out);
+    return DM_OK;
+}
+
+static dm_status cpu_add_rows(void *ctx, float *x, int B, size_t n, const dm_weight *table)
+{
+    (void)ctx;
+    const float *r = table->f;
+    for (int b = 0; b < B; b++)
+        for (size_t i = 0; i < n; i++) x[(size_t)b * n + i] += r[i];
+    return DM_OK;
+}
+
+static dm_status cpu_embed_add(void *ctx, float *x, int B, int D, const dm_weight *table,
+                               const int64_t *labels)
+{
+    (void)ctx;
+    const float *tab = table->f;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < D; i++) x[(size_t)b * D + i] += tab[(size_t)labels[b] * D + i];
+    return DM_OK;
+}
+
+static dm_status cpu_attention(void *ctx, const float *qkv, int B, int T, int H, int hd,
+                               const dm_attn_qk *qk, float *out)
+{
+    (void)ctx;
+    dm_qk_norm q;
+    if (qk) q = (dm_qk_norm){dm_cpu_f(qk->q_w), dm_cpu_f(qk->q_b), dm_cpu_f(qk->k_w), dm_cpu_f(qk->k_b), qk->eps};
+    if (dm_attention(qkv, B, T, H, hd, qk ? &q : NULL, out))
+        return dm_fail(DM_ERR_NOMEM, "cpu: attention: out of memory");
+    return DM_OK;
+}
+
+static dm_status cpu_ffn(void *ctx, const dm_ffn_layer *L, const float *h, int N, int T,
+                         const int64_t *labels, int64_t null_id, float *out, dm_route_record *rec)
+{
+    dm_cpu_ctx *c = ctx;
+    const dm_moe_desc *d = &L->d;
+    int F_max = L->shared.F;
+    for (int e = 0; e < d->n_experts; e++)
+        if (L->experts[e].F > F_max) F_max = L->experts[e].F;
+    const int dense = d->kind == DM_ROUTE_DENSE;
+    if (dm_moe_scratch_reserve(&c->moe, N, d->D, F_max, dense ? 1 : d->n_experts,
+                               dense ? 1 : dm_moe_rows_per_token(d, T)))
+        return dm_fail(DM_ERR_NOMEM, "cpu: ffn: out of memory for %d tokens", N);
+    if (dense) {
+        dm_mlp_forward(&L->experts[0], h, N, c->moe.a, c->moe.h, out);
+        return DM_OK;
+    }
+    dm_moe_route(L, h, N, T, labels, null_id, &c->moe);
+    if (rec && rec->ids) memcpy(rec->ids, c->moe.r.ids, (size_t)N * d->k * sizeof(int32_t));
+    if (rec && rec->weights) memcpy(rec->weights, c->moe.r.weights, (size_t)N * d->k * sizeof(float));
+    dm_moe_apply(L, h, N, &c->moe, out);
+    return DM_OK;
+}
+
+/* ---- VAE ---- */
+
+static dm_status grow_f(float **p, size_t *cap, size_t n, const char *what)
+{
+    if (n <= *cap && *p) return DM_OK;
+    float *q = realloc(*p, (n ? n : 1) * sizeof(float));
+    if (!q) return dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory (need %.1f MiB)", what,
+                           n * 4 / 1048576.0);
+    *p = q;
+    *cap = n;
+    return DM_OK;
+}
+
+static dm_status cpu_conv2d(void *ctx, const float *x, int Cin, int H, int W, const dm_weight *w,
+                            const dm_weight *b, int Cout, int k, int acc, float *out)
+{
+    dm_cpu_ctx *c = ctx;
+    dm_status st = grow_f(&c->col, &c->col_cap, dm_vae_conv_col_size(Cin, H, W, k), "conv2d");
+    if (st != DM_OK) return st;
+    if (acc)
+        dm_vae_conv2d_acc(x, Cin, H, W, w->f, dm_cpu_f(b), Cout, k, c->col, out);
+    else
+        dm_vae_conv2d(x, Cin, H, W, w->f, dm_cpu_f(b), Cout, k, c->col, out);
+    return DM_OK;
+}
+
+static dm_status cpu_group_norm(void *ctx, const float *x, int C, size_t HW, int G, float eps,
+                                const dm_weight *gamma, const dm_weight *beta, int silu, float *y)
+{
+    (void)ctx;
+    dm_vae_group_norm(x, C, HW, G, eps, dm_cpu_f(gamma), dm_cpu_f(beta), silu, y);
+    return DM_OK;
+}
+
+static dm_status cpu_upsample2x(void *ctx, const float *x, int C, int H, int W, float *out)
+{
+    (void)ctx;
+    dm_vae_upsample2x(x, C, H, W, out);
+    return DM_OK;
+}
+
+static dm_status cpu_vae_attention(void *ctx, float *x, int C, int N, int G,
+                                   const dm_vae_attn_layer *w)
+{
+    dm_cpu_ctx *c = ctx;
+    dm_status st = grow_f(&c->attn_ws, &c->attn_cap, dm_vae_attn_ws_size(C, N), "vae_attention");
+    if (st != DM_OK) return st;
+    dm_vae_attn_w aw = {dm_cpu_f(w->gn_g), dm_cpu_f(w->gn_b), dm_cpu_f(w->wq), dm_cpu_f(w->bq),
+                        dm_cpu_f(w->wk), dm_cpu_f(w->bk), dm_cpu_f(w->wv), dm_cpu_f(w->bv),
+                        dm_cpu_f(w->wo), dm_cpu_f(w->bo)};
+    dm_vae_attention(x, C, N, G, &aw, c->attn_ws);
+    return DM_OK;
+}
+
+static void cpu_close(void *ctx);
+
+static const dm_backend_ops k_cpu_ops = {
+    .name = "cpu",
+    .close = cpu_close,
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .sync = cpu_sync,
+    .weight = cpu_weight,
+    .weight_free = cpu_weight_free,
+    .weight_bytes = cpu_weight_bytes,
+    .linear = cpu_linear,
+    .layernorm_mod = cpu_layernorm_mod,
+    .gated_add = cpu_gated_add,
+    .silu = cpu_silu,
+    .timestep_embed = cpu_timestep_embed,
+    .patchify = cpu_patchify,
+    .unpatchify = cpu_unpatchify,
+    .add_rows = cpu_add_rows,
+    .embed_add = cpu_embed_add,
+    .attention = cpu_attention,
+    .ffn = cpu_ffn,
+    .conv2d = cpu_conv2d,
+    .group_norm = cpu_group_norm,
+    .upsample2x = cpu_upsample2x,
+    .vae_attention = cpu_vae_attention,
+};
+
+static void cpu_close(void *ctx)
+{
+    dm_cpu_ctx *c = ctx;
+    if (!c) return;
+    dm_moe_scratch_free(&c->moe);
+    free(c->col);
+    free(c->attn_ws);
+    free(c);
+}
+
+dm_status dm_backend_cpu_open(dm_backend *be, const dm_load_opts *o)
+{
+    (void)o; /* the CPU has no device index and, today, no precision options */
+    dm_cpu_ctx *c = calloc(1, sizeof *c);
+    if (!c) return dm_fail(DM_ERR_NOMEM, "cpu: out of memory");
+    be->ops = &k_cpu_ops;
+    be->ctx = c;
+    return DM_OK;
+}

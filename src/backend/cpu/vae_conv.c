@@ -1,0 +1,323 @@
+/* VAE convolutions through our fixed-order GEMM (gemm.h).
+ *
+ * k x k (k > 1): implicit im2col. The unrolled input is never built whole: each thread packs one
+ * 32-pixel panel of it ([Cin*k*k][32], zero padding outside the image) into its own slot of
+ * `col` and multiplies the weights [Cout, Cin*k*k] by it while the panel is hot in its cache.
+ * 1 x 1: out = w [Cout, Cin] · x [Cin, HW], x read in place. Each output value is one sum over
+ * (ci, ky, kx) in that order, whatever the thread count. */
+#include "backend/cpu/gemm.h"
+#include "backend/cpu/vae_kernels.h"
+#include "ditmoe.h"
+
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Panel slots in the scratch: at most this many threads pack panels at once. */
+#define CONV_SLOTS 16
+
+size_t dm_vae_conv_col_size(int Cin, int H, int W, int k)
+{
+    (void)H, (void)W;
+    if (k == 1) return 0;
+    return (size_t)CONV_SLOTS * Cin * k * k * DM_GEMM_NR;
+}
+
+/* bp [Cin*k*k][32] = the unrolled input for output pixels n0 .. n0+31 (zeros past HW). */
+static void pack_panel(const float *x, int Cin, int H, int W, int k, int n0, float *bp)
+{
+    const int p = (k - 1) / 2;
+    const size_t HW = (size_t)H * W;
+    if (W % DM_GEMM_NR == 0) {
+        /* The panel lies in one output row y, columns x0 .. x0+31. */
+        const int y = n0 / W, x0 = n0 % W;
+        for (int ci = 0; ci < Cin; ci++)
+            for (int ky = 0; ky < k; ky++) {
+                const int iy = y + ky - p;
+                float *d = bp + ((size_t)ci * k + ky) * k * DM_GEMM_NR;
+                if (iy < 0 || iy >= H) {
+                    memset(d, 0, sizeof(float) * DM_GEMM_NR * k);
+                    continue;
+                }
+                const float *src = x + (size_t)ci * HW + (size_t)iy * W;
+                for (int kx = 0; kx < k; kx++, d += DM_GEMM_NR) {
+                    const int s0 = x0 + kx - p; /* input column of panel column 0 */
+                    if (s0 >= 0 && s0 + DM_GEMM_NR <= W) {
+                        memcpy(d, src + s0, sizeof(float) * DM_GEMM_NR);
+                    } else {
+                        for (int c = 0; c < DM_GEMM_NR; c++) {
+                            const int ix = s0 + c;
+                            d[c] = ix >= 0 && ix < W ? src[ix] : 0.0f;
+                        }
+                    }
+                }
+            }
+        return;
+    }
+    int yc[DM_GEMM_NR], xc[DM_GEMM_NR];
+    for (int c = 0; c < DM_GEMM_NR; c++) {
+        const size_t n = (size_t)n0 + c;
+        yc[c] = n < HW ? (int)(n / W) : -H - k; /* past the end: every tap outside */
+        xc[c] = n < HW ? (int)(n % W) : 0;
+    }
+    for (int ci = 0; ci < Cin; ci++)
+        for (int ky = 0; ky < k; ky++)
+            for (int kx = 0; kx < k; kx++) {
+                float *d = bp + (((size_t)ci * k + ky) * k + kx) * DM_GEMM_NR;
+                const float *xch = x + (size_t)ci * HW;
+                for (int c = 0; c < DM_GEMM_NR; c++) {
+                    const int iy = yc[c] + ky - p, ix = xc[c] + kx - p;
+                    d[c] = iy >= 0 && iy < H && ix >= 0 && ix < W ? xch[(size_t)iy * W + ix] : 0.0f;
+                }
+            }
+}
+
+/* ---- 3x3 by Winograd F(2x2, 3x3) ------------------------------------------------------------
+ * out tile 2x2 = A^T [ (G g G^T) .* (B^T d B) ] A per channel pair, summed over Cin: 16 products
+ * per 2x2 outputs instead of 36. The 16 element-wise products summed over Cin are 16 GEMMs
+ * U_xi [Cout, Cin] · V_xi [Cin, tiles], run through dm_gemm_panel_ap on 32 tiles at a time per
+ * thread (V block 16 x Cin x 32, M block 16 x Cout x 32). Each output value comes from one
+ * thread in an order fixed by the shapes, so the result is thread invariant; it differs from the
+ * direct convolution in the last bits (the transforms round differently).
+ *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+ *   A^T = [1 1 1 0; 0 1 -1 -1] */
+#define WT 32 /* tiles per block (one GEMM panel) */
+
+/* Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. */
+static void wino_weights(const float *w, int Cin, int Cout, float *Up)
+{
+    const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
+    const size_t xs = (size_t)mt * DM_GEMM_MR * Cin; /* floats per xi */
+#pragma omp parallel for schedule(static)
+    for (int co = 0; co < mt * DM_GEMM_MR; co++)
+        for (int ci = 0; ci < Cin; ci++) {
+            float u[16] = {0};
+            if (co < Cout) {
+                const float *g = w + ((size_t)co * Cin + ci) * 9;
+                float t[4][3]; /* G g */
+                for (int j = 0; j < 3; j++) {
+                    t[0][j] = g[j];
+                    t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+                    t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+                    t[3][j] = g[6 + j];
+                }
+                for (int i = 0; i < 4; i++) { /* (G g) G^T */
+                    u[i * 4 + 0] = t[i][0];
+                    u[i * 4 + 1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
+                    u[i * 4 + 2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
+                    u[i * 4 + 3] = t[i][2];
+                }
+            }
+            const size_t at = ((size_t)(co / DM_GEMM_MR) * Cin + ci) * DM_GEMM_MR + co % DM_GEMM_MR;
+            for (int xi = 0; xi < 16; xi++) Up[xi * xs + at] = u[xi];
+        }
+}
+
+/* V [16][Cin][32] = B^T d B for tiles t0 .. t0+nt-1 (zeros for the unused columns). The block
+ * is walked in runs of tiles of one tile row; the input row segment a run reads is copied with
+ * its zero padding into rp [2*32 + 4] so the run's loops have no bounds checks (and vectorise). */
+static void wino_input(const float *x, int Cin, int H, int W, int tw, int t0, int nt, float *V,
+                       float *rp)
+{
+    const size_t HW = (size_t)H * W, cs = (size_t)Cin * WT; /* floats per xi */
+    if (nt < WT)
+        for (int xi = 0; xi < 16; xi++)
+            for (int ci = 0; ci < Cin; ci++)
+                memset(V + xi * cs + (size_t)ci * WT + nt, 0, sizeof(float) * (WT - nt));
+    for (int c0 = 0; c0 < nt;) {
+        const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
+        const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0; /* tiles c0 .. c0+run-1 */
+        for (int ci = 0; ci < Cin; ci++) {
+            const float *xc = x + (size_t)ci * HW;
+            float e[4][4][WT]; /* e[r][q][c]: row r of the patch times B */
+            for (int r = 0; r < 4; r++) {
+                const int iy = 2 * ty - 1 + r;
+                /* rp[k] = x[iy][2 tx0 - 1 + k], k = 0 .. 2 run + 1, zero outside the image */
+                const int ix0 = 2 * tx0 - 1, n = 2 * run + 2;
+                const float *b = rp; /* patch column q of tile c: b[2c + q] */
+                if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) {
+                    b = xc + (size_t)iy * W + ix0; /* inside the image: read in place */
+                } else if (iy < 0 || iy >= H) {
+                    memset(rp, 0, sizeof(float) * n);
+                } else {
+                    const float *row = xc + (size_t)iy * W;
+                    const int lo = ix0 < 0 ? -ix0 : 0, hi = ix0 + n > W ? W - ix0 : n;
+                    for (int k = 0; k < lo; k++) rp[k] = 0.0f;
+                    memcpy(rp + lo, row + ix0 + lo, sizeof(float) * (hi - lo));
+                    for (int k = hi; k < n; k++) rp[k] = 0.0f;
+                }
+                for (int c = 0; c < run; c++) {
+                    const float d0 = b[2 * c], d1 = b[2 * c + 1], d2 = b[2 * c + 2], d3 = b[2 * c + 3];
+                    e[r][0][c] = d0 - d2;
+                    e[r][1][c] = d1 + d2;
+                    e[r][2][c] = d2 - d1;
+                    e[r][3][c] = d1 - d3;
+                }
+            }
+            float *vc = V + (size_t)ci * WT + c0;
+            for (int q = 0; q < 4; q++)
+                for (int c = 0; c < run; c++) {
+                    vc[(0 * 4 + q) * cs + c] = e[0][q][c] - e[2][q][c];
+                    vc[(1 * 4 + q) * cs + c] = e[1][q][c] + e[2][q][c];
+                    vc[(2 * 4 + q) * cs + c] = e[2][q][c] - e[1][q][c];
+                    vc[(3 * 4 + q) * cs + c] = e[1][q][c] - e[3][q][c];
+                }
+        }
+        c0 += run;
+    }
+}
+
+/* out tiles t0 .. t0+nt-1 = A^T m A (+ b), or out += that, from M [16][Cout][32]. */
+static void wino_output(const float *Mb, int Cout, int H, int W, int tw, int t0, int nt,
+                        const float *b, int acc, float *out)
+{
+    const size_t HW = (size_t)H * W, xs = (size_t)Cout * WT;
+    for (int co = 0; co < Cout; co++) {
+        const float bias = b ? b[co] : 0.0f;
+        float *oc = out + (size_t)co * HW;
+        const float *mc = Mb + (size_t)co * WT;
+        float y[2][2][WT]; /* y[i][j][c] = (A^T m A)[i][j] + bias for tile c */
+        for (int c = 0; c < nt; c++) {
+            float t[2][4]; /* A^T m */
+            for (int j = 0; j < 4; j++) {
+                t[0][j] = mc[(0 * 4 + j) * xs + c] + mc[(1 * 4 + j) * xs + c] + mc[(2 * 4 + j) * xs + c];
+                t[1][j] = mc[(1 * 4 + j) * xs + c] - mc[(2 * 4 + j) * xs + c] - mc[(3 * 4 + j) * xs + c];
+            }
+            for (int i = 0; i < 2; i++) {
+                y[i][0][c] = (t[i][0] + t[i][1] + t[i][2]) + bias;
+                y[i][1][c] = (t[i][1] - t[i][2] - t[i][3]) + bias;
+            }
+        }
+        for (int c0 = 0; c0 < nt;) {
+            const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
+            const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
+            /* whole tiles inside the image: runs of 2*run pixels per output row */
+            const int full = 2 * (tx0 + run) <= W ? run : run - 1;
+            for (int i = 0; i < 2 && 2 * ty + i < H; i++) {
+                float *o = oc + (size_t)(2 * ty + i) * W + 2 * tx0;
+                const float *y0 = y[i][0] + c0, *y1 = y[i][1] + c0;
+                if (acc)
+                    for (int c = 0; c < full; c++) {
+                        o[2 * c] = o[2 * c] + y0[c];
+                        o[2 * c + 1] = o[2 * c + 1] + y1[c];
+                    }
+                else
+                    for (int c = 0; c < full; c++) {
+                        o[2 * c] = y0[c];
+                        o[2 * c + 1] = y1[c];
+                    }
+                if (full < run) { /* last tile of an odd width: its left column only */
+                    float *ol = o + 2 * full;
+                    *ol = acc ? *ol + y0[full] : y0[full];
+                }
+            }
+            c0 += run;
+        }
+    }
+}
+
+/* 0, or -1 when the scratch cannot be allocated (the caller then runs the direct path). */
+static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *w, const float *b,
+                            int Cout, float *out, int acc)
+{
+    const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, nb = (T + WT - 1) / WT;
+    const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
+    const size_t xs = (size_t)mt * DM_GEMM_MR * Cin;
+    float *Up = malloc(sizeof(float) * 16 * xs);
+    if (!Up) return -1;
+    wino_weights(w, Cin, Cout, Up);
+    int failed = 0; /* shared: any thread without scratch stops them all before any work */
+#pragma omp parallel
+    {
+        float *V = malloc(sizeof(float) * 16 * (size_t)Cin * WT);
+        float *Mb = malloc(sizeof(float) * 16 * (size_t)Cout * WT);
+        float *part = malloc(sizeof(float) * (size_t)mt * DM_GEMM_MR * WT);
+        float *rp = malloc(sizeof(float) * (2 * WT + 4));
+        if (!V || !Mb || !part || !rp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) {
+#pragma omp for schedule(dynamic, 1)
+            for (int blk = 0; blk < nb; blk++) {
+                const int t0 = blk * WT, nt = T - t0 < WT ? T - t0 : WT;
+                wino_input(x, Cin, H, W, tw, t0, nt, V, rp);
+                for (int xi = 0; xi < 16; xi++)
+                    dm_gemm_panel_ap(Up + xi * xs, Cout, Cin, V + (size_t)xi * Cin * WT, 0, WT,
+                                     Mb + (size_t)xi * Cout * WT, WT, NULL, part);
+                wino_output(Mb, Cout, H, W, tw, t0, nt, b, acc, out);
+            }
+        }
+        free(V), free(Mb), free(part), free(rp);
+    }
+    free(Up);
+    return failed ? -1 : 0;
+}
+
+static void conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
+                   int k, float *col, float *out, int acc)
+{
+    const int HW = H * W;
+    dm_gemm_epi e = DM_GEMM_EPI_INIT;
+    e.row_bias = b;
+    e.accumulate = acc;
+    if (k == 1) {
+        dm_gemm(w, (size_t)Cin, Cout, Cin, (dm_gemm_b){x, (size_t)HW}, HW, out, (size_t)HW, &e, 1);
+        return;
+    }
+    if (k == 3) {
+        if (conv3x3_winograd(x, Cin, H, W, w, b, Cout, out, acc) == 0) return;
+        dm_log(DM_LOG_INFO, "VAE conv %d->%d at %dx%d: no memory for the Winograd scratch; "
+               "direct convolution instead (same result up to the last bits, slower)", Cin, Cout,
+               H, W);
+    }
+    const int K = Cin * k * k, np = (HW + DM_GEMM_NR - 1) / DM_GEMM_NR;
+    int nt = 1;
+#ifdef _OPENMP
+    nt = omp_get_max_threads();
+#endif
+    if (nt > CONV_SLOTS) nt = CONV_SLOTS;
+    if (nt > np) nt = np;
+    /* Weights packed per call ([Cout/8][K][8], contiguous broadcasts); without memory for it the
+     * unpacked path runs (same bits, slower). */
+    float *wp = malloc(sizeof(float) * dm_apack_size(Cout, K));
+    if (wp) dm_apack(w, (size_t)K, Cout, K, wp);
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *bp = col + (size_t)tid * K * DM_GEMM_NR;
+        float *part = wp ? malloc(sizeof(float) * dm_apack_size(Cout, DM_GEMM_NR)) : NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int j = 0; j < np; j++) {
+            const int n0 = j * DM_GEMM_NR, nc = HW - n0 < DM_GEMM_NR ? HW - n0 : DM_GEMM_NR;
+            pack_panel(x, Cin, H, W, k, n0, bp);
+            if (wp)
+                dm_gemm_panel_ap(wp, Cout, K, bp, n0, nc, out, (size_t)HW, &e, part);
+            else
+                dm_gemm_panel(w, (size_t)K, Cout, K, bp, 0, n0, nc, out, (size_t)HW, &e);
+        }
+        free(part);
+    }
+    free(wp);
+}
+
+void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
+                   int k, float *col, float *out)
+{
+    conv2d(x, Cin, H, W, w, b, Cout, k, col, out, 0);
+}
+
+void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
+                       int Cout, int k, float *col, float *out)
+{
+    conv2d(x, Cin, H, W, w, b, Cout, k, col, out, 1);
+}
