@@ -183,7 +183,7 @@ int dmc_gemm(dmc_ctx *c, int ab, int transa, int transb, int m, int n, int k, co
         return dm_fail(DM_ERR_BACKEND, "cuda: %s: dmc_gemm varies n only, with B not transposed", op);
     const plan_key key = {ab, !!transa, !!transb, m, vary ? -1 : n, k, lda, ldb, ldd,
                           bias != NULL, beta != 0.0f};
-    dmc_plan *p;
+    dmc_plan *p = NULL;
     dm_status st = plan_get(c, &key, vary, m, n, &p, op);
     if (st) return st;
     layouts L;
