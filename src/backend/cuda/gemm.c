@@ -11,6 +11,7 @@
  * DITMOE_CUDA_FAST=1 every size uses its own heuristic (the --fast trade of §4). */
 #include "backend/cuda/ctx.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -88,6 +89,14 @@ static dm_status pick_algo(dmc_ctx *c, dmc_plan *p, int m, int n, cublasLtMatmul
     if (!s && !c->fast)
         s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                                  &mask, sizeof mask);
+    /* The plan is made without pointers: only accept algorithms that work at 16-B alignment
+     * (expert slices and other offsets into scratch are not always 256-B aligned). */
+    const uint32_t align = 16;
+    const cublasLtMatmulPreferenceAttributes_t al[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && !s; i++)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, al[i], &align, sizeof align);
     cublasLtMatmulHeuristicResult_t res[8];
     int got = 0;
     if (!s)
@@ -179,6 +188,8 @@ int dmc_gemm(dmc_ctx *c, int ab, int transa, int transb, int m, int n, int k, co
              int vary, const char *op)
 {
     if (m <= 0 || n <= 0) return DM_OK;
+    if (((uintptr_t)A | (uintptr_t)B | (uintptr_t)D | (uintptr_t)bias) & 15)
+        return dm_fail(DM_ERR_BACKEND, "cuda: %s: GEMM operand not 16-byte aligned", op);
     if (vary && (vary != 'n' || transb))
         return dm_fail(DM_ERR_BACKEND, "cuda: %s: dmc_gemm varies n only, with B not transposed", op);
     const plan_key key = {ab, !!transa, !!transb, m, vary ? -1 : n, k, lda, ldb, ldd,
