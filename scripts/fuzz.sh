@@ -19,7 +19,11 @@ fi
 # FUZZ_CFLAGS (optional) adds compiler flags in a build folder of its own, e.g. to fuzz past a
 # known finding: FUZZ_CFLAGS=-fno-sanitize=float-cast-overflow bash scripts/fuzz.sh 60 fuzz_model
 B=build-fuzz${FUZZ_CFLAGS:+-$(echo "$FUZZ_CFLAGS" | tr -c 'A-Za-z0-9_\n-' '_')}
-CC=clang cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_FUZZ=ON -DDITMOE_NATIVE=ON \
+# clang for C and C++ (the CUDA option enables C++; libFuzzer must be linked by clang)
+if [ -f "$B/CMakeCache.txt" ] && ! grep -qs '^CMAKE_CXX_COMPILER:.*clang++' "$B/CMakeCache.txt"; then
+  rm -rf "$B"
+fi
+CC=clang CXX=clang++ cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_FUZZ=ON -DDITMOE_NATIVE=ON -DDITMOE_CUDA=OFF \
   -DDITMOE_SAN_EXTRA="${FUZZ_CFLAGS:-}" >/dev/null
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then

@@ -18,7 +18,7 @@ cmake --build build -j "$jobs"
 
 echo "== AddressSanitizer + UBSan build (gcc) =="
 if grep -qs '^CMAKE_C_COMPILER:.*clang' build-asan/CMakeCache.txt; then rm -rf build-asan; fi
-CC=gcc cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_SANITIZE=ON >/dev/null
+CC=gcc CXX=g++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_SANITIZE=ON >/dev/null
 cmake --build build-asan -j "$jobs"
 # OpenMP's runtime keeps thread pools alive at exit; those are not our leaks.
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
@@ -27,7 +27,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build-asan && ctest --output-on-failure)
 
 echo "== AddressSanitizer + UBSan build (clang, float-cast-overflow) =="
-CC=clang cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_SANITIZE=ON >/dev/null
+CC=clang CXX=clang++ cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDITMOE_SANITIZE=ON -DDITMOE_CUDA=OFF >/dev/null
 cmake --build build-clang -j "$jobs"
 # Not here: the Python package tests load libditmoe.so into Python, which needs the sanitizer
 # runtime preloaded (they do that for GCC's libasan only); LSan under clang's libomp stops with
