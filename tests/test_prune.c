@@ -41,7 +41,10 @@ START_TEST(test_cluster)
     const float *const W[5] = {w0, w1, w2, w3, w4};
     const int cl2[5] = {0, 0, 0, 1, 1}; /* centroid of {0,1,0.4} = 0.467: item 2 */
     dm_prune_representatives(5, cl2, 2, W, 2, mass, kept);
-    ck_assert(kept[0] == 2 && kept[1] == 3); /* tie 3 vs 4 (both 8 from (7,7)): lower id */
+    ck_assert(kept[0] == 2 && kept[1] == 3); /* tie 3 vs 4 (both at 8 from (7,7)): mass 2 > 1 */
+    const double mass2[5] = {1, 3, 5, 2, 4};
+    dm_prune_representatives(5, cl2, 2, W, 2, mass2, kept);
+    ck_assert(kept[0] == 2 && kept[1] == 4); /* the same tie, now mass 4 > 2 */
     /* behaviour distance: the most co-activated pair is the closest */
     int64_t co[9] = {0, 10, 1, 10, 0, 2, 1, 2, 0};
     double dd[9];

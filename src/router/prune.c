@@ -111,7 +111,12 @@ void dm_prune_representatives(int E, const int *cluster, int keep, const float *
             } else {
                 v = mass ? mass[e] : 0;
             }
-            if (best < 0 || v > bv) best = e, bv = v;
+            /* a 2-member cluster has both members equally far from its centroid: break such
+             * ties (relative 1e-9) by the larger gate mass, then the lower id */
+            const double tol = cent ? 1e-9 * (fabs(bv) + fabs(v)) : 0;
+            if (best < 0 || v > bv + tol ||
+                (cent && fabs(v - bv) <= tol && mass && mass[e] > mass[best]))
+                best = e, bv = v;
         }
         if (best >= 0) kept[nk++] = best;
     }

@@ -41,8 +41,9 @@ void dm_prune_distance(int E, const int64_t *coact, const float *router, int D, 
 /* Complete-linkage clustering of E items to `keep` clusters: cluster [E] = 0..keep-1 (numbered
  * by smallest member). Ties merge the pair with the smallest (lower, higher) cluster ids. */
 void dm_prune_cluster(int E, const double *dist, int keep, int *cluster);
-/* One expert per cluster: closest to the cluster's centroid of weights[e] (n floats each; when
- * weights is NULL, the largest mass[e]; ties to the lower id). kept [keep] ascending. */
+/* One expert per cluster: closest to the cluster's centroid of weights[e] (n floats each; ties
+ * within relative 1e-9, e.g. any 2-member cluster, go to the larger mass[e], then the lower id;
+ * when weights is NULL, the largest mass[e]). kept [keep] ascending. */
 void dm_prune_representatives(int E, const int *cluster, int keep, const float *const *weights,
                               size_t n, const double *mass, int *kept);
 /* The objective of a keep-set (mask [E], 1 = kept) on M tokens of probs [M, E], top-k. */
