@@ -222,6 +222,60 @@ START_TEST(test_weak)
 }
 END_TEST
 
+/* Filtering (skip-routed / expert cache compute view) equals routing the kept tokens alone. */
+START_TEST(test_filter)
+{
+    const int N = 97, E = 8;
+    float *sc = malloc(sizeof(float) * N * E);
+    random_probs(sc, N, E, 5u);
+    uint8_t keep[97];
+    for (int n = 0; n < N; n++) keep[n] = (n * 7 + 3) % 5 != 0;
+    dm_route_policy p;
+    ck_assert_int_eq(dm_route_policy_parse("top-p=0.6", &p), DM_OK);
+    dm_route_csr c = {0}, f = {0};
+    ck_assert_int_eq(dm_route_csr_reserve(&c, N, E, E), DM_OK);
+    ck_assert_int_eq(dm_route_csr_reserve(&f, N, E, E), DM_OK);
+    dm_route_select(&p, sc, N, E, 2, NULL, E, &c);
+    dm_route_csr_filter(&c, keep, &f);
+    int kept_picks = 0;
+    for (int n = 0; n < N; n++) {
+        const int cn = c.tok_off[n + 1] - c.tok_off[n], fn = f.tok_off[n + 1] - f.tok_off[n];
+        ck_assert_int_eq(fn, keep[n] ? cn : 0);
+        for (int j = 0; j < fn; j++) {
+            ck_assert_int_eq(f.ids[f.tok_off[n] + j], c.ids[c.tok_off[n] + j]);
+            ck_assert(f.weights[f.tok_off[n] + j] == c.weights[c.tok_off[n] + j]);
+        }
+        kept_picks += fn;
+    }
+    ck_assert_int_eq(f.n_picks, kept_picks);
+    ck_assert_int_eq(f.exp_off[E], kept_picks);
+    for (int e = 0; e < E; e++)
+        for (int i = f.exp_off[e]; i < f.exp_off[e + 1]; i++) {
+            ck_assert(keep[f.rows[i]]);
+            if (i > f.exp_off[e]) ck_assert_int_lt(f.rows[i - 1], f.rows[i]);
+        }
+    dm_route_csr_free(&c);
+    dm_route_csr_free(&f);
+    free(sc);
+}
+END_TEST
+
+START_TEST(test_self_contrast_combine)
+{
+    const float dc[3] = {1, 2, 3}, du[3] = {0, 1, 1}, dw[3] = {0.5f, 2, 1};
+    float out[3];
+    dm_self_contrast sc = {2.0f, DM_WEAK_RANK2, 1};
+    dm_self_contrast_combine(&sc, 4.0f, 3, dc, NULL, dw, out); /* Dw + 2 (Dc - Dw) */
+    ck_assert(out[0] == 1.5f && out[1] == 2.0f && out[2] == 5.0f);
+    sc.replace_uncond = 0;
+    dm_self_contrast_combine(&sc, 1.5f, 3, dc, du, dw, out); /* Du + 1.5 (Dc-Du) + (Dc-Dw) */
+    ck_assert(out[0] == 2.0f && out[1] == 2.5f && out[2] == 6.0f);
+    sc.w = 1.0f; /* W = 1: plain CFG */
+    dm_self_contrast_combine(&sc, 1.5f, 3, dc, du, dw, out);
+    ck_assert(out[0] == 1.5f && out[1] == 2.5f && out[2] == 4.0f);
+}
+END_TEST
+
 static void bad(dm_status st, const char *needle)
 {
     ck_assert_int_eq(st, DM_ERR_ARG);
@@ -307,6 +361,8 @@ int main(void)
     tcase_add_test(tc, test_topp_boundaries);
     tcase_add_test(tc, test_threshold_and_rank2);
     tcase_add_test(tc, test_weak);
+    tcase_add_test(tc, test_filter);
+    tcase_add_test(tc, test_self_contrast_combine);
     tcase_add_test(tc, test_parse);
     tcase_add_test(tc, test_skip_routed);
     suite_add_tcase(s, tc);

@@ -430,6 +430,43 @@ void dm_route_csr_to_padded(const dm_route_csr *c, int kmax, int32_t *ids, float
     }
 }
 
+void dm_route_csr_filter(const dm_route_csr *in, const uint8_t *keep_tok, dm_route_csr *out)
+{
+    out->N = in->N;
+    out->E = in->E;
+    out->n_experts = in->n_experts;
+    int32_t at = 0;
+    for (int n = 0; n < in->N; n++) {
+        const int32_t a = in->tok_off[n], c = keep_tok[n] ? in->tok_off[n + 1] - a : 0;
+        out->tok_off[n] = at;
+        memcpy(out->ids + at, in->ids + a, (size_t)c * sizeof(int32_t));
+        memcpy(out->weights + at, in->weights + a, (size_t)c * sizeof(float));
+        at += c;
+    }
+    out->tok_off[in->N] = at;
+    out->n_picks = at;
+    /* regroup by expert: a stable pass over in's grouping keeps tokens ascending */
+    int32_t r = 0;
+    for (int e = 0; e < in->n_experts; e++) {
+        out->exp_off[e] = r;
+        for (int32_t i = in->exp_off[e]; i < in->exp_off[e + 1]; i++)
+            if (keep_tok[in->rows[i]]) out->rows[r] = in->rows[i], out->row_w[r++] = in->row_w[i];
+    }
+    out->exp_off[in->n_experts] = r;
+}
+
+void dm_self_contrast_combine(const dm_self_contrast *sc, float cfg_scale, size_t n, const float *dc,
+                              const float *du, const float *dw, float *out)
+{
+    const float w = sc->w;
+    if (sc->replace_uncond) {
+        for (size_t i = 0; i < n; i++) out[i] = dw[i] + w * (dc[i] - dw[i]);
+    } else {
+        for (size_t i = 0; i < n; i++)
+            out[i] = du[i] + cfg_scale * (dc[i] - du[i]) + (w - 1.0f) * (dc[i] - dw[i]);
+    }
+}
+
 /* ---- weak routing (self-contrast) ---------------------------------------------------------- */
 
 int dm_weak_ranks(dm_weak_kind k, int E, int *ranks)

@@ -91,6 +91,11 @@ void dm_route_select_ref(const dm_route_policy *p, const float *scores, int N, i
  * kmax picks keeps its first kmax), the layout of dm_routes and of routing dumps. */
 void dm_route_csr_to_padded(const dm_route_csr *c, int kmax, int32_t *ids, float *weights);
 
+/* out = in with the picks of tokens where keep_tok[n] == 0 removed (their count becomes 0),
+ * regrouped by expert. The compute view for --skip-routed (keep = not skipped) and for the
+ * expert cache (keep = recompute); `in` stays the routing record. out reserved like in. */
+void dm_route_csr_filter(const dm_route_csr *in, const uint8_t *keep_tok, dm_route_csr *out);
+
 /* ---- --skip-routed LAYERS@T0-T1 ------------------------------------------------------------ */
 
 #define DM_SKIP_MAX_RULES 8
@@ -124,6 +129,12 @@ dm_status dm_self_contrast_parse(const char *s, dm_self_contrast *out);
 /* The weak pass as a routing policy-like rule on one token's sorted experts: which ranks
  * (0-based) it keeps; returns the count (0 for shared: routed part skipped). E experts. */
 int dm_weak_ranks(dm_weak_kind k, int E, int *ranks /* [2] */);
+/* The guided prediction, elementwise over n values:
+ *   mode=replace: out = Dw + W (Dc - Dw)                       (du unused, may be NULL)
+ *   mode=add:     out = Du + s (Dc - Du) + (W - 1) (Dc - Dw)    (s = cfg_scale; W = 1 is CFG)
+ * Dc: conditional strong pass, Du: unconditional, Dw: conditional weak pass. */
+void dm_self_contrast_combine(const dm_self_contrast *sc, float cfg_scale, size_t n, const float *dc,
+                              const float *du, const float *dw, float *out);
 /* Weak routing of N tokens into c (same contract as dm_route_select; weights = raw scores of
  * the kept ranks). */
 void dm_route_select_weak(dm_weak_kind k, const float *scores, int N, int E, const uint8_t *uncond,
