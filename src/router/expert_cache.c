@@ -90,7 +90,8 @@ dm_status dm_expert_cache_create(const dm_expert_cache_opts *o, int layers, int 
                                  int model_k, int max_rows, dm_expert_cache **out)
 {
     *out = NULL;
-    if (o->K < 1 || layers < 1 || T < 1 || D < 1 || E < 1 || model_k < 1 || model_k > E || max_rows < 1)
+    if (o->K < 1 || layers < 1 || T < 1 || D < 1 || E < 1 || E > 64 || model_k < 1 || model_k > E ||
+        max_rows < 1)
         return dm_fail(DM_ERR_ARG, "expert cache: K %d, layers %d, T %d, D %d, E %d, k %d, rows %d",
                        o->K, layers, T, D, E, model_k, max_rows);
     dm_expert_cache *c = calloc(1, sizeof *c);
@@ -195,15 +196,15 @@ dm_status dm_expert_cache_begin(dm_expert_cache *c, int R, const int64_t *image,
     return DM_OK;
 }
 
-/* Top-k set of p[E] as a bit mask (ties to the lower id, as router/moe.c). */
-static uint32_t topk_mask(const float *p, int E, int k)
+/* Top-k set of p[E] as a bit mask (E <= 64; ties to the lower id, as router/moe.c). */
+static uint64_t topk_mask(const float *p, int E, int k)
 {
-    uint32_t m = 0;
+    uint64_t m = 0;
     for (int j = 0; j < k; j++) {
         int best = -1;
         for (int e = 0; e < E; e++)
             if (!(m >> e & 1u) && (best < 0 || p[e] > p[best])) best = e;
-        m |= 1u << best;
+        m |= 1ull << best;
     }
     return m;
 }
@@ -222,7 +223,7 @@ int dm_expert_cache_decide(dm_expert_cache *c, int layer, const float *probs, ui
         int re = !c->valid[cell] || c->uses[cell] >= c->o.K;
         if (!re && probs && c->store_probs) {
             const float *now = probs + (size_t)i * E, *then = c->probs + cell * E;
-            if (c->o.refresh == DM_CACHE_ROUTE && E <= 32) {
+            if (c->o.refresh == DM_CACHE_ROUTE) {
                 re = topk_mask(now, E, c->k) != topk_mask(then, E, c->k);
             } else if (c->o.refresh == DM_CACHE_DELTA) {
                 double d = 0;

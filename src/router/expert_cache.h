@@ -42,10 +42,10 @@ void dm_expert_cache_str(const dm_expert_cache_opts *o, char *buf, size_t n);
 
 typedef struct dm_expert_cache dm_expert_cache;
 
-/* A cache for `layers` MoE layers of T tokens x D hidden, router over E experts with trained
- * top model_k, holding up to max_rows (image, branch) entries (the most rows one evaluation has,
- * e.g. 2B with CFG). DM_ERR_ARG when the bound max_bytes is too small (the message says how
- * much is needed). */
+/* A cache for `layers` MoE layers of T tokens x D hidden, router over E <= 64 experts with
+ * trained top model_k, holding up to max_rows (image, branch) entries (the most rows one
+ * evaluation has, e.g. 2B with CFG). DM_ERR_ARG when the bound max_bytes is too small (the
+ * message says how much is needed). */
 dm_status dm_expert_cache_create(const dm_expert_cache_opts *o, int layers, int T, int D, int E,
                                  int model_k, int max_rows, dm_expert_cache **out);
 void dm_expert_cache_free(dm_expert_cache *c); /* NULL-safe */

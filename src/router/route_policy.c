@@ -145,8 +145,9 @@ dm_status dm_route_policy_check(const dm_route_policy *p, int prob_router, int E
         return dm_fail(DM_ERR_ARG, "--route %s: max = %d exceeds the %d experts", b, p->k, E);
     if (p->kind == DM_POLICY_PROTO2 && model_k != 1)
         return dm_fail(DM_ERR_ARG, "--route %s: rank2 needs a top-1 router (k = %d)", b, model_k);
-    if (model_k < 1 || model_k > E)
-        return dm_fail(DM_ERR_ARG, "--route: model k = %d with %d experts", model_k, E);
+    if (model_k < 1 || model_k > E || E > DM_ROUTE_MAX_E)
+        return dm_fail(DM_ERR_ARG, "--route: model k = %d with %d experts (at most %d)", model_k, E,
+                       DM_ROUTE_MAX_E);
     return DM_OK;
 }
 
@@ -316,9 +317,7 @@ static void finish_csr(dm_route_csr *c, int N, int slots, const int32_t *count)
     for (int32_t i = 0; i < at; i++) c->exp_off[c->ids[i] + 1]++;
     for (int e = 0; e < nE; e++) c->exp_off[e + 1] += c->exp_off[e];
     /* counting sort by expert, tokens ascending within each (rows' own array as cursor space) */
-    int32_t cursor[DM_TRACE_MAX_LAYERS + 1];
-    int32_t *cur = nE <= DM_TRACE_MAX_LAYERS ? cursor : malloc((size_t)nE * sizeof(int32_t));
-    if (!cur) return; /* only for absurd expert counts; reserve bounded them */
+    int32_t cur[DM_ROUTE_MAX_E + 2]; /* n_experts <= E + 1 */
     memcpy(cur, c->exp_off, (size_t)nE * sizeof(int32_t));
     for (int n = 0; n < N; n++)
         for (int32_t i = c->tok_off[n]; i < c->tok_off[n + 1]; i++) {
@@ -326,7 +325,6 @@ static void finish_csr(dm_route_csr *c, int N, int slots, const int32_t *count)
             c->rows[r] = n;
             c->row_w[r] = c->weights[i];
         }
-    if (cur != cursor) free(cur);
 }
 
 void dm_route_select(const dm_route_policy *p, const float *scores, int N, int E, int model_k,
@@ -349,7 +347,7 @@ void dm_route_select(const dm_route_policy *p, const float *scores, int N, int E
             continue;
         }
         const float *s = scores + (size_t)n * E;
-        int order[DM_TRACE_MAX_LAYERS];
+        int order[DM_ROUTE_MAX_E];
         sort_desc(s, E, order);
         int k = keep_count(p, s, order, E, model_k);
         double sc = renorm_scale(p, s, order, k, model_k);
@@ -376,7 +374,7 @@ void dm_route_select_ref(const dm_route_policy *p, const float *scores, int N, i
         }
         const float *s = scores + (size_t)n * E;
         /* rank of e = experts that beat it (higher score, or equal score and lower id) */
-        int by_rank[DM_TRACE_MAX_LAYERS];
+        int by_rank[DM_ROUTE_MAX_E];
         for (int e = 0; e < E; e++) {
             int rank = 0;
             for (int f = 0; f < E; f++) rank += s[f] > s[e] || (s[f] == s[e] && f < e);
@@ -493,7 +491,7 @@ void dm_route_select_weak(dm_weak_kind k, const float *scores, int N, int E, con
             continue;
         }
         if (!nr) continue;
-        int order[DM_TRACE_MAX_LAYERS];
+        int order[DM_ROUTE_MAX_E];
         sort_desc(scores + (size_t)n * E, E, order);
         c->ids[n] = order[rank[0]];
         c->weights[n] = scores[(size_t)n * E + order[rank[0]]];

@@ -24,6 +24,8 @@
 
 /* ---- policies ---------------------------------------------------------------------------- */
 
+#define DM_ROUTE_MAX_E 256 /* routed experts per layer the selection handles (checked by _check) */
+
 typedef enum {
     DM_POLICY_TOPK = 0,  /* "top-k[=K]": the K best (K = 0: the model's k)                   */
     DM_POLICY_TOPP,      /* "top-p=P[,max=K][,renorm]": the smallest prefix of the sorted scores
@@ -79,7 +81,8 @@ void dm_route_csr_free(dm_route_csr *c);
 
 /* Select experts for N tokens under p (already checked). scores [N, E]; uncond [N] (NULL = no
  * null-class tokens) with uncond_id (E for ProMoE); model_k is the trained k (top-k default,
- * renorm mass). c must be reserved for N, dm_route_policy_max_picks, n_experts = E or E+1. */
+ * renorm mass). c must be reserved for N, dm_route_policy_max_picks, n_experts = E or E+1
+ * (uncond_id must be E when uncond is given). */
 void dm_route_select(const dm_route_policy *p, const float *scores, int N, int E, int model_k,
                      const uint8_t *uncond, int uncond_id, dm_route_csr *c);
 /* Obviously-correct reference: per token, experts ranked by counting, rule applied literally.
