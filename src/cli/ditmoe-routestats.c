@@ -10,7 +10,8 @@
  * router probabilities recorded along a top-k trajectory ([L, S*B*T, E] float32, step-major, from
  * tools/moe_lab/router_probs.py) and reports the experts per token they would select, per layer
  * and step band: what a policy asks for at the states the trained routing visits (the
- * trajectory itself would change under the policy).
+ * trajectory itself would change under the policy). --cosine: the scores are ProMoE cosines of
+ * a top-1 model (tools/moe_lab/promoe_scores.py), for rank2; otherwise DiT-MoE probabilities, k 2.
  *
  * Dumps must share a shape (layers, experts, k, steps). Exit 0, 2 bad input, 1 runtime. Meant
  * to become `ditmoe-routes --affinity` after the CLI merge. */
@@ -25,7 +26,8 @@
 #include <string.h>
 
 /* Mean experts per token of each policy on probs [L, S*BT, E], per layer and step band. */
-static dm_status policies(const char *path, int S, int bands, const char **specs, int n_specs)
+static dm_status policies(const char *path, int S, int bands, const char **specs, int n_specs,
+                          int cosine)
 {
     dm_npy a = {0};
     dm_status st = dm_npy_read_expect(path, DM_F32, 3, &a);
@@ -42,8 +44,9 @@ static dm_status policies(const char *path, int S, int bands, const char **specs
     for (int i = 0; !st && i < n_specs; i++) {
         dm_route_policy p;
         st = dm_route_policy_parse(specs[i], &p);
-        if (!st) st = dm_route_policy_check(&p, 1, E, 2);
-        if (!st) st = dm_route_csr_reserve(&c, (int)per, dm_route_policy_max_picks(&p, E, 2), E);
+        const int mk = cosine ? 1 : 2; /* the shipped models' k: ProMoE top-1, DiT-MoE top-2 */
+        if (!st) st = dm_route_policy_check(&p, !cosine, E, mk);
+        if (!st) st = dm_route_csr_reserve(&c, (int)per, dm_route_policy_max_picks(&p, E, mk), E);
         if (st) break;
         printf("%s\n {\"route\": \"%s\", \"mean_experts\": [", i ? "," : "", specs[i]);
         for (int l = 0; l < L; l++) {
@@ -52,7 +55,7 @@ static dm_status policies(const char *path, int S, int bands, const char **specs
                 const int s0 = S * b / bands, s1 = S * (b + 1) / bands;
                 int64_t picks = 0, toks = 0;
                 for (int s = s0; s < s1; s++) {
-                    dm_route_select(&p, (const float *)a.data + ((size_t)l * M + (size_t)s * per) * E, (int)per, E, 2,
+                    dm_route_select(&p, (const float *)a.data + ((size_t)l * M + (size_t)s * per) * E, (int)per, E, mk,
                                     NULL, E, &c);
                     picks += c.n_picks, toks += per;
                 }
@@ -70,13 +73,14 @@ static dm_status policies(const char *path, int S, int bands, const char **specs
 
 int main(int argc, char **argv)
 {
-    int uncond = 0, bands = 5, n = 0, steps = 0, n_specs = 0;
+    int uncond = 0, bands = 5, n = 0, steps = 0, n_specs = 0, cosine = 0;
     const char *dumps[64], *probs = NULL, *specs[32];
     dm_status st = DM_OK;
     for (int i = 1; i < argc && !st; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             puts("usage: ditmoe-routestats [--uncond] [--bands N (default 5)] DUMP [DUMP...] > stats.json\n"
-                 "       ditmoe-routestats --probs P.npy --steps S --route SPEC [--route SPEC...] [--bands N]");
+                 "       ditmoe-routestats --probs P.npy --steps S --route SPEC [--route SPEC...] [--bands N]\n"
+                 "                         [--cosine: ProMoE cosine scores, top-1 model]");
             return 0;
         } else if (!strcmp(argv[i], "--probs") && i + 1 < argc) {
             probs = argv[++i];
@@ -85,6 +89,8 @@ int main(int argc, char **argv)
         } else if (!strcmp(argv[i], "--route") && i + 1 < argc) {
             if (n_specs == 32) st = dm_fail(DM_ERR_ARG, "at most 32 --route");
             else specs[n_specs++] = argv[++i];
+        } else if (!strcmp(argv[i], "--cosine")) {
+            cosine = 1;
         } else if (!strcmp(argv[i], "--uncond")) {
             uncond = 1;
         } else if (!strcmp(argv[i], "--bands")) {
@@ -99,7 +105,7 @@ int main(int argc, char **argv)
         }
     }
     if (!st && probs) {
-        st = n_specs ? policies(probs, steps, bands, specs, n_specs)
+        st = n_specs ? policies(probs, steps, bands, specs, n_specs, cosine)
                      : dm_fail(DM_ERR_ARG, "--probs needs at least one --route SPEC");
         if (st) fprintf(stderr, "ditmoe-routestats: %s\n", dm_last_error());
         return st ? dm_exit_code(st) : 0;
