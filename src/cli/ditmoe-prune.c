@@ -1,0 +1,275 @@
+/* ditmoe-prune: structured expert pruning of a DiT-MoE model (docs/moe-lab.md).
+ *
+ *   ditmoe-prune MODEL --keep N [--method best|stun|exhaustive] [--probs P.npy] [--routes DUMP]...
+ *                [--lambda X] [--report R.json] [-o OUT.safetensors]
+ *
+ * Per MoE layer it chooses N experts two ways (router/prune.h): STUN (complete-linkage
+ * clustering of a behaviour + router-row distance, one representative per cluster) and an
+ * exhaustive search minimising the lost top-k mass on calibration router probabilities (--probs:
+ * [L, M, E] float32, e.g. from tools/moe_lab/router_probs.py); both are scored by that objective
+ * and `best` (default) keeps the lower per layer. Co-activation comes from routing dumps
+ * (--routes, conditional rows) or, without dumps, from the top-k of --probs. Then it writes the
+ * pruned model: dropped experts' tensors removed, kept ones renumbered, router rows kept to
+ * match, num_experts = N. Every MoE layer is pruned to the same N (the loader has one
+ * num_experts). Exit: 0, 2 bad input, 1 runtime. */
+#include "ditmoe.h"
+#include "cli/common.h"
+#include "router/prune.h"
+#include "trace/analysis.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The safetensors writer is dm_st_write (src/io/st_write.c, branch ptload). Until that merge
+ * this program plans and reports but does not write: build with -DDM_HAVE_ST_WRITE (or delete
+ * the #ifdef below) once dm_st_write is in include/ditmoe.h. */
+
+static const char *usage =
+    "usage: ditmoe-prune MODEL --keep N [options]\n"
+    "  --keep N            experts kept in every MoE layer (top_k <= N <= E)\n"
+    "  --method M          best (default: per layer the lower lost mass of the two), stun,\n"
+    "                      exhaustive\n"
+    "  --probs P.npy       calibration router probabilities [L, M, E] float32\n"
+    "                      (tools/moe_lab/router_probs.py); needed by exhaustive and best\n"
+    "  --routes DUMP       routing dump(s) for co-activation (repeatable; default: top-k of --probs)\n"
+    "  --lambda X          weight of the router-row distance in STUN's distance (default 0)\n"
+    "  --report R.json     write the per-layer choices and objectives\n"
+    "  -o OUT.safetensors  the pruned model (without -o: plan and report only)\n";
+
+#define MAX_DUMPS 16
+
+int main(int argc, char **argv)
+{
+    const char *model = NULL, *probs_path = NULL, *out = NULL, *report = NULL, *method = "best";
+    const char *dumps[MAX_DUMPS];
+    int n_dumps = 0, keep = 0;
+    float lambda = 0;
+    dm_status st = DM_OK;
+    for (int i = 1; i < argc && !st; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(usage, stdout);
+            return 0;
+        } else if (a[0] == '-' && !v) {
+            st = dm_fail(DM_ERR_ARG, "%s needs a value", a);
+        } else if (!strcmp(a, "--keep")) {
+            st = dm_cli_int("--keep", v, 1, DM_PRUNE_MAX_E, &keep), i++;
+        } else if (!strcmp(a, "--method")) {
+            method = v, i++;
+            if (strcmp(v, "best") && strcmp(v, "stun") && strcmp(v, "exhaustive"))
+                st = dm_fail(DM_ERR_ARG, "--method %s: best, stun or exhaustive", v);
+        } else if (!strcmp(a, "--probs")) {
+            probs_path = v, i++;
+        } else if (!strcmp(a, "--routes")) {
+            if (n_dumps == MAX_DUMPS) st = dm_fail(DM_ERR_ARG, "--routes: at most %d dumps", MAX_DUMPS);
+            else dumps[n_dumps++] = v, i++;
+        } else if (!strcmp(a, "--lambda")) {
+            st = dm_cli_float("--lambda", v, &lambda), i++;
+        } else if (!strcmp(a, "--report")) {
+            report = v, i++;
+        } else if (!strcmp(a, "-o")) {
+            out = v, i++;
+        } else if (!strcmp(a, "--layers")) {
+            st = dm_fail(DM_ERR_ARG, "--layers: pruning a subset of layers gives layers of different "
+                         "expert counts, which the loader (one num_experts) cannot read yet");
+        } else if (a[0] == '-') {
+            st = dm_fail(DM_ERR_ARG, "unknown flag %s (see --help)", a);
+        } else if (model) {
+            st = dm_fail(DM_ERR_ARG, "more than one MODEL (%s, %s)", model, a);
+        } else {
+            model = a;
+        }
+    }
+    if (!st && !model) st = dm_fail(DM_ERR_ARG, "no MODEL (see --help)");
+    if (!st && !keep) st = dm_fail(DM_ERR_ARG, "--keep N is required");
+    if (!st && strcmp(method, "stun") && !probs_path)
+        st = dm_fail(DM_ERR_ARG, "--method %s needs --probs (calibration router probabilities)", method);
+    if (!st && !probs_path && !n_dumps)
+        st = dm_fail(DM_ERR_ARG, "--method stun needs --routes or --probs for co-activation");
+    if (st) {
+        fprintf(stderr, "ditmoe-prune: %s\n", dm_last_error());
+        return dm_exit_code(st);
+    }
+
+    dm_st_file *f = NULL;
+    dm_config cfg = {0};
+    dm_npy probs = {0};
+    dm_prune_plan *plan = calloc(1, sizeof *plan);
+    int64_t *coact = NULL;
+    double *mass = NULL;
+    FILE *rep = NULL;
+    if (!plan) st = dm_fail(DM_ERR_NOMEM, "plan");
+    if (!st) st = dm_st_open(model, &f);
+    if (!st) st = dm_config_from_file(f, &cfg);
+    if (!st && cfg.arch != DM_ARCH_DITMOE)
+        st = dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only", model);
+    const int L = cfg.depth, E = cfg.num_experts, D = cfg.hidden, k = cfg.top_k;
+    if (!st && (keep < k || keep > E))
+        st = dm_fail(DM_ERR_ARG, "--keep %d: must be in [top_k = %d, E = %d]", keep, k, E);
+    int64_t M = 0;
+    if (!st && probs_path) {
+        st = dm_npy_read_expect(probs_path, DM_F32, 3, &probs);
+        if (!st && (probs.shape[0] != L || probs.shape[2] != E))
+            st = dm_fail(DM_ERR_FORMAT, "%s: shape [%lld, %lld, %lld], expected [%d, M, %d]", probs_path,
+                         (long long)probs.shape[0], (long long)probs.shape[1], (long long)probs.shape[2], L, E);
+        M = probs.shape[1];
+    }
+    if (!st) {
+        coact = calloc((size_t)L * E * E, sizeof(int64_t));
+        mass = calloc((size_t)L * E, sizeof(double));
+        if (!coact || !mass) st = dm_fail(DM_ERR_NOMEM, "co-activation");
+    }
+    /* co-activation: dumps, else the top-k of the calibration probabilities */
+    for (int d = 0; !st && d < n_dumps; d++) {
+        dm_trace_reader *r = NULL;
+        dm_route_analysis an;
+        const dm_trace_record *rec;
+        st = dm_trace_read_open(dumps[d], &r);
+        if (!st && (dm_trace_read_shape(r)->layers != L || dm_trace_read_shape(r)->num_experts != E))
+            st = dm_fail(DM_ERR_FORMAT, "%s: dump of %d layers x %d experts, model %d x %d", dumps[d],
+                         dm_trace_read_shape(r)->layers, dm_trace_read_shape(r)->num_experts, L, E);
+        if (!st) st = dm_route_analysis_init(&an, dm_trace_read_shape(r), 0);
+        while (!st && !(st = dm_trace_read_next(r, &rec)) && rec) st = dm_route_analysis_add(&an, rec);
+        if (!st)
+            for (size_t i = 0; i < (size_t)L * E * E; i++) coact[i] += an.coact[i];
+        if (!st)
+            for (size_t i = 0; i < (size_t)L * E; i++) mass[i] += an.mass[i];
+        if (r) {
+            dm_route_analysis_free(&an);
+            dm_trace_read_close(r);
+        }
+    }
+    if (!st && !n_dumps)
+        for (int l = 0; l < L; l++)
+            for (int64_t m = 0; m < M; m++) {
+                const float *p = (const float *)probs.data + ((size_t)l * M + m) * E;
+                int ids[DM_PRUNE_MAX_E];
+                uint64_t used = 0;
+                for (int j = 0; j < k; j++) {
+                    int b = -1;
+                    for (int e = 0; e < E; e++)
+                        if (!(used >> e & 1) && (b < 0 || p[e] > p[b])) b = e;
+                    used |= 1ull << b, ids[j] = b;
+                    mass[(size_t)l * E + b] += p[b];
+                }
+                for (int i = 0; i < k; i++)
+                    for (int j = 0; j < k; j++) coact[((size_t)l * E + ids[i]) * E + ids[j]]++;
+            }
+    if (!st && report && !(rep = fopen(report, "w")))
+        st = dm_fail(DM_ERR_WRITE, "--report %s: cannot write", report);
+    if (rep) fprintf(rep, "{\"model\": \"%s\", \"keep\": %d, \"experts\": %d, \"method\": \"%s\", \"layers\": [", model, keep, E, method);
+    plan->layers = L, plan->E = E, plan->keep = keep;
+    const size_t nw = (size_t)3 * cfg.expert_hidden * D;
+    float **W = calloc((size_t)E, sizeof(float *));
+    if (!W && !st) st = dm_fail(DM_ERR_NOMEM, "weights");
+    for (int l = 0; !st && l < L; l++) {
+        plan->block[l] = l;
+        char name[128];
+        float *router = NULL;
+        snprintf(name, sizeof name, "blocks.%d.moe.gate.weight", l);
+        st = dm_st_load_f32(f, name, 2, (int64_t[]){E, D}, &router);
+        for (int e = 0; !st && e < E; e++) { /* flattened gate | up | down for the centroid */
+            W[e] = malloc(nw * sizeof(float));
+            if (!W[e]) st = dm_fail(DM_ERR_NOMEM, "weights");
+            const char *part[3] = {"gate_proj", "up_proj", "down_proj"};
+            for (int q = 0; !st && q < 3; q++) {
+                float *x = NULL;
+                snprintf(name, sizeof name, "blocks.%d.moe.experts.%d.%s.weight", l, e, part[q]);
+                const int64_t sh[2] = {q < 2 ? cfg.expert_hidden : D, q < 2 ? D : cfg.expert_hidden};
+                st = dm_st_load_f32(f, name, 2, sh, &x);
+                if (!st) memcpy(W[e] + (size_t)q * cfg.expert_hidden * D, x, (size_t)cfg.expert_hidden * D * sizeof(float));
+                free(x);
+            }
+        }
+        int stun[DM_PRUNE_MAX_E], exh[DM_PRUNE_MAX_E], cl[DM_PRUNE_MAX_E];
+        double ls = -1, le = -1, full = -1;
+        if (!st) {
+            double *dist = malloc((size_t)E * E * sizeof(double));
+            if (!dist) st = dm_fail(DM_ERR_NOMEM, "distance");
+            if (dist) {
+                dm_prune_distance(E, coact + (size_t)l * E * E, router, D, lambda, dist);
+                dm_prune_cluster(E, dist, keep, cl);
+                dm_prune_representatives(E, cl, keep, (const float *const *)W, nw, mass + (size_t)l * E, stun);
+                free(dist);
+            }
+        }
+        const float *pl = probs.data ? (const float *)probs.data + (size_t)l * M * E : NULL;
+        if (!st && pl) {
+            uint8_t mk[DM_PRUNE_MAX_E] = {0};
+            for (int j = 0; j < keep; j++) mk[stun[j]] = 1;
+            ls = dm_prune_lost_mass(pl, M, E, k, mk);
+            const uint8_t none[DM_PRUNE_MAX_E] = {0};
+            full = dm_prune_lost_mass(pl, M, E, k, none); /* = the mean top-k mass itself */
+            if (strcmp(method, "stun")) le = dm_prune_exhaustive(pl, M, E, k, keep, exh);
+        }
+        if (!st) {
+            const int use_exh = !strcmp(method, "exhaustive") || (!strcmp(method, "best") && le <= ls);
+            memcpy(plan->kept[l], use_exh ? exh : stun, (size_t)keep * sizeof(int));
+            fprintf(stderr, "[INFO] layer %d", l);
+            if (full >= 0) fprintf(stderr, " (top-%d mass %.5f)", k, full);
+            fprintf(stderr, ": stun keeps");
+            for (int j = 0; j < keep; j++) fprintf(stderr, " %d", stun[j]);
+            if (ls >= 0) fprintf(stderr, " (lost mass %.5f)", ls);
+            if (le >= 0) {
+                fprintf(stderr, "; exhaustive keeps");
+                for (int j = 0; j < keep; j++) fprintf(stderr, " %d", exh[j]);
+                fprintf(stderr, " (%.5f)", le);
+            }
+            fprintf(stderr, " -> %s\n", use_exh ? "exhaustive" : "stun");
+            if (rep) {
+                fprintf(rep, "%s\n {\"layer\": %d, \"stun\": [", l ? "," : "", l);
+                for (int j = 0; j < keep; j++) fprintf(rep, "%s%d", j ? ", " : "", stun[j]);
+                fprintf(rep, "], \"stun_clusters\": [");
+                for (int e = 0; e < E; e++) fprintf(rep, "%s%d", e ? ", " : "", cl[e]);
+                fprintf(rep, "], \"topk_mass\": %.6f, \"stun_lost_mass\": %.6f", full, ls);
+                if (le >= 0) {
+                    fprintf(rep, ", \"exhaustive\": [");
+                    for (int j = 0; j < keep; j++) fprintf(rep, "%s%d", j ? ", " : "", exh[j]);
+                    fprintf(rep, "], \"exhaustive_lost_mass\": %.6f", le);
+                }
+                fprintf(rep, ", \"chosen\": \"%s\"}", use_exh ? "exhaustive" : "stun");
+            }
+        }
+        free(router);
+        for (int e = 0; e < E; e++) free(W[e]), W[e] = NULL;
+    }
+    free(W);
+    if (rep) {
+        fprintf(rep, "]}\n");
+        if (fclose(rep) && !st) st = dm_fail(DM_ERR_WRITE, "--report %s: write failed", report);
+    }
+    if (!st && out) {
+        dm_prune_op *ops = NULL;
+        dm_st_tensor *t = NULL;
+        void *owned = NULL;
+        char *meta = NULL;
+        int n_ops = 0, nt = 0;
+        st = dm_prune_ops(f, &cfg, plan, &ops, &n_ops);
+        if (!st) st = dm_prune_apply(f, ops, n_ops, &t, &nt, &owned);
+        if (!st) st = dm_prune_metadata(f, plan, method, &meta);
+        const char *fmt = dm_st_meta(f, "format");
+        const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
+#ifdef DM_HAVE_ST_WRITE
+        if (!st) st = dm_st_write(out, nt, t, kv);
+#else
+        (void)kv;
+        if (!st)
+            st = dm_fail(DM_ERR_WRITE, "-o %s: this build has no safetensors writer (dm_st_write, "
+                         "src/io/st_write.c); plan above, nothing written", out);
+#endif
+        if (!st) fprintf(stderr, "[INFO] wrote %s: %d tensors, %d experts per layer\n", out, nt, keep);
+        free(meta);
+        if (t) dm_prune_tensors_free(t, nt, owned);
+        free(ops);
+    }
+    if (st) fprintf(stderr, "ditmoe-prune: %s\n", dm_last_error());
+    free(coact);
+    free(mass);
+    free(plan);
+    dm_npy_free(&probs);
+    dm_config_free(&cfg);
+    if (f) dm_st_close(f);
+    return st ? dm_exit_code(st) : 0;
+}
