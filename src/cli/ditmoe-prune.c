@@ -13,17 +13,13 @@
  * match, num_experts = N. Every MoE layer is pruned to the same N (the loader has one
  * num_experts). Exit: 0, 2 bad input, 1 runtime. */
 #include "ditmoe.h"
-#include "cli/common.h"
+#include "common.h"
 #include "router/prune.h"
 #include "trace/analysis.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* The safetensors writer is dm_st_write (src/io/st_write.c, branch ptload). Until that merge
- * this program plans and reports but does not write: build with -DDM_HAVE_ST_WRITE (or delete
- * the #ifdef below) once dm_st_write is in include/ditmoe.h. */
 
 static const char *usage =
     "usage: ditmoe-prune MODEL --keep N [options]\n"
@@ -251,14 +247,7 @@ int main(int argc, char **argv)
         if (!st) st = dm_prune_metadata(f, plan, method, &meta);
         const char *fmt = dm_st_meta(f, "format");
         const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
-#ifdef DM_HAVE_ST_WRITE
         if (!st) st = dm_st_write(out, nt, t, kv);
-#else
-        (void)kv;
-        if (!st)
-            st = dm_fail(DM_ERR_WRITE, "-o %s: this build has no safetensors writer (dm_st_write, "
-                         "src/io/st_write.c); plan above, nothing written", out);
-#endif
         if (!st) fprintf(stderr, "[INFO] wrote %s: %d tensors, %d experts per layer\n", out, nt, keep);
         free(meta);
         if (t) dm_prune_tensors_free(t, nt, owned);

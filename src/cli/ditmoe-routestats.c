@@ -16,7 +16,7 @@
  * Dumps must share a shape (layers, experts, k, steps). Exit 0, 2 bad input, 1 runtime. Meant
  * to become `ditmoe-routes --affinity` after the CLI merge. */
 #include "ditmoe.h"
-#include "cli/common.h"
+#include "common.h"
 #include "router/route_policy.h"
 #include "trace/analysis.h"
 
