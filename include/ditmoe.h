@@ -667,6 +667,7 @@ typedef struct {
     dm_backend_kind backend; /* DM_BACKEND_CPU                                                 */
     int device;              /* accelerator ordinal, 0                                         */
     int threads;             /* dm_set_threads(threads) at open; -1 (default) leaves it as is  */
+    const dm_config_overrides *cfg; /* the model's config overrides (.pt files), NULL = none   */
 } dm_pipeline_opts;
 void dm_pipeline_opts_init(dm_pipeline_opts *o);
 

@@ -26,7 +26,8 @@ CUDA_CODE = 1 if CUDA_BUILD else 2
 CUDA_CHECK = not os.path.exists("/dev/nvidia0")
 PY = os.environ.get("PYTHON", sys.executable)
 REF = os.path.join(SRC, "tests", "ref", "sampler_ref.py")
-PROGRAMS = ["ditmoe-sample", "ditmoe-batch", "ditmoe-forward", "ditmoe-vae-decode", "ditmoe-routes"]
+PROGRAMS = ["ditmoe-sample", "ditmoe-batch", "ditmoe-forward", "ditmoe-vae-decode", "ditmoe-routes",
+            "ditmoe-convert"]
 failures = []
 
 
@@ -210,6 +211,48 @@ def body(tmp):
     expect(R, "no --backend", Ro + ["--backend", "cpu", P("d.dmr")], 2, "unknown flag '--backend'", O)
     expect(R, "unwritable output", ["-o", os.path.join(nodir, "views"), "-q", P("d.dmr")], 1,
            "cannot create", O)
+
+    # --- the config-override group (what a .pt cannot tell), shared by every loading program
+    for prog, rest in ((S, M + ["-o", P("out", "a.png")]), (B, M + ["--num", "2"] + Bo),
+                       (F, Fi + Fo)):
+        expect(prog, "bad --router", rest + ["--router", "tanh"], 2, "--router 'tanh'", O)
+        expect(prog, "bad --vae-scale", rest + ["--vae-scale", "-1"], 2, "--vae-scale '-1'", O)
+        expect(prog, "bad --heads", rest + ["--heads", "four"], 2, "--heads 'four'", O)
+        expect(prog, "--promoe-variant on DiT-MoE", rest + ["--promoe-variant", "ec"], 2,
+               "--promoe-variant: only for ProMoE", O)
+
+    # --- ditmoe-convert (a random-weight DiT-MoE .pt in the official layout)
+    r = subprocess.run([PY, "-c", "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+                        "from dit_moe_ref import DiTMoE, randomize_; "
+                        "m = DiTMoE(hidden_size=384, depth=1, num_heads=6, num_experts=2, top_k=2, "
+                        "attention='timm', patch_size=2, input_size=8, in_channels=4, "
+                        "learn_sigma=True, num_classes=10); "
+                        "torch.save({'ema': randomize_(m, 0).state_dict()}, sys.argv[2])",
+                        os.path.join(SRC, "tests", "ref"), P("m.pt")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    open(P("garbage.pt"), "wb").write(b"PK\x03\x04 this is no zip")
+    C = "ditmoe-convert"
+    Co = P("out", "c.safetensors")
+    expect(C, "unknown flag", [P("m.pt"), Co, "--frobnicate"], 2, "unknown flag '--frobnicate'", O)
+    expect(C, "missing value", [P("m.pt"), Co, "--heads"], 2, "--heads", O)
+    expect(C, "bad --heads", [P("m.pt"), Co, "--heads", "x"], 2, "--heads 'x'", O)
+    expect(C, "bad --dtype", [P("m.pt"), Co, "--dtype", "f8"], 2, "--dtype 'f8'", O)
+    expect(C, "bad --sampler", [P("m.pt"), Co, "--sampler", "plms"], 2, "--sampler 'plms'", O)
+    expect(C, "bad --cfg-scale", [P("m.pt"), Co, "--cfg-scale", "big"], 2, "--cfg-scale 'big'", O)
+    expect(C, "bad --vae-scale", [P("m.pt"), Co, "--vae-scale", "0"], 2, "--vae-scale '0'", O)
+    expect(C, "bad --objective", [P("m.pt"), Co, "--objective", "edm"], 2, "--objective 'edm'", O)
+    expect(C, "heads not dividing", [P("m.pt"), Co, "--heads", "5"], 2, "m.pt", O)
+    expect(C, "one argument", [P("m.pt")], 2, "expected IN.pt OUT.safetensors", O)
+    expect(C, "three arguments", [P("m.pt"), Co, P("x")], 2, "expected IN.pt OUT.safetensors", O)
+    expect(C, "missing input", [P("nope.pt"), Co], 2, "nope.pt", O)
+    expect(C, "malformed input", [P("garbage.pt"), Co], 2, "garbage.pt", O)
+    expect(C, "not a checkpoint", [P("garbage.safetensors"), Co], 2, "garbage.safetensors", O)
+    expect(C, "unwritable output", [P("m.pt"), os.path.join(nodir, "c.safetensors")], 1,
+           "cannot create the output folder", O)
+    rc, out, err = run(C, [P("m.pt"), P("out", "new", "deeper", "c.safetensors")])
+    check(rc == 0 and os.path.isfile(P("out", "new", "deeper", "c.safetensors"))
+          and out.startswith("ditmoe-convert: wrote "),
+          f"{C}: missing output folder created: exit {rc} {err.strip()[:200]}")
 
     # --- help and version, from the tables
     for p in PROGRAMS:

@@ -263,7 +263,7 @@ class Families(Base):
                 rc = run(os.path.join(BIN, "ditmoe-convert"), src, self.path("c.safetensors"), *flags)
                 self.assertEqual((rp.returncode, rc.returncode), (2, 2), rc.stderr)
                 self.assertEqual(rp.stderr.strip().split("error: ", 1)[1],
-                                 rc.stderr.strip().split("error: ", 1)[1])
+                                 rc.stderr.strip().split("ditmoe-convert: ", 1)[1])
                 self.assertFalse(os.path.exists(self.path("c.safetensors")))
 
     def test_sample_bit_identical(self):
@@ -278,6 +278,75 @@ class Families(Base):
             with open(out, "rb") as f:
                 z.append(f.read())
         self.assertEqual(z[0], z[1])
+
+    def sample(self, model, tag, *flags):
+        """ditmoe-sample with the shipped VAE (4 latent channels): (latent bytes, pixels)."""
+        from PIL import Image
+        z, png = self.path(f"z-{tag}.npy"), self.path(f"img-{tag}-%d.png")
+        r = run(os.path.join(BIN, "ditmoe-sample"), "--model", model, "--class", "1,7", "--steps",
+                "3", "--seed", "5", "--save-latent", z, "-o", png, "-q", "--threads", "2", *flags)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return read(z), [np.array(Image.open(png % i)) for i in range(2)]
+
+    def test_sample_overrides_both_families(self):
+        """ditmoe-sample --model X.pt with the converter's flags == the file converted with them."""
+        names = self.path("names.txt")
+        with open(names, "w") as f:
+            f.write("\n".join(f"thing {i}" for i in range(10)) + "\n")
+        d64 = randomize_(DiTMoE(**dict(DIT, hidden_size=64, num_heads=4, num_experts=4)), 21)
+        cases = {
+            "ditmoe": ({"model": d64.state_dict(), "opt": {"step": 3}},
+                       ["--heads", "4", "--top-k", "1", "--objective", "rf", "--num-classes", "10",
+                        "--class-names", names, "--vae-scale", "0.3"]),
+            "promoe": ({"ema": promoe_sd(22)},
+                       ["--heads", "12", "--top-k", "2", "--promoe-variant", "ec", "--router",
+                        "softmax", "--vae-scale", "0.25"]),
+        }
+        for fam, (obj, flags) in cases.items():
+            with self.subTest(family=fam):
+                src = self.save(obj, f"{fam}.pt")
+                st = self.py_convert(src, *flags, out=f"{fam}.safetensors")
+                za, pa = self.sample(src, fam + "-pt", *flags)
+                zb, pb = self.sample(st, fam + "-st")
+                self.assertEqual(za, zb, "latents differ from the converted file's")
+                for a, b in zip(pa, pb):
+                    self.assertEqual(a.tobytes(), b.tobytes(), "pixels differ")
+                # The flags matter: without them the result differs (or the load fails).
+                r = run(os.path.join(BIN, "ditmoe-sample"), "--model", src, "--class", "1",
+                        "--steps", "3", "--seed", "5", "--save-latent", self.path("zz.npy"),
+                        "--latent-only", "-q", *flags[2:])
+                if r.returncode == 0:
+                    self.assertNotEqual(read(self.path("zz.npy")), za)
+                else:
+                    self.assertEqual(r.returncode, 2, r.stderr)
+        # A bad override value: one line naming the flag, exit 2, for every loading program.
+        for prog, extra in (("ditmoe-sample", ["--latent-only", "--save-latent",
+                                               self.path("n.npy")]),
+                            ("ditmoe-batch", ["--num", "1", "-o", self.path("b")]),
+                            ("ditmoe-forward", ["--x", "x", "--t", "t", "--y", "y", "--out", "o"])):
+            for bad, word in ((["--router", "tanh"], "--router"), (["--vae-scale", "0"], "--vae-scale"),
+                              (["--objective", "edm"], "--objective"), (["--heads", "x"], "--heads")):
+                with self.subTest(prog=prog, flag=bad):
+                    r = run(os.path.join(BIN, prog), "--model", src, *bad, *extra)
+                    self.assertEqual(r.returncode, 2, r.stderr)
+                    lines = r.stderr.strip().splitlines()
+                    self.assertEqual(len(lines), 1, r.stderr)
+                    self.assertIn(word, lines[0])
+
+    def test_convert_makes_output_folder(self):
+        """As the Python converter: a missing output folder is created, only on success."""
+        src = self.save(dit_sd(23))
+        a = self.py_convert(src, out="py/deep/a.safetensors")
+        b = self.c_convert(src, out="c/deep/b.safetensors")
+        self.assertEqual(read(a), read(b))
+        r = run(os.path.join(BIN, "ditmoe-convert"), src, self.path("no/x.safetensors"), "--heads", "5")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertFalse(os.path.exists(self.path("no")), "folder made for a failed conversion")
+        write(self.path("afile"), b"x")
+        r = run(os.path.join(BIN, "ditmoe-convert"), src, self.path("afile/x.safetensors"))
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn("afile", r.stderr)
 
     def test_imagenet_names_default(self):
         """1000-class models without names take ImageNet's: --class 'golden retriever' is 207."""

@@ -145,6 +145,32 @@ class Package(unittest.TestCase):
             pipe.generate([207], steps=2)
         self.assertIn("golden retriever", str(e.exception))
 
+    @unittest.skipUnless(ditmoe._lib.HAVE_PIPELINE, "library without dm_pipeline_* (merge pending)")
+    def test_pipeline_pt_overrides_equal_cli(self):
+        """Pipeline(X.pt, heads=..., ...) gives ditmoe-sample --model X.pt --heads ...'s pixels."""
+        sd = randomize_(DiTMoE(hidden_size=64, depth=2, num_heads=4, num_experts=4, top_k=2,
+                               attention="qknorm", patch_size=2, input_size=8, in_channels=4,
+                               learn_sigma=False, num_classes=10), 5).state_dict()
+        pt = self.path("p.pt")
+        torch.save({"ema": sd, "opt": {"lr": 1e-4}}, pt)
+        with self.assertRaises(ditmoe.Error) as e:
+            ditmoe.Pipeline(pt)
+        self.assertIn("pass --heads N", str(e.exception))
+        ov = dict(heads=4, top_k=1, vae_scale=0.3)
+        pipe = ditmoe.Pipeline(pt, threads=2, **ov)
+        self.assertEqual((pipe.config.num_heads, pipe.config.top_k), (4, 1))
+        imgs = pipe.generate([2, 9], n=1, steps=3, seed=4)
+        r = run(os.path.join(BIN, "ditmoe-sample"), "--model", pt, "--heads", "4", "--top-k", "1",
+                "--vae-scale", "0.3", "--class", "2,9", "--steps", "3", "--seed", "4", "-q",
+                "--threads", "2", "-o", self.path("pt-%d.png"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        from PIL import Image
+        for i in range(2):
+            a = np.array(Image.open(self.path(f"pt-{i}.png"))).reshape(imgs[i].shape)
+            self.assertTrue((a == imgs[i]).all(), f"image {i} differs from ditmoe-sample's")
+        other = ditmoe.Pipeline(pt, threads=2, heads=4, top_k=1, vae_scale=0.6)
+        self.assertFalse((other.generate([2, 9], steps=3, seed=4) == imgs).all())
+
     def test_installed_package(self):
         prefix = self.path("prefix")
         r = run("cmake", "--install", BUILD, "--prefix", prefix)

@@ -164,11 +164,14 @@ class Model:
 
 
 class Pipeline:
-    """Model + VAE -> images: Pipeline(model=None, vae=None, backend="cpu", threads=0).
+    """Model + VAE -> images: Pipeline(model=None, vae=None, backend="cpu", threads=0, **overrides).
 
-    model / vae default to the shipped Fashion-MNIST files. threads: 0 = all cores."""
+    model / vae default to the shipped Fashion-MNIST files. threads: 0 = all cores.
+    model may be a PyTorch checkpoint (.pt/.pth); overrides are what its weights cannot tell, as
+    Model's and the CLI's flags (heads, top_k, objective, num_classes, class_names,
+    promoe_variant, router, vae_scale)."""
 
-    def __init__(self, model=None, vae=None, backend="cpu", threads=0, device=0):
+    def __init__(self, model=None, vae=None, backend="cpu", threads=0, device=0, **overrides):
         if not _lib.HAVE_PIPELINE:
             raise Error(1, "this libditmoe.so has no generation pipeline (dm_pipeline_open)")
         self.model_path = os.fspath(model) if model else default_asset("ditmoe-fmnist.safetensors")
@@ -177,6 +180,9 @@ class Pipeline:
         lib.dm_pipeline_opts_init(ctypes.byref(o))
         o.model_path, o.vae_path = os.fsencode(self.model_path), os.fsencode(self.vae_path)
         o.backend, o.device, o.threads = _backend(backend), device, int(threads)
+        self._ov = _overrides(overrides)          # kept alive while opening
+        if self._ov is not None:
+            o.cfg = ctypes.pointer(self._ov)
         self._p = ctypes.c_void_p()
         _check(lib.dm_pipeline_open(ctypes.byref(o), ctypes.byref(self._p)))
         self._cfg = lib.dm_pipeline_config(self._p).contents

@@ -81,7 +81,7 @@ HAVE_PIPELINE = hasattr(lib, "dm_pipeline_open")
 if HAVE_PIPELINE:
     class PipelineOpts(ctypes.Structure):   # dm_pipeline_opts
         _fields_ = [("model_path", c_char_p), ("vae_path", c_char_p), ("backend", c_int),
-                    ("device", c_int), ("threads", c_int)]
+                    ("device", c_int), ("threads", c_int), ("cfg", P(ConfigOverrides))]
 
     class PipelineInfo(ctypes.Structure):   # dm_pipeline_info
         _fields_ = [("latent_channels", c_int), ("latent_size", c_int), ("width", c_int),

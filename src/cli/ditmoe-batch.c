@@ -32,12 +32,14 @@ typedef struct {
     int batch;
     uint64_t seed;
     dm_cli_common common;
+    dm_cli_overrides ov; /* what a .pt's weights cannot tell */
 } args_t;
 
 static args_t A;
 
 static const dm_cli_opt OPTS[] = {
     DM_CLI_MODEL_OPTS(A.model, A.vae),
+    DM_CLI_OVERRIDE_OPTS(A.ov),
     {'n', "num", DM_OPT_I64, &A.num, 1, 1e9, "N", "none (required)", "number of images", NULL},
     {'\0', "classes", DM_OPT_STR, &A.classes, 0, 0, "C", "random",
      "random (uniform, as DiT's FID runs) | balanced (index mod K) |\n"
@@ -332,6 +334,7 @@ static dm_status setup(run_t *r)
     po.vae_path = r->vae_path;
     po.backend = A.common.backend;
     po.device = A.common.device;
+    if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     const dm_config *c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, c, A.seed, &r->p))) return st;
@@ -492,6 +495,7 @@ int main(int argc, char **argv)
     A.batch = 8;
     A.num = -1;
     dm_cli_common_init(&A.common);
+    dm_cli_overrides_init(&A.ov);
     st = dm_cli_parse(&PROGRAM, argc, argv, &done);
     if (st || done) return dm_cli_exit(PROG, st);
     if (A.num < 0) st = dm_fail(DM_ERR_ARG, "--num N is required (the number of images)");

@@ -5,135 +5,146 @@
  *
  *   ditmoe-convert IN.pt OUT.safetensors [--dtype f32|f16|bf16] [--heads N] [--top-k K] ...
  *
+ * Flags from the shared table (flags.h: the override group every model-loading program takes);
+ * one exit path (dm_cli_exit). A missing output folder is created (as the Python converter's
+ * os.makedirs), after the checkpoint has been read and checked.
  * Exit status: 0 ok, 2 bad input (one line on stderr, no output file), 1 other failure. */
 #include "ditmoe.h"
+#include "flags.h"
 
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#define PROG "ditmoe-convert"
 
-static const char *k_usage =
-    "usage: ditmoe-convert IN.pt OUT.safetensors [options]\n"
-    "  --dtype f32|f16|bf16      convert floating tensors (default: keep f32/f16/bf16 as stored,\n"
-    "                            f64 -> f32)\n"
-    "  --heads N                 attention heads (default: released-config table)\n"
-    "  --top-k K                 experts per token (default: DiT-MoE 2, ProMoE 1)\n"
-    "  --objective ddpm|rf       default: rf for qknorm attention, ddpm for timm; ProMoE: rf\n"
-    "  --num-classes N           default: rows of y_embedder.embedding_table.weight - 1\n"
-    "  --class-names FILE        text file, one class name per line\n"
-    "  --name TEXT               model name (default: DiT-MoE-<size>/<p>-<E>E<k>A if released)\n"
-    "  --sampler ddpm|ddim|euler|heun, --steps N, --cfg-scale F, --cfg-channels N\n"
-    "                            default sampling stored in the model\n"
-    "  --vae-scale F             latent scale of the VAE (default 0.18215, SD-VAE)\n"
-    "  --promoe-variant tc|ec    ProMoE routing (default tc)\n"
-    "  --router identity|softmax|sigmoid  ProMoE router activation (default identity)\n"
-    "  -q                        no summary line\n";
+typedef struct {
+    dm_cli_overrides ov;
+    const char *dtype, *name, *sampler, *cfg_scale;
+    int steps, cfg_channels, quiet;
+    dm_cli_list pos;
+} args_t;
 
-static int bad(const char *fmt, const char *a, const char *b)
+static args_t A;
+
+static const dm_cli_opt OPTS[] = {
+    {'\0', "dtype", DM_OPT_STR, &A.dtype, 0, 0, "f32|f16|bf16", "keep f32/f16/bf16, f64 -> f32",
+     "convert floating tensors", NULL},
+    DM_CLI_OVERRIDE_OPTS(A.ov),
+    {'\0', "name", DM_OPT_STR, &A.ov.ov.name, 0, 0, "TEXT", "DiT-MoE-<size>/<p>-<E>E<k>A if released",
+     "model name", NULL},
+    {'\0', "sampler", DM_OPT_STR, &A.sampler, 0, 0, "ddpm|ddim|euler|heun", "ddpm -> ddpm, rf -> euler",
+     "default sampler stored in the model", NULL},
+    {'\0', "steps", DM_OPT_INT, &A.steps, 0, 1e9, "N", "ddpm 250, rf 50",
+     "default sampling steps stored in the model", NULL},
+    {'\0', "cfg-scale", DM_OPT_STR, &A.cfg_scale, 0, 0, "F", "4.0",
+     "default guidance scale stored in the model", NULL},
+    {'\0', "cfg-channels", DM_OPT_INT, &A.cfg_channels, 0, 1e9, "N", "ddpm 3, rf 0",
+     "guided channels stored in the model (0 = all)", NULL},
+    {'q', NULL, DM_OPT_SET, &A.quiet, 1, 0, NULL, "off", "no summary line", NULL},
+    DM_CLI_HELP_OPTS,
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "IN.pt OUT.safetensors [options]",
+    "An official DiT-MoE or ProMoE PyTorch checkpoint (.pt/.pth) to a ditmoe .safetensors, as\n"
+    "tools/convert_checkpoint.py does, without Python. The checkpoint is read by a restricted\n"
+    "pickle reader: nothing in it is executed. A missing output folder is created.",
+    OPTS, &A.pos,
+    "exit status: 0 ok, 2 bad input (one line on stderr, no output file), 1 other failure\n"};
+
+static dm_status check_one_of(const char *flag, const char *v, const char *const *choices,
+                              const char *list)
 {
-    fprintf(stderr, "ditmoe-convert: error: ");
-    fprintf(stderr, fmt, a, b);
-    fputc('\n', stderr);
-    return 2;
+    for (int i = 0; v && choices[i]; i++)
+        if (!strcmp(v, choices[i])) return DM_OK;
+    return v ? dm_fail(DM_ERR_ARG, "%s '%s': expected %s", flag, v, list) : DM_OK;
 }
 
-static int parse_int(const char *flag, const char *v, int *out)
+/* mkdir -p of the folder that holds `path` (as the Python converter's os.makedirs). */
+static dm_status make_parent(const char *path)
 {
-    char *end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (errno || end == v || *end || x < 0 || x > 1000000000)
-        return bad("%s '%s': expected a non-negative integer", flag, v);
-    *out = (int)x;
-    return 0;
+    char dir[4096];
+    size_t n = strlen(path);
+    if (n >= sizeof dir) return dm_fail(DM_ERR_ARG, "%s: path too long", path);
+    memcpy(dir, path, n + 1);
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir) return DM_OK;
+    *slash = 0;
+    for (char *p = dir + 1;; p++) {
+        if (*p == '/' || !*p) {
+            char c = *p;
+            *p = 0;
+            struct stat sb;
+            if (stat(dir, &sb) != 0) {
+                if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+                    return dm_fail(DM_ERR_WRITE, "%s: cannot create the output folder %s: %s", path,
+                                   dir, strerror(errno));
+            } else if (!S_ISDIR(sb.st_mode)) {
+                return dm_fail(DM_ERR_WRITE, "%s: cannot create the output folder: %s is not a "
+                               "folder", path, dir);
+            }
+            *p = c;
+            if (!c) break;
+        }
+    }
+    return DM_OK;
 }
 
-static int parse_double(const char *flag, const char *v, double *out)
-{
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (errno || end == v || *end || !isfinite(x)) return bad("%s '%s': expected a number", flag, v);
-    *out = x;
-    return 0;
-}
-
-static int one_of(const char *flag, const char *v, const char *const *choices)
-{
-    for (int i = 0; choices[i]; i++)
-        if (!strcmp(v, choices[i])) return 0;
-    return bad("%s '%s': not one of the allowed values (see --help)", flag, v);
-}
-
-static int fail(dm_status st)
-{
-    fprintf(stderr, "ditmoe-convert: error: %s\n", dm_last_error());
-    return dm_exit_code(st);
-}
+static dm_status convert(void);
 
 int main(int argc, char **argv)
 {
-    dm_config_overrides ov;
-    dm_config_overrides_init(&ov);
-    const char *pos[2] = {NULL, NULL}, *dtype = NULL;
-    int npos = 0, quiet = 0;
+    dm_cli_overrides_init(&A.ov);
+    A.steps = -1;
+    A.cfg_channels = -1;
+    int done = 0;
+    dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
+    if (st || done) return dm_cli_exit(PROG, st);
+    return dm_cli_exit(PROG, convert());
+}
+
+static dm_status convert(void)
+{
     static const char *const dtypes[] = {"f32", "f16", "bf16", NULL};
-    static const char *const objs[] = {"ddpm", "rf", NULL};
     static const char *const samplers[] = {"ddpm", "ddim", "euler", "heun", NULL};
-    static const char *const variants[] = {"tc", "ec", NULL};
-    static const char *const routers[] = {"identity", "softmax", "sigmoid", NULL};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            fputs(k_usage, stdout);
-            return 0;
-        }
-        if (!strcmp(a, "-q")) {
-            quiet = 1;
-            continue;
-        }
-        if (a[0] != '-' || !a[1]) {
-            if (npos == 2) return bad("unexpected argument '%s'%s", a, " (expected IN OUT)");
-            pos[npos++] = a;
-            continue;
-        }
-        if (i + 1 >= argc) return bad("%s: missing value%s", a, "");
-        const char *v = argv[++i];
-        int r = 0;
-        if (!strcmp(a, "--dtype")) r = one_of(a, v, dtypes), dtype = v;
-        else if (!strcmp(a, "--heads")) r = parse_int(a, v, &ov.heads);
-        else if (!strcmp(a, "--top-k")) r = parse_int(a, v, &ov.top_k);
-        else if (!strcmp(a, "--objective")) r = one_of(a, v, objs), ov.objective = v;
-        else if (!strcmp(a, "--num-classes")) r = parse_int(a, v, &ov.num_classes);
-        else if (!strcmp(a, "--class-names")) ov.class_names = v;
-        else if (!strcmp(a, "--name")) ov.name = v;
-        else if (!strcmp(a, "--sampler")) r = one_of(a, v, samplers), ov.sampler = v;
-        else if (!strcmp(a, "--steps")) r = parse_int(a, v, &ov.steps);
-        else if (!strcmp(a, "--cfg-scale")) r = parse_double(a, v, &ov.cfg_scale);
-        else if (!strcmp(a, "--cfg-channels")) r = parse_int(a, v, &ov.cfg_channels);
-        else if (!strcmp(a, "--vae-scale")) {
-            r = parse_double(a, v, &ov.vae_scale);
-            if (!r && !(ov.vae_scale > 0)) return bad("--vae-scale '%s': must be a positive number%s", v, "");
-        } else if (!strcmp(a, "--promoe-variant")) r = one_of(a, v, variants), ov.promoe_variant = v;
-        else if (!strcmp(a, "--router")) r = one_of(a, v, routers), ov.router = v;
-        else return bad("unknown flag %s%s (see --help)", a, "");
-        if (r) return r;
+    dm_status st;
+    if (A.pos.n != 2)
+        return dm_fail(DM_ERR_ARG, "expected IN.pt OUT.safetensors, got %d argument%s (see --help)",
+                       A.pos.n, A.pos.n == 1 ? "" : "s");
+    if ((st = check_one_of("--dtype", A.dtype, dtypes, "f32, f16 or bf16")) ||
+        (st = check_one_of("--sampler", A.sampler, samplers, "ddpm, ddim, euler or heun")))
+        return st;
+    dm_config_overrides ov;
+    const dm_config_overrides *got;
+    if ((st = dm_cli_overrides_get(&A.ov, &got))) return st;
+    (void)got;
+    ov = A.ov.ov;
+    ov.sampler = A.sampler;
+    ov.steps = A.steps;
+    ov.cfg_channels = A.cfg_channels;
+    if (A.cfg_scale) {
+        char *end;
+        double x = strtod(A.cfg_scale, &end);
+        if (end == A.cfg_scale || *end || !isfinite(x))
+            return dm_fail(DM_ERR_ARG, "--cfg-scale '%s': expected a number", A.cfg_scale);
+        ov.cfg_scale = x;
     }
-    if (npos != 2) return bad("expected IN.pt OUT.safetensors%s%s (see --help)", "", "");
-    const char *in = pos[0], *out = pos[1];
+    const char *in = A.pos.v[0], *out = A.pos.v[1], *dtype = A.dtype;
+    const int quiet = A.quiet;
 
     dm_st_file *f = NULL;
-    dm_status st = dm_st_open_opts(in, &ov, &f);
-    if (st) return fail(st);
+    st = dm_st_open_opts(in, &ov, &f);
+    if (st) return st;
     char *json = NULL;
     dm_config cfg;
     if ((st = dm_config_json(f, &json)) || (st = dm_config_from_file(f, &cfg))) {
         free(json);
         dm_st_close(f);
-        return fail(st);
+        return st;
     }
     int n = dm_st_count(f);
     dm_st_tensor *t = calloc((size_t)n + 1, sizeof *t);
@@ -163,6 +174,7 @@ int main(int argc, char **argv)
         t[i].nbytes = cnt * dm_dtype_size(target);
     }
     const char *meta[] = {"ditmoe", json, "format", "pt", NULL};
+    if (st == DM_OK) st = make_parent(out);
     if (st == DM_OK) st = dm_st_write(out, n, t, meta);
     if (st == DM_OK && !quiet) {
         char extra[64] = "";
@@ -180,5 +192,5 @@ int main(int argc, char **argv)
     free(json);
     dm_config_free(&cfg);
     dm_st_close(f);
-    return st == DM_OK ? 0 : fail(st);
+    return st;
 }

@@ -15,13 +15,15 @@ typedef struct {
     const char *model, *x, *t, *y, *out, *routes;
     int bench;
     dm_cli_common common;
+    dm_cli_overrides ov; /* what a .pt's weights cannot tell */
 } args_t;
 
 static args_t A;
 
 static const dm_cli_opt OPTS[] = {
     {'\0', "model", DM_OPT_STR, &A.model, 0, 0, "FILE", "none (required)",
-     "DiT-MoE / ProMoE .safetensors", NULL},
+     "DiT-MoE / ProMoE .safetensors or PyTorch .pt/.pth", NULL},
+    DM_CLI_OVERRIDE_OPTS(A.ov),
     {'\0', "x", DM_OPT_STR, &A.x, 0, 0, "FILE", "none (required)",
      "float32 [B,C,H,W] latent input (.npy)", NULL},
     {'\0', "t", DM_OPT_STR, &A.t, 0, 0, "FILE", "none (required)",
@@ -80,6 +82,7 @@ static dm_status read_inputs(const args_t *a, const dm_config *c, dm_npy *x, dm_
 int main(int argc, char **argv)
 {
     dm_cli_common_init(&A.common);
+    dm_cli_overrides_init(&A.ov);
     int done = 0;
     dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
     if (st || done) return dm_cli_exit(PROG, st);
@@ -98,6 +101,7 @@ int main(int argc, char **argv)
     dm_routes routes = {0};
     dm_load_opts lo;
     dm_cli_common_load_opts(&a.common, &lo);
+    if ((st = dm_cli_overrides_get(&A.ov, &lo.cfg))) goto done;
     if ((st = dm_model_load_opts(a.model, &lo, &m))) goto done;
     const dm_config *c = dm_model_config(m);
     if ((st = read_inputs(&a, c, &x, &t, &y, &labels))) goto done;

@@ -25,12 +25,14 @@ typedef struct {
     uint64_t seed;
     dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
     dm_cli_common common;
+    dm_cli_overrides ov; /* what a .pt's weights cannot tell */
 } args_t;
 
 static args_t A;
 
 static const dm_cli_opt OPTS[] = {
     DM_CLI_MODEL_OPTS(A.model, A.vae),
+    DM_CLI_OVERRIDE_OPTS(A.ov),
     {'\0', "class", DM_OPT_LIST, &A.classes, 0, 0, "C", "0",
      "class id or name from the model's table; comma-separated and/or repeated;\n"
      "'all' = every class", NULL},
@@ -399,6 +401,7 @@ static dm_status run(run_t *r)
     po.vae_path = A.latent_only ? NULL : r->vae_path;
     po.backend = A.common.backend;
     po.device = A.common.device;
+    if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     r->c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, r->c, A.seed, &r->p))) return st;
@@ -443,6 +446,7 @@ int main(int argc, char **argv)
     A.batch = 4;
     A.quality = 90;
     dm_cli_common_init(&A.common);
+    dm_cli_overrides_init(&A.ov);
     int done = 0;
     dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
     if (st || done) return dm_cli_exit(PROG, st);

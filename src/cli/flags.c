@@ -3,6 +3,7 @@
 
 #include "common.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -227,6 +228,42 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o)
     dm_load_opts_init(o);
     o->backend = c->backend;
     o->device = c->device;
+}
+
+void dm_cli_overrides_init(dm_cli_overrides *o)
+{
+    memset(o, 0, sizeof *o);
+    dm_config_overrides_init(&o->ov);
+}
+
+static dm_status one_of(const char *flag, const char *v, const char *const *choices, const char *list)
+{
+    if (!v) return DM_OK;
+    for (int i = 0; choices[i]; i++)
+        if (!strcmp(v, choices[i])) return DM_OK;
+    return dm_fail(DM_ERR_ARG, "%s '%s': expected %s", flag, v, list);
+}
+
+dm_status dm_cli_overrides_get(dm_cli_overrides *o, const dm_config_overrides **out)
+{
+    static const char *const objs[] = {"ddpm", "rf", NULL};
+    static const char *const variants[] = {"tc", "ec", NULL};
+    static const char *const routers[] = {"identity", "softmax", "sigmoid", NULL};
+    *out = NULL;
+    dm_status st;
+    if ((st = one_of("--objective", o->ov.objective, objs, "ddpm or rf")) ||
+        (st = one_of("--promoe-variant", o->ov.promoe_variant, variants, "tc or ec")) ||
+        (st = one_of("--router", o->ov.router, routers, "identity, softmax or sigmoid")))
+        return st;
+    if (o->vae_scale) {
+        char *end;
+        double x = strtod(o->vae_scale, &end);
+        if (end == o->vae_scale || *end || !isfinite(x) || !(x > 0))
+            return dm_fail(DM_ERR_ARG, "--vae-scale '%s': must be a positive number", o->vae_scale);
+        o->ov.vae_scale = x;
+    }
+    if (dm_config_overrides_any(&o->ov)) *out = &o->ov;
+    return DM_OK;
 }
 
 dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,

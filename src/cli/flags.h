@@ -121,10 +121,40 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o);
 /* Model + VAE files (default: the shipped assets, see dm_default_asset). */
 #define DM_CLI_MODEL_OPTS(model, vae)                                                            \
     {'\0', "model", DM_OPT_STR, &(model), 0, 0, "FILE", DM_DEFAULT_MODEL " in the assets dir",   \
-     "DiT-MoE / ProMoE .safetensors\n(assets dir: <exe>/../../assets, then $DITMOE_ASSETS)",     \
+     "DiT-MoE / ProMoE .safetensors or PyTorch .pt/.pth\n(assets dir: <exe>/../../assets, then $DITMOE_ASSETS)",     \
      NULL},                                                                                      \
     {'\0', "vae", DM_OPT_STR, &(vae), 0, 0, "FILE", DM_DEFAULT_VAE " in the assets dir",         \
      "VAE decoder .safetensors", NULL}
+
+/* What a PyTorch checkpoint's weights cannot tell: the converter's flags (tools/convert_checkpoint.py,
+ * ditmoe-convert), same names, meanings and defaults, for every program that loads a model. On a
+ * .safetensors they replace the file's own metadata. Filled by DM_CLI_OVERRIDE_OPTS; text kept
+ * for --vae-scale (a double, as the converter stores it). */
+typedef struct {
+    dm_config_overrides ov;
+    const char *vae_scale;
+} dm_cli_overrides;
+void dm_cli_overrides_init(dm_cli_overrides *o);
+/* Check the choices and numbers (errors name the flag); *out = &o->ov, or NULL when no flag was
+ * given (pass it as dm_load_opts.cfg / dm_pipeline_opts.cfg). */
+dm_status dm_cli_overrides_get(dm_cli_overrides *o, const dm_config_overrides **out);
+#define DM_CLI_OVERRIDE_OPTS(o)                                                                  \
+    {'\0', "heads", DM_OPT_INT, &(o).ov.heads, 0, 1e9, "N", "released-config table",            \
+     "attention heads (.pt: the weights cannot tell)", NULL},                                    \
+    {'\0', "top-k", DM_OPT_INT, &(o).ov.top_k, 0, 1e9, "K", "DiT-MoE 2, ProMoE 1",              \
+     "experts per token", NULL},                                                                 \
+    {'\0', "objective", DM_OPT_STR, &(o).ov.objective, 0, 0, "ddpm|rf",                          \
+     "rf for qknorm attention, ddpm for timm; ProMoE rf", "training objective", NULL},          \
+    {'\0', "num-classes", DM_OPT_INT, &(o).ov.num_classes, 0, 1e9, "N",                          \
+     "rows of y_embedder.embedding_table.weight - 1", "number of classes", NULL},                \
+    {'\0', "class-names", DM_OPT_STR, &(o).ov.class_names, 0, 0, "FILE",                         \
+     "ImageNet's for 1000 classes, else none", "text file, one class name per line", NULL},      \
+    {'\0', "promoe-variant", DM_OPT_STR, &(o).ov.promoe_variant, 0, 0, "tc|ec", "tc",            \
+     "ProMoE routing: token choice or expert choice", NULL},                                     \
+    {'\0', "router", DM_OPT_STR, &(o).ov.router, 0, 0, "identity|softmax|sigmoid", "identity",   \
+     "ProMoE router score activation", NULL},                                                    \
+    {'\0', "vae-scale", DM_OPT_STR, &(o).vae_scale, 0, 0, "F", "0.18215, SD-VAE",               \
+     "latent scaling factor of the VAE the model was trained with", NULL}
 
 /* The sampler flags of ditmoe-sample and ditmoe-batch, kept as text until the model's defaults
  * are known (dm_cli_sampler_params). */

@@ -57,7 +57,9 @@ dm_status dm_pipeline_open(const dm_pipeline_opts *o, dm_pipeline **out)
     dm_load_opts_init(&lo);
     lo.backend = o->backend;
     lo.device = o->device;
+    lo.cfg = o->cfg;
     if ((st = dm_model_load_opts(o->model_path, &lo, &p->model))) goto fail;
+    lo.cfg = NULL;
     p->cfg = dm_model_config(p->model);
     const dm_config *c = p->cfg;
     p->info.latent_channels = c->in_channels;
