@@ -628,6 +628,10 @@ typedef struct {
     int num_classes;
     int64_t num;        /* N images, indices 0..N-1 */
     int width, height, channels; /* PNG size */
+    /* Everything else that changes the pixels besides the files and the sampling parameters:
+     * the effective model configuration (config overrides of .pt files) and engine options,
+     * as one "key=value;..." string compared verbatim on resume ("" = none recorded). */
+    char engine[512];
 } dm_batch_params;
 
 /* Write DIR/manifest.json atomically: every parameter plus progress {done, total}. */

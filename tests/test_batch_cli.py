@@ -316,6 +316,7 @@ def body(tmp):
         (["--cfg-scale", "2"], "--cfg-scale"),
         (["--classes", "balanced"], "--classes"),
         (["--model", P("model2.safetensors")], "--model"),
+        (["--top-k", "1"], "model configuration"),  # a config override changes the pixels too
     ]
     for extra, flag in mismatches:
         args = base + ["--num", str(N), "-o", P("b1")]

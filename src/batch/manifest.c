@@ -54,6 +54,7 @@ dm_status dm_batch_manifest_write(const char *dir, const dm_batch_params *p, int
     cJSON_AddNumberToObject(par, "cfg_t_hi", (double)p->cfg_t_hi);
     cJSON_AddNumberToObject(par, "eta", (double)p->eta);
     cJSON_AddStringToObject(par, "classes", p->classes);
+    cJSON_AddStringToObject(par, "engine", p->engine);
     cJSON_AddNumberToObject(par, "num_classes", p->num_classes);
     cJSON_AddNumberToObject(par, "num", (double)p->num);
     cJSON_AddNumberToObject(par, "width", p->width);
@@ -203,6 +204,10 @@ dm_status dm_batch_manifest_check(const char *dir, const dm_batch_params *p, int
     if (strcmp(s = str_or(get(root, "vae", "sha256"), "?"), p->vae_sha256))
         MISMATCH("--vae (SHA-256 of the file)", "%s", s, p->vae_sha256);
     if (strcmp(s = str_or(get(root, "params", "seed"), "?"), seed)) MISMATCH("--seed", "%s", s, seed);
+    /* absent in manifests written before the field existed: nothing to compare */
+    if (get(root, "params", "engine") &&
+        strcmp(s = str_or(get(root, "params", "engine"), "?"), p->engine))
+        MISMATCH("model configuration / engine options", "%s", s, p->engine);
     if (strcmp(s = str_or(get(root, "params", "sampler"), "?"), p->sampler))
         MISMATCH("--sampler", "%s", s, p->sampler);
     if (!num_is(get(root, "params", "steps"), p->steps))

@@ -304,6 +304,14 @@ static dm_status identity(run_t *r)
     if ((st = dm_sha256_file(r->model_path, bp->model_sha256))) return st;
     if ((st = dm_sha256_file(r->vae_path, bp->vae_sha256))) return st;
     dm_log(DM_LOG_VERBOSE, "SHA-256 of model and VAE in %.2f s", dm_time_sec() - th);
+    /* What the weights did not tell (the .pt config overrides) and engine options that change
+     * pixels: a resumed run must use the same. */
+    snprintf(bp->engine, sizeof bp->engine,
+             "arch=%s;heads=%d;top_k=%d;num_classes=%d;objective=%s;promoe_ec=%d;router=%d;"
+             "vae_scale=%.9g;time_scale=%.9g",
+             dm_arch_name(c->arch), c->heads, c->top_k, c->num_classes,
+             dm_objective_name(c->objective), c->promoe_ec, (int)c->router_act,
+             (double)c->vae_scale, (double)c->time_scale);
     bp->seed = r->p.seed;
     snprintf(bp->sampler, sizeof bp->sampler, "%s", dm_sampler_name(r->p.sampler));
     bp->steps = r->p.steps;
