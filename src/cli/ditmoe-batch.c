@@ -55,6 +55,7 @@ static const dm_cli_opt OPTS[] = {
     {'\0', "shard", DM_OPT_STR, &A.shard, 0, 0, "I/N",
      "MPI rank/size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1",
      "this process does the indices i with i mod N == I", NULL},
+    DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "the CPUs this process may use, shared among the MPI ranks of "
                                  "a node"),
     DM_CLI_END};
@@ -332,6 +333,7 @@ static dm_status setup(run_t *r)
     po.vae_path = r->vae_path;
     po.backend = A.common.backend;
     po.device = A.common.device;
+    if ((st = dm_cli_precision(&A.common, &po.precision, &po.quant_experts))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     const dm_config *c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, c, A.seed, &r->p))) return st;
