@@ -346,17 +346,17 @@ dm_status dm_backend_cpu_open(dm_backend *be, const dm_load_opts *o)
         static atomic_int said = ATOMIC_VAR_INIT(0);
         const unsigned f = dm_cpu_features();
         if (!atomic_exchange(&said, 1))
-            dm_log(DM_LOG_INFO, "cpu: precision %s, routed experts %s: %s%s (features: %s)",
+            dm_log(DM_LOG_INFO, "cpu: precision %s (%s), routed experts %s (%s); CPU features: %s",
                    c->lp.bf16 ? "bf16" : "f32",
+                   !c->lp.bf16                     ? "float GEMM"
+                   : (f & DM_CPU_AMX_BF16)         ? "bf16 GEMM on AMX tiles"
+                   : (f & DM_CPU_AVX512_BF16)      ? "bf16 GEMM on AVX512-BF16 vdpbf16ps"
+                                                   : "bf16 GEMM on the portable path",
                    c->lp.expert_bits == 8 ? "int8" : c->lp.expert_bits == 4 ? "int4" : "as the rest",
-                   c->lp.bf16 ? ((f & DM_CPU_AMX_BF16)       ? "bf16 GEMM on AMX tiles"
-                                 : (f & DM_CPU_AVX512_BF16) ? "bf16 GEMM on AVX512-BF16 (vdpbf16ps)"
-                                                            : "bf16 GEMM on the portable path")
-                              : "",
-                   c->lp.expert_bits ? ((f & DM_CPU_AMX_INT8)       ? ", int GEMM on AMX tiles"
-                                        : (f & DM_CPU_AVX512_VNNI) ? ", int GEMM on AVX512-VNNI"
-                                                                   : ", int GEMM on the portable path")
-                                     : "",
+                   !c->lp.expert_bits              ? "-"
+                   : (f & DM_CPU_AMX_INT8)         ? "int GEMM on AMX tiles"
+                   : (f & DM_CPU_AVX512_VNNI)      ? "int GEMM on AVX512-VNNI"
+                                                   : "int GEMM on the portable path",
                    dm_cpu_features_string(f));
     }
     be->ops = &k_cpu_ops;
