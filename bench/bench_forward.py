@@ -9,7 +9,13 @@ The converted model is cached under build/bench/. PyTorch: torch.set_num_threads
 no_grad, one warm-up then the median of --runs forwards. C: `ditmoe-forward --bench N --threads T`
 (one warm-up, median of N, model load excluded), parsed from its `forward_ms_median=` line.
 Also prints max|C - reference| / RMS(reference) for each batch as a sanity check.
+
+Rows (issue 13): PyTorch fp32, PyTorch bf16 autocast (torch.autocast("cpu", bfloat16): the fair
+anchor for a bf16 path), ditmoe f32, bf16, bf16 + int8 experts, bf16 + int4 experts; each with the
+max error vs the fp32 reference (/ its RMS) and the peak RSS (C: of the ditmoe-forward process,
+from /usr/bin/time -f %M; PyTorch: this process' peak so far, model included).
 """
+import resource
 import argparse
 import os
 import re
@@ -62,31 +68,39 @@ def inputs(B, seed):
     return x, t, y
 
 
-def time_reference(model, x, t, y, runs):
-    with torch.no_grad():
+def time_reference(model, x, t, y, runs, bf16=False):
+    import contextlib
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
         out = model(x, t, y)                             # warm-up
         ms = []
         for _ in range(runs):
             t0 = time.perf_counter()
             model(x, t, y)
             ms.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(ms), out.numpy()
+    return statistics.median(ms), out.float().numpy()
 
 
-def time_c(binary, model_path, x, t, y, runs, threads, tmp):
+def time_c(binary, model_path, x, t, y, runs, threads, tmp, extra=()):
     paths = [os.path.join(tmp, n) for n in ("x.npy", "t.npy", "y.npy", "out.npy")]
     np.save(paths[0], x.numpy())
     np.save(paths[1], t.numpy())
     np.save(paths[2], y.numpy())
     cmd = [binary, "--model", model_path, "--x", paths[0], "--t", paths[1], "--y", paths[2],
-           "--out", paths[3], "--bench", str(runs), "--threads", str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"bench_forward: ditmoe-forward failed: {r.stderr.strip()}")
-    m = re.search(r"forward_ms_median=([0-9.eE+-]+)", r.stdout)
+           "--out", paths[3], "--bench", str(runs), "--threads", str(threads), *extra]
+    rss_file = os.path.join(tmp, "rss")
+    # /usr/bin/time -f %M: the child's own peak (a fork of this process would report ours)
+    pr = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file, *cmd], capture_output=True,
+                        text=True)
+    out, err = pr.stdout, pr.stderr
+    if pr.returncode != 0:
+        sys.exit(f"bench_forward: ditmoe-forward {' '.join(extra)} failed: {err.strip()}")
+    m = re.search(r"forward_ms_median=([0-9.eE+-]+)", out)
     if not m:
-        sys.exit(f"bench_forward: no forward_ms_median= line in ditmoe-forward output: {r.stdout!r}")
-    return float(m.group(1)), np.load(paths[3])
+        sys.exit(f"bench_forward: no forward_ms_median= line in ditmoe-forward output: {out!r}")
+    with open(rss_file) as f:
+        rss = float(f.read().split()[-1]) / 1024.0
+    return float(m.group(1)), np.load(paths[3]), rss
 
 
 def main():
@@ -105,29 +119,45 @@ def main():
     torch.set_num_threads(a.threads)
     model, path = get_model(a.cache_dir)
 
+    modes = [("ditmoe f32", []), ("ditmoe bf16", ["--precision", "bf16"]),
+             ("ditmoe bf16+int8", ["--precision", "bf16", "--quant-experts", "int8"]),
+             ("ditmoe bf16+int4", ["--precision", "bf16", "--quant-experts", "int4"])]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ditmoe-bench-") as tmp:
         for B in [int(b) for b in a.batches.split(",")]:
             x, t, y = inputs(B, seed=B)
-            c_ms, c_out = time_c(binary, path, x, t, y, a.runs, a.threads, tmp)
-            if a.skip_ref:
-                rows.append((B, None, c_ms, None, None))
-                continue
-            ref_ms, ref_out = time_reference(model, x, t, y, a.runs)
-            rms = float(np.sqrt(np.mean(ref_out.astype(np.float64) ** 2)))
-            rel = float(np.abs(c_out.astype(np.float64) - ref_out).max()) / rms
-            rows.append((B, ref_ms, c_ms, ref_ms / c_ms, rel))
-            print(f"[bench] batch {B}: torch {ref_ms:.1f} ms, C {c_ms:.1f} ms", file=sys.stderr)
+            ref_ms = ref_out = None
+            if not a.skip_ref:
+                ref_ms, ref_out = time_reference(model, x, t, y, a.runs)
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+                rows.append((B, "PyTorch fp32", ref_ms, 0.0, rss))
+                bf_ms, bf_out = time_reference(model, x, t, y, a.runs, bf16=True)
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+                rows.append((B, "PyTorch bf16 autocast", bf_ms, err_rel(bf_out, ref_out), rss))
+            for name, extra in modes:
+                c_ms, c_out, rss = time_c(binary, path, x, t, y, a.runs, a.threads, tmp, extra)
+                rows.append((B, name, c_ms, err_rel(c_out, ref_out) if ref_out is not None else None, rss))
+                print(f"[bench] batch {B}: {name} {c_ms:.1f} ms", file=sys.stderr)
 
     print(f"DiT-MoE-S/2-8E2A-shaped random model, 32x32x4 latent, threads={a.threads}, "
           f"median of {a.runs} after 1 warm-up")
-    print(f"{'batch':>5} | {'PyTorch ref ms':>14} | {'ditmoe C ms':>11} | {'speed-up':>8} | "
-          f"{'ms/img C':>8} | {'max|diff|/RMS':>13}")
-    for B, r, c, ratio, rel in rows:
-        rs = f"{r:14.1f}" if r is not None else f"{'-':>14}"
-        qs = f"{ratio:7.2f}x" if ratio is not None else f"{'-':>8}"
+    print(f"{'batch':>5} | {'engine':<22} | {'ms':>9} | {'vs torch fp32':>13} | {'ms/img':>7} | "
+          f"{'max|diff|/RMS':>13} | {'peak RSS MiB':>12}")
+    ref = {}
+    for r in rows:
+        if r is None:
+            continue
+        B, name, ms, rel, rss = r
+        if name == "PyTorch fp32":
+            ref[B] = ms
+        sp = f"{ref[B] / ms:12.2f}x" if B in ref else f"{'-':>13}"
         es = f"{rel:13.2e}" if rel is not None else f"{'-':>13}"
-        print(f"{B:5d} | {rs} | {c:11.1f} | {qs} | {c / B:8.1f} | {es}")
+        print(f"{B:5d} | {name:<22} | {ms:9.1f} | {sp} | {ms / B:7.1f} | {es} | {rss:12.0f}")
+
+
+def err_rel(out, ref):
+    rms = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
+    return float(np.abs(out.astype(np.float64) - ref).max()) / rms
 
 
 if __name__ == "__main__":

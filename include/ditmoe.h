@@ -92,10 +92,22 @@ dm_status dm_backend_check(dm_backend_kind k);
 
 /* Options of dm_model_load_opts / dm_vae_load_opts; dm_load_opts_init fills every default. */
 typedef struct dm_config_overrides dm_config_overrides; /* see "PyTorch checkpoints" below */
+/* ---- precision (issue 13): arithmetic of the transformer's GEMMs ---- */
+typedef enum { DM_PREC_F32 = 0, DM_PREC_BF16 } dm_precision;
+const char *dm_precision_name(dm_precision p);              /* "f32", "bf16" */
+int dm_precision_from_name(const char *s, dm_precision *out); /* 0, or -1 if unknown */
+/* --quant-experts: "none" 0, "int8" 8, "int4" 4 (bits of the routed experts' weights). */
+const char *dm_quant_name(int bits);
+int dm_quant_from_name(const char *s, int *bits);             /* 0, or -1 if unknown */
 typedef struct {
     dm_backend_kind backend; /* DM_BACKEND_CPU                                            */
     int device;              /* accelerator ordinal (cuda), 0                             */
     const dm_config_overrides *cfg; /* what the weights cannot tell (.pt files), NULL = none */
+    /* issue 13 (CPU backend): bf16 = every GEMM but the router's with bf16 operands, fp32
+     * accumulation; quant_experts 8/4 = routed experts int8 per channel / int4 per group of 32.
+     * Defaults DM_PREC_F32 and 0: the exact float path. */
+    dm_precision precision;
+    int quant_experts;
 } dm_load_opts;
 void dm_load_opts_init(dm_load_opts *o);
 
@@ -672,6 +684,8 @@ typedef struct {
     int device;              /* accelerator ordinal, 0                                         */
     int threads;             /* dm_set_threads(threads) at open; -1 (default) leaves it as is  */
     const dm_config_overrides *cfg; /* the model's config overrides (.pt files), NULL = none   */
+    dm_precision precision;  /* issue 13: DM_PREC_F32 (default) | DM_PREC_BF16 (dm_load_opts)  */
+    int quant_experts;       /* issue 13: 0 (default) | 8 | 4 bits for the routed experts      */
 } dm_pipeline_opts;
 void dm_pipeline_opts_init(dm_pipeline_opts *o);
 

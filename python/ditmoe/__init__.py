@@ -101,19 +101,32 @@ def _f32(a, shape=None, name="array"):
     return a
 
 
+def _precision(precision, quant_experts):
+    """-> (dm_precision, bits) from "f32"|"bf16" and "none"|"int8"|"int4" (issue 13)."""
+    p, q = ctypes.c_int(), ctypes.c_int()
+    if lib.dm_precision_from_name(str(precision).encode(), ctypes.byref(p)) != 0:
+        raise Error(2, f"precision {precision!r}: expected f32 or bf16")
+    if lib.dm_quant_from_name(str(quant_experts or "none").encode(), ctypes.byref(q)) != 0:
+        raise Error(2, f"quant_experts {quant_experts!r}: expected none, int8 or int4")
+    return p.value, q.value
+
+
 class Model:
-    """The transformer alone (parity work): Model(path, backend="cpu", **overrides).
+    """The transformer alone (parity work): Model(path, backend="cpu", precision="f32",
+    quant_experts="none", **overrides).
 
     path: .safetensors or a PyTorch checkpoint (.pt/.pth, read without executing it).
     overrides: what a .pt's weights cannot tell, as tools/convert_checkpoint.py's flags
     (heads, top_k, objective, num_classes, class_names, name, promoe_variant, router, vae_scale).
     """
 
-    def __init__(self, path, backend="cpu", device=0, **overrides):
+    def __init__(self, path, backend="cpu", device=0, precision="f32", quant_experts="none",
+                 **overrides):
         self._m = ctypes.c_void_p()
         lo = _lib.LoadOpts()
         lib.dm_load_opts_init(ctypes.byref(lo))
         lo.backend, lo.device = _backend(backend), device
+        lo.precision, lo.quant_experts = _precision(precision, quant_experts)
         self._ov = _overrides(overrides)          # kept alive while loading
         if self._ov is not None:
             lo.cfg = ctypes.pointer(self._ov)
@@ -164,14 +177,17 @@ class Model:
 
 
 class Pipeline:
-    """Model + VAE -> images: Pipeline(model=None, vae=None, backend="cpu", threads=0, **overrides).
+    """Model + VAE -> images: Pipeline(model=None, vae=None, backend="cpu", threads=0,
+    precision="f32", quant_experts="none", **overrides) (precision "bf16"; quant_experts "int8" |
+    "int4"; overrides: what a .pt file cannot tell, as Model takes them).
 
     model / vae default to the shipped Fashion-MNIST files. threads: 0 = all cores.
     model may be a PyTorch checkpoint (.pt/.pth); overrides are what its weights cannot tell, as
     Model's and the CLI's flags (heads, top_k, objective, num_classes, class_names,
     promoe_variant, router, vae_scale)."""
 
-    def __init__(self, model=None, vae=None, backend="cpu", threads=0, device=0, **overrides):
+    def __init__(self, model=None, vae=None, backend="cpu", threads=0, device=0, precision="f32",
+                 quant_experts="none", **overrides):
         if not _lib.HAVE_PIPELINE:
             raise Error(1, "this libditmoe.so has no generation pipeline (dm_pipeline_open)")
         self.model_path = os.fspath(model) if model else default_asset("ditmoe-fmnist.safetensors")
@@ -183,6 +199,7 @@ class Pipeline:
         self._ov = _overrides(overrides)          # kept alive while opening
         if self._ov is not None:
             o.cfg = ctypes.pointer(self._ov)
+        o.precision, o.quant_experts = _precision(precision, quant_experts)
         self._p = ctypes.c_void_p()
         _check(lib.dm_pipeline_open(ctypes.byref(o), ctypes.byref(self._p)))
         self._cfg = lib.dm_pipeline_config(self._p).contents

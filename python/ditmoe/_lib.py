@@ -68,7 +68,8 @@ class ConfigOverrides(ctypes.Structure):  # dm_config_overrides
 
 
 class LoadOpts(ctypes.Structure):        # dm_load_opts
-    _fields_ = [("backend", c_int), ("device", c_int), ("cfg", P(ConfigOverrides))]
+    _fields_ = [("backend", c_int), ("device", c_int), ("cfg", P(ConfigOverrides)),
+                ("precision", c_int), ("quant_experts", c_int)]
 
 
 class Routes(ctypes.Structure):          # dm_routes
@@ -81,7 +82,8 @@ HAVE_PIPELINE = hasattr(lib, "dm_pipeline_open")
 if HAVE_PIPELINE:
     class PipelineOpts(ctypes.Structure):   # dm_pipeline_opts
         _fields_ = [("model_path", c_char_p), ("vae_path", c_char_p), ("backend", c_int),
-                    ("device", c_int), ("threads", c_int), ("cfg", P(ConfigOverrides))]
+                    ("device", c_int), ("threads", c_int), ("cfg", P(ConfigOverrides)),
+                    ("precision", c_int), ("quant_experts", c_int)]
 
     class PipelineInfo(ctypes.Structure):   # dm_pipeline_info
         _fields_ = [("latent_channels", c_int), ("latent_size", c_int), ("width", c_int),
@@ -119,6 +121,8 @@ _sig("dm_get_threads", c_int)
 _sig("dm_load_opts_init", None, P(LoadOpts))
 _sig("dm_config_overrides_init", None, P(ConfigOverrides))
 _sig("dm_backend_from_name", c_int, c_char_p, P(c_int))
+_sig("dm_precision_from_name", c_int, c_char_p, P(c_int))
+_sig("dm_quant_from_name", c_int, c_char_p, P(c_int))
 _sig("dm_model_load_opts", c_int, c_char_p, P(LoadOpts), P(c_void_p))
 _sig("dm_model_free", None, c_void_p)
 _sig("dm_model_config", P(Config), c_void_p)

@@ -57,6 +57,7 @@ static const dm_cli_opt OPTS[] = {
     {'\0', "shard", DM_OPT_STR, &A.shard, 0, 0, "I/N",
      "MPI rank/size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1",
      "this process does the indices i with i mod N == I", NULL},
+    DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "the CPUs this process may use, shared among the MPI ranks of "
                                  "a node"),
     DM_CLI_END};
@@ -312,6 +313,12 @@ static dm_status identity(run_t *r)
              dm_arch_name(c->arch), c->heads, c->top_k, c->num_classes,
              dm_objective_name(c->objective), c->promoe_ec, (int)c->router_act,
              (double)c->vae_scale, (double)c->time_scale);
+    dm_precision prec;
+    int qbits;
+    if ((st = dm_cli_precision(&A.common, &prec, &qbits))) return st;
+    size_t len = strlen(bp->engine);
+    snprintf(bp->engine + len, sizeof bp->engine - len, ";precision=%s;quant_experts=%d",
+             dm_precision_name(prec), qbits);
     bp->seed = r->p.seed;
     snprintf(bp->sampler, sizeof bp->sampler, "%s", dm_sampler_name(r->p.sampler));
     bp->steps = r->p.steps;
@@ -343,6 +350,7 @@ static dm_status setup(run_t *r)
     po.backend = A.common.backend;
     po.device = A.common.device;
     if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
+    if ((st = dm_cli_precision(&A.common, &po.precision, &po.quant_experts))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     const dm_config *c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, c, A.seed, &r->p))) return st;

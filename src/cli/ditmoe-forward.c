@@ -36,6 +36,7 @@ static const dm_cli_opt OPTS[] = {
      "int32 [layers,B*T,k] chosen experts, descending gate weight", NULL},
     {'\0', "bench", DM_OPT_INT, &A.bench, 0, 100000, "N", "0",
      "time N forwards after one warm-up; print forward_ms_median", NULL},
+    DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "0 = all cores"),
     DM_CLI_END};
 
@@ -92,6 +93,11 @@ int main(int argc, char **argv)
         return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "missing required flag %s (see --help)",
                                          missing));
     dm_cli_common_apply(&A.common, -1);
+    {
+        dm_precision prec;
+        int qb;
+        if ((st = dm_cli_precision(&A.common, &prec, &qb))) return dm_cli_exit(PROG, st);
+    }
     const args_t a = A;
 
     dm_model *m = NULL;

@@ -58,6 +58,7 @@ static const dm_cli_opt OPTS[] = {
     {'\0', "dump-routing", DM_OPT_STR, &A.dump_routing, 0, 0, "F", "none",
      "write every evaluation's expert choices and gate weights to F\n"
      "(read it with ditmoe-routes; format in docs/routing.md)", NULL},
+    DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "0 = all cores"),
     DM_CLI_END};
 
@@ -402,6 +403,7 @@ static dm_status run(run_t *r)
     po.backend = A.common.backend;
     po.device = A.common.device;
     if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
+    if ((st = dm_cli_precision(&A.common, &po.precision, &po.quant_experts))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     r->c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, r->c, A.seed, &r->p))) return st;

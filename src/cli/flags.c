@@ -215,6 +215,18 @@ void dm_cli_common_init(dm_cli_common *c)
     memset(c, 0, sizeof *c);
     c->backend = DM_BACKEND_CPU;
     c->log_level = DM_LOG_INFO;
+    c->precision = "f32";
+    c->quant_experts = "none";
+}
+
+dm_status dm_cli_precision(const dm_cli_common *c, dm_precision *prec, int *quant_bits)
+{
+    if (dm_precision_from_name(c->precision ? c->precision : "f32", prec))
+        return dm_fail(DM_ERR_ARG, "--precision: unknown value '%s' (f32 | bf16)", c->precision);
+    if (dm_quant_from_name(c->quant_experts ? c->quant_experts : "none", quant_bits))
+        return dm_fail(DM_ERR_ARG, "--quant-experts: unknown value '%s' (none | int8 | int4)",
+                       c->quant_experts);
+    return DM_OK;
 }
 
 void dm_cli_common_apply(const dm_cli_common *c, int threads_default)
@@ -228,6 +240,11 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o)
     dm_load_opts_init(o);
     o->backend = c->backend;
     o->device = c->device;
+    /* checked earlier by dm_cli_precision; an unknown name leaves the defaults */
+    dm_precision p;
+    int q;
+    if (!dm_precision_from_name(c->precision ? c->precision : "f32", &p)) o->precision = p;
+    if (!dm_quant_from_name(c->quant_experts ? c->quant_experts : "none", &q)) o->quant_experts = q;
 }
 
 void dm_cli_overrides_init(dm_cli_overrides *o)

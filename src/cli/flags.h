@@ -91,12 +91,23 @@ typedef struct {
     dm_backend_kind backend; /* DM_BACKEND_CPU                                                */
     int device;
     int log_level;           /* DM_LOG_INFO; -q QUIET, -v VERBOSE (last one wins)             */
+    const char *precision;     /* --precision f32 | bf16 (DM_CLI_PRECISION_OPTS), "f32"        */
+    const char *quant_experts; /* --quant-experts none | int8 | int4, "none"                   */
 } dm_cli_common;
 void dm_cli_common_init(dm_cli_common *c);
 /* dm_set_log_level, dm_set_threads (when threads_default < 0: the flag's value, else
  * threads_default unless --threads was given). */
 void dm_cli_common_apply(const dm_cli_common *c, int threads_default);
 void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o);
+
+/* --precision / --quant-experts (issue 13): the programs that run the transformer. */
+#define DM_CLI_PRECISION_OPTS(c)                                                                 \
+    {'\0', "precision", DM_OPT_STR, &(c).precision, 0, 0, "P", "f32",                           \
+     "GEMM arithmetic: f32 | bf16 (bf16 operands, fp32 accumulation; router stays f32)", NULL}, \
+    {'\0', "quant-experts", DM_OPT_STR, &(c).quant_experts, 0, 0, "Q", "none",                  \
+     "routed experts' weights: none | int8 (per channel) | int4 (groups of 32)", NULL}
+/* The values of --precision / --quant-experts, checked (DM_ERR_ARG naming the flag). */
+dm_status dm_cli_precision(const dm_cli_common *c, dm_precision *prec, int *quant_bits);
 
 #define DM_CLI_THREADS_OPT(c, dflt)                                                              \
     {'\0', "threads", DM_OPT_INT, &(c).threads, 0, 4096, "N", dflt, "threads", &(c).have_threads}

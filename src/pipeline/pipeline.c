@@ -16,6 +16,8 @@ struct dm_pipeline {
     dm_pipeline_info info;
     dm_pipeline_stats stats;
     dm_backend_kind backend;
+    dm_precision precision;
+    int quant_experts;
     char *model_path, *vae_path;
     float *z, *img;      /* scratch: [cap, C, S, S] latents, [cap, oc, H, W] decoded floats */
     int cap;             /* images the scratch holds */
@@ -56,6 +58,10 @@ dm_status dm_pipeline_open(const dm_pipeline_opts *o, dm_pipeline **out)
     dm_load_opts lo;
     dm_load_opts_init(&lo);
     lo.backend = o->backend;
+    lo.precision = o->precision;
+    lo.quant_experts = o->quant_experts;
+    p->precision = o->precision;
+    p->quant_experts = o->quant_experts;
     lo.device = o->device;
     lo.cfg = o->cfg;
     if ((st = dm_model_load_opts(o->model_path, &lo, &p->model))) goto fail;
@@ -264,6 +270,8 @@ void dm_gen_text_init(dm_gen_text *t, const dm_pipeline *p, const dm_sample_para
     dm_gen_text_set(t, "model", base_name(p->model_path));
     dm_gen_text_set(t, "vae", base_name(p->vae_path));
     dm_gen_text_set(t, "backend", dm_backend_name(p->backend));
+    dm_gen_text_set(t, "precision", dm_precision_name(p->precision));
+    dm_gen_text_set(t, "quant_experts", dm_quant_name(p->quant_experts));
     if (cls >= 0) {
         if (c->class_names && cls < c->num_classes)
             snprintf(v, sizeof v, "%lld (%s)", (long long)cls, c->class_names[cls]);

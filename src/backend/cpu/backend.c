@@ -2,8 +2,37 @@
  * Memory is host memory; upload/download are copies; every op runs synchronously. */
 #include "backend/cpu/cpu.h"
 
+#include <omp.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ---- the linear dispatch (float packed GEMM or low precision) ---- */
+
+int dm_cpu_tiny_rows(void)
+{
+    static atomic_int rows = ATOMIC_VAR_INIT(-1);
+    int r = atomic_load(&rows);
+    if (r >= 0) return r;
+    const char *e = getenv("DITMOE_TINY_ROWS");
+    r = e && *e ? atoi(e) : 8;
+    if (r < 0) r = 0;
+    atomic_store(&rows, r);
+    return r;
+}
+
+dm_status dm_cpu_linear(const float *x, int N, const dm_weight *W, const float *b, float *y)
+{
+    /* tiny N: one thread, no team barrier per call; same bits (fixed-order sums per element) */
+    const int tiny = N <= dm_cpu_tiny_rows() && !omp_in_parallel() && omp_get_max_threads() > 1;
+    const int nt = tiny ? omp_get_max_threads() : 0;
+    if (tiny) omp_set_num_threads(1);
+    dm_status st = DM_OK;
+    if (W->is_lp) st = dm_lp_linear(x, N, &W->lp, b, y);
+    else dm_linear_packed(x, N, &W->pm, b, y);
+    if (tiny) omp_set_num_threads(nt);
+    return st;
+}
 
 /* ---- memory ---- */
 
@@ -42,7 +71,7 @@ static dm_status cpu_sync(void *ctx)
 
 static dm_status cpu_weight(void *ctx, const dm_weight_desc *d, dm_weight **out)
 {
-    (void)ctx;
+    dm_cpu_ctx *c = ctx;
     *out = NULL;
     const char *name = d->name ? d->name : "weight";
     if (d->rows < 0 || d->cols < 0)
@@ -51,7 +80,8 @@ static dm_status cpu_weight(void *ctx, const dm_weight_desc *d, dm_weight **out)
     if (!w) return dm_fail(DM_ERR_NOMEM, "cpu: %s: out of memory", name);
     *w = (dm_weight){.use = d->use, .role = d->role, .rows = d->rows, .cols = d->cols};
     const size_t n = (size_t)d->rows * d->cols;
-    dm_status st = DM_OK;
+    dm_status st = dm_lp_pack_desc(c ? &c->lp : NULL, d, &w->lp, &w->is_lp);
+    if (st != DM_OK || w->is_lp) goto done; /* low precision: routed experts / bf16 (lowp.h) */
     if (d->use == DM_USE_LINEAR && (d->dtype == DM_BF16 || d->dtype == DM_F16)) {
         /* 16-bit weights stay 16-bit (widening inside the kernel is exact) when this build can */
         int r = dm_pmat_pack_half(&w->pm, d->data, d->dtype, d->rows, d->cols);
@@ -88,6 +118,7 @@ static void cpu_weight_free(void *ctx, dm_weight *w)
     (void)ctx;
     if (!w) return;
     dm_pmat_free(&w->pm);
+    dm_lp_free(&w->lp);
     free(w->f);
     free(w);
 }
@@ -95,6 +126,7 @@ static void cpu_weight_free(void *ctx, dm_weight *w)
 static size_t cpu_weight_bytes(const dm_weight *w)
 {
     if (!w) return 0;
+    if (w->is_lp) return dm_lp_bytes(&w->lp);
     return w->use == DM_USE_LINEAR ? dm_pmat_bytes(&w->pm)
                                    : (size_t)w->rows * w->cols * sizeof(float);
 }
@@ -105,8 +137,7 @@ static dm_status cpu_linear(void *ctx, const float *x, int N, const dm_weight *W
                             float *y)
 {
     (void)ctx;
-    dm_linear_packed(x, N, &W->pm, dm_cpu_f(b), y);
-    return DM_OK;
+    return dm_cpu_linear(x, N, W, dm_cpu_f(b), y);
 }
 
 static dm_status cpu_layernorm_mod(void *ctx, const float *x, int B, int T, int D, float eps,
@@ -198,14 +229,12 @@ static dm_status cpu_ffn(void *ctx, const dm_ffn_layer *L, const float *h, int N
                                dense ? 1 : dm_moe_rows_per_token(d, T)))
         return dm_fail(DM_ERR_NOMEM, "cpu: ffn: out of memory for %d tokens", N);
     if (dense) {
-        dm_mlp_forward(&L->experts[0], h, N, c->moe.a, c->moe.h, out);
-        return DM_OK;
+        return dm_mlp_forward(&L->experts[0], h, N, c->moe.a, c->moe.h, out);
     }
     dm_moe_route(L, h, N, T, labels, null_id, &c->moe);
     if (rec && rec->ids) memcpy(rec->ids, c->moe.r.ids, (size_t)N * d->k * sizeof(int32_t));
     if (rec && rec->weights) memcpy(rec->weights, c->moe.r.weights, (size_t)N * d->k * sizeof(float));
-    dm_moe_apply(L, h, N, &c->moe, out);
-    return DM_OK;
+    return dm_moe_apply(L, h, N, &c->moe, out);
 }
 
 /* ---- VAE ---- */
@@ -304,9 +333,32 @@ static void cpu_close(void *ctx)
 
 dm_status dm_backend_cpu_open(dm_backend *be, const dm_load_opts *o)
 {
-    (void)o; /* the CPU has no device index and, today, no precision options */
+    /* the CPU has no device index; precision / quant_experts choose the weights' storage */
+    if (o && o->precision != DM_PREC_F32 && o->precision != DM_PREC_BF16)
+        return dm_fail(DM_ERR_ARG, "cpu: unknown precision %d (f32 | bf16)", (int)o->precision);
+    if (o && o->quant_experts != 0 && o->quant_experts != 8 && o->quant_experts != 4)
+        return dm_fail(DM_ERR_ARG, "cpu: --quant-experts: %d bits is not supported (none | int8 | int4)",
+                       o->quant_experts);
     dm_cpu_ctx *c = calloc(1, sizeof *c);
     if (!c) return dm_fail(DM_ERR_NOMEM, "cpu: out of memory");
+    if (o) c->lp = (dm_lp_policy){.bf16 = o->precision == DM_PREC_BF16, .expert_bits = o->quant_experts};
+    if (c->lp.bf16 || c->lp.expert_bits) {
+        static atomic_int said = ATOMIC_VAR_INIT(0);
+        const unsigned f = dm_cpu_features();
+        if (!atomic_exchange(&said, 1))
+            dm_log(DM_LOG_INFO, "cpu: precision %s (%s), routed experts %s (%s); CPU features: %s",
+                   c->lp.bf16 ? "bf16" : "f32",
+                   !c->lp.bf16                     ? "float GEMM"
+                   : (f & DM_CPU_AMX_BF16)         ? "bf16 GEMM on AMX tiles"
+                   : (f & DM_CPU_AVX512_BF16)      ? "bf16 GEMM on AVX512-BF16 vdpbf16ps"
+                                                   : "bf16 GEMM on the portable path",
+                   c->lp.expert_bits == 8 ? "int8" : c->lp.expert_bits == 4 ? "int4" : "as the rest",
+                   !c->lp.expert_bits              ? "-"
+                   : (f & DM_CPU_AMX_INT8)         ? "int GEMM on AMX tiles"
+                   : (f & DM_CPU_AVX512_VNNI)      ? "int GEMM on AVX512-VNNI"
+                                                   : "int GEMM on the portable path",
+                   dm_cpu_features_string(f));
+    }
     be->ops = &k_cpu_ops;
     be->ctx = c;
     return DM_OK;

@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/ops.h"
+#include "backend/cpu/lowp.h"
 
 /* A CPU weight: LINEAR -> packed panels (float32 or the file's 16-bit form); VECTOR and CONV ->
  * float32 row-major. */
@@ -12,9 +13,20 @@ struct dm_weight {
     dm_weight_use use;
     dm_weight_role role;
     int rows, cols;
-    dm_pmat pm; /* LINEAR */
+    dm_pmat pm; /* LINEAR (float path) */
     float *f;   /* VECTOR, CONV: [rows, cols] */
+    dm_lpmat lp; /* LINEAR under --precision bf16 / --quant-experts (is_lp = 1): lowp.h */
+    int is_lp;
 };
+
+/* y [N, W->rows] = x [N, W->cols] · W^T (+ b): the float packed GEMM or the low-precision one.
+ * Small N (the per-image products: adaLN, timestep MLP, final modulation) runs on one thread
+ * (same bits: every GEMM here is a fixed-order sum per element). DM_ERR_NOMEM only from the
+ * low-precision path's activation scratch. */
+dm_status dm_cpu_linear(const float *x, int N, const dm_weight *W, const float *b, float *y);
+/* Rows at or below which dm_cpu_linear runs single-threaded ($DITMOE_TINY_ROWS overrides;
+ * 0 = never). */
+int dm_cpu_tiny_rows(void);
 
 /* The float32 data of a VECTOR/CONV weight (NULL for NULL). */
 static inline const float *dm_cpu_f(const dm_weight *w) { return w ? w->f : NULL; }
@@ -49,12 +61,12 @@ int dm_moe_scratch_reserve(dm_moe_scratch *s, int N, int D, int F_max, int n_exp
 void dm_moe_scratch_free(dm_moe_scratch *s);
 
 /* y [n, D] = MLP(x [n, D]); a, h: scratch of [n, 2F] and [n, F]. */
-void dm_mlp_forward(const dm_mlp_layer *w, const float *x, int n, float *a, float *h, float *y);
+dm_status dm_mlp_forward(const dm_mlp_layer *w, const float *x, int n, float *a, float *h, float *y);
 /* Route h [N = B*T, D] into s->r (labels / null_id as the ffn op). */
 void dm_moe_route(const dm_ffn_layer *L, const float *h, int N, int T, const int64_t *y,
                   int64_t null_id, dm_moe_scratch *s);
 /* out [N, D] = sum over picks of weight * Expert(h) + Shared(h), from the routing in s->r. */
-void dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out);
+dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out);
 
 /* Fast embedding kernels (embed.c); references in src/dit/embed.c. */
 void dm_patchify(const float *x, int B, int C, int S, int p, float *patches);
@@ -63,6 +75,7 @@ void dm_timestep_sinusoid(const float *t, int B, float *out);
 
 typedef struct {
     dm_moe_scratch moe;
+    dm_lp_policy lp;   /* --precision / --quant-experts (dm_load_opts) */
     float *col;        /* VAE im2col bands */
     size_t col_cap;    /* floats */
     float *attn_ws;    /* VAE attention scratch */

@@ -73,17 +73,18 @@ static inline float gelu_tanh(float u)
     return u / (1.0f + dm_exp_fast(-2.0f * c * (u + 0.044715f * u * u * u)));
 }
 
-void dm_mlp_forward(const dm_mlp_layer *w, const float *x, int n, float *a, float *h, float *y)
+dm_status dm_mlp_forward(const dm_mlp_layer *w, const float *x, int n, float *a, float *h, float *y)
 {
+    dm_status st;
     if (w->act == DM_MLP_SWIGLU) {
-        dm_linear_packed(x, n, &w->w1->pm, dm_cpu_f(w->b1), a);
+        if ((st = dm_cpu_linear(x, n, w->w1, dm_cpu_f(w->b1), a))) return st;
         dm_swiglu(a, n, w->F, h);
     } else {
-        dm_linear_packed(x, n, &w->w1->pm, dm_cpu_f(w->b1), h);
+        if ((st = dm_cpu_linear(x, n, w->w1, dm_cpu_f(w->b1), h))) return st;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)n * w->F; i++) h[i] = gelu_tanh(h[i]);
     }
-    dm_linear_packed(h, n, &w->w2->pm, dm_cpu_f(w->b2), y);
+    return dm_cpu_linear(h, n, w->w2, dm_cpu_f(w->b2), y);
 }
 
 /* ---- routing ---- */
@@ -191,8 +192,9 @@ void dm_moe_route(const dm_ffn_layer *L, const float *h, int N, int T, const int
         group_token_choice(d, N, r);
 }
 
-void dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out)
+dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out)
 {
+    dm_status st;
     const int D = L->d.D;
     const dm_routing *r = &s->r;
 #pragma omp parallel for schedule(static)
@@ -200,9 +202,9 @@ void dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *
         memcpy(s->xg + (size_t)i * D, h + (size_t)r->rows[i] * D, (size_t)D * sizeof(float));
     for (int e = 0; e < L->d.n_experts; e++) {
         int off = r->offset[e], n = r->offset[e + 1] - off;
-        if (n > 0)
-            dm_mlp_forward(&L->experts[e], s->xg + (size_t)off * D, n, s->a, s->h,
-                           s->y + (size_t)off * D);
+        if (n > 0 && (st = dm_mlp_forward(&L->experts[e], s->xg + (size_t)off * D, n, s->a, s->h,
+                                          s->y + (size_t)off * D)))
+            return st;
     }
     /* Combine in ascending expert order per token (as the reference's scatter-add does). Within
      * an expert a token appears once, so experts run in order and rows in parallel. */
@@ -217,8 +219,9 @@ void dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *
         }
     }
     if (L->shared.F > 0) {
-        dm_mlp_forward(&L->shared, h, N, s->a, s->h, s->y);
+        if ((st = dm_mlp_forward(&L->shared, h, N, s->a, s->h, s->y))) return st;
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)N * D; i++) out[i] += s->y[i];
     }
+    return DM_OK;
 }
