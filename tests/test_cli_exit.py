@@ -140,6 +140,9 @@ def body(tmp):
     expect(S, "unknown flag", M + ["--frobnicate", "-o", P("out", "a.png")], 2, "unknown flag '--frobnicate'", O)
     expect(S, "bad value", M + ["--batch", "x", "-o", P("out", "a.png")], 2, "--batch 'x'", O)
     expect(S, "bad --steps", M + ["--steps", "abc", "-o", P("out", "a.png")], 2, "--steps 'abc'", O)
+    # a library check names the field ("steps 0: ..."); the program's line names its flag
+    expect(S, "--steps 0 (library check)", M + ["--steps", "0", "-o", P("out", "a.png")], 2,
+           "--steps 0: must be >= 1", O)
     expect(S, "missing model", ["--model", P("nope.safetensors"), "--vae", P("v.safetensors"),
                                 "-o", P("out", "a.png")], 2, "nope.safetensors", O)
     expect(S, "malformed model", ["--model", P("garbage.safetensors"), "--vae", P("v.safetensors"),
@@ -155,6 +158,8 @@ def body(tmp):
     Bo = ["-o", P("out", "run")]
     expect(B, "unknown flag", M + ["--num", "2", "--frobnicate"] + Bo, 2, "unknown flag '--frobnicate'", O)
     expect(B, "bad value", M + ["--num", "two"] + Bo, 2, "--num 'two'", O)
+    expect(B, "bad --classes (library check)", M + ["--num", "2", "--classes", "3,,4"] + Bo, 2,
+           "--classes '3,,4': empty entry", O)
     expect(B, "missing model", ["--model", P("nope.safetensors"), "--vae", P("v.safetensors"),
                                 "--num", "2"] + Bo, 2, "nope.safetensors", O)
     expect(B, "malformed VAE", ["--model", P("m.safetensors"), "--vae", P("garbage.safetensors"),

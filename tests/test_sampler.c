@@ -436,6 +436,8 @@ START_TEST(test_names_and_checks)
     p.sampler = DM_SAMPLER_DDPM;
     p.steps = 0;
     ck_assert_int_eq(dm_sample_params_check(&p, &c), DM_ERR_ARG);
+    /* the library names the field, not a CLI flag (the programs add "--", dm_cli_flag_prefix) */
+    ck_assert_msg(!strncmp(dm_last_error(), "steps 0: must be >= 1", 21), "%s", dm_last_error());
     p.steps = 1001;
     ck_assert_int_eq(dm_sample_params_check(&p, &c), DM_ERR_ARG);
     p.steps = 10;

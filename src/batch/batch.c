@@ -15,7 +15,7 @@ dm_status dm_batch_classes_parse(const char *s, const dm_config *cfg, dm_batch_c
     memset(out, 0, sizeof *out);
     out->num_classes = cfg->num_classes;
     if (cfg->num_classes < 1)
-        return dm_fail(DM_ERR_ARG, "--classes: the model has no classes (num_classes %d)",
+        return dm_fail(DM_ERR_ARG, "classes: the model has no classes (num_classes %d)",
                        cfg->num_classes);
     if (!s || !strcmp(s, "random")) {
         out->mode = DM_BATCH_RANDOM;
@@ -37,7 +37,7 @@ dm_status dm_batch_classes_parse(const char *s, const dm_config *cfg, dm_batch_c
         char tok[256];
         if (len >= sizeof tok) {
             dm_batch_classes_free(out);
-            return dm_fail(DM_ERR_ARG, "--classes: entry too long");
+            return dm_fail(DM_ERR_ARG, "classes: entry too long");
         }
         memcpy(tok, p, len);
         tok[len] = '\0';
@@ -47,14 +47,14 @@ dm_status dm_batch_classes_parse(const char *s, const dm_config *cfg, dm_batch_c
         int id = -1;
         if (!*t) {
             dm_batch_classes_free(out);
-            return dm_fail(DM_ERR_ARG, "--classes '%s': empty entry (expected random, balanced "
+            return dm_fail(DM_ERR_ARG, "classes '%s': empty entry (expected random, balanced "
                            "or a comma list of class ids/names)", s);
         }
         if (dm_config_class_id(cfg, t, &id) != DM_OK) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", dm_last_error());
             dm_batch_classes_free(out);
-            return dm_fail(DM_ERR_ARG, "--classes '%s': %s (expected random, balanced or a comma "
+            return dm_fail(DM_ERR_ARG, "classes '%s': %s (expected random, balanced or a comma "
                            "list of class ids/names)", s, msg);
         }
         out->list[out->nlist++] = id;

@@ -284,3 +284,28 @@ dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, in
     *out = v;
     return DM_OK;
 }
+
+/* ------------------------------------------------------------------ library messages */
+
+/* The library names the parameter a message is about by its field ("steps 0: must be >= 1",
+ * "cfg_interval 0.8,0.2: ...", "classes 'x': ..."); the programs name it by their flag. */
+static const char *const lib_fields[] = {"sampler", "steps",        "cfg_scale", "cfg_channels",
+                                         "cfg_interval", "eta",     "classes"};
+
+dm_status dm_cli_flag_prefix(dm_status st)
+{
+    if (st == DM_OK) return st;
+    const char *msg = dm_last_error();
+    if (!msg) return st;
+    for (size_t i = 0; i < sizeof lib_fields / sizeof lib_fields[0]; i++) {
+        size_t n = strlen(lib_fields[i]);
+        if (strncmp(msg, lib_fields[i], n) || (msg[n] != ' ' && msg[n] != ':')) continue;
+        char flag[32], rest[1024]; /* copy: dm_fail writes the buffer dm_last_error() returns */
+        size_t j = 0;
+        for (; j < n && j < sizeof flag - 1; j++) flag[j] = lib_fields[i][j] == '_' ? '-' : lib_fields[i][j];
+        flag[j] = '\0';
+        snprintf(rest, sizeof rest, "%s", msg + n);
+        return dm_fail(st, "--%s%s", flag, rest);
+    }
+    return st;
+}

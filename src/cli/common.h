@@ -41,6 +41,11 @@ typedef struct {
 } dm_cli_step_ctx;
 void dm_cli_on_step(void *ctx, int step, int nsteps);
 
+/* A library message that names a parameter by its field ("steps 0: must be >= 1",
+ * "cfg_interval ...", "classes ...") is rewritten to name the program's flag ("--steps 0: ...",
+ * "--cfg-interval ..."); other messages are left as they are. Returns st. dm_cli_exit applies it. */
+dm_status dm_cli_flag_prefix(dm_status st);
+
 /* ------------------------------------------------------------------ names and files */
 
 /* The part after the last '/'. */

@@ -203,6 +203,7 @@ void dm_cli_usage(const dm_cli_prog *p, FILE *f)
 int dm_cli_exit(const char *prog, dm_status st)
 {
     if (st == DM_OK) return 0;
+    dm_cli_flag_prefix(st); /* the library names fields, the programs their flags */
     const char *msg = dm_last_error();
     fprintf(stderr, "%s: %s\n", prog, msg && *msg ? msg : "failed");
     return dm_exit_code(st);

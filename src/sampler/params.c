@@ -77,30 +77,30 @@ void dm_sample_params_init(dm_sample_params *p, const dm_config *cfg)
 dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg)
 {
     if ((unsigned)p->sampler >= DM_SAMPLER_COUNT)
-        return dm_fail(DM_ERR_ARG, "--sampler: unknown sampler %d", (int)p->sampler);
+        return dm_fail(DM_ERR_ARG, "sampler: unknown sampler %d", (int)p->sampler);
     if (cfg && dm_sampler_objective(p->sampler) != cfg->objective)
         return dm_fail(DM_ERR_ARG,
-                       "--sampler %s: the model was trained with the %s objective; use %s",
+                       "sampler %s: the model was trained with the %s objective; use %s",
                        dm_sampler_name(p->sampler), dm_objective_name(cfg->objective),
                        cfg->objective == DM_OBJ_RF ? "euler or heun" : "ddpm or ddim");
-    if (p->steps < 1) return dm_fail(DM_ERR_ARG, "--steps %d: must be at least 1", p->steps);
+    if (p->steps < 1) return dm_fail(DM_ERR_ARG, "steps %d: must be >= 1", p->steps);
     if (dm_sampler_objective(p->sampler) == DM_OBJ_DDPM && p->steps > p->num_train_steps)
-        return dm_fail(DM_ERR_ARG, "--steps %d: a %s model has only %d diffusion steps",
+        return dm_fail(DM_ERR_ARG, "steps %d: a %s model has only %d diffusion steps",
                        p->steps, "ddpm", p->num_train_steps);
     if (p->steps > DM_SAMPLE_MAX_STEPS)
-        return dm_fail(DM_ERR_ARG, "--steps %d: at most %d", p->steps, DM_SAMPLE_MAX_STEPS);
+        return dm_fail(DM_ERR_ARG, "steps %d: at most %d", p->steps, DM_SAMPLE_MAX_STEPS);
     if (!isfinite(p->cfg_scale))
-        return dm_fail(DM_ERR_ARG, "--cfg-scale: must be a finite number");
+        return dm_fail(DM_ERR_ARG, "cfg_scale: must be a finite number");
     if (cfg && (p->cfg_channels < 0 || p->cfg_channels > cfg->in_channels))
-        return dm_fail(DM_ERR_ARG, "--cfg-channels %d: the model has %d latent channels (use 1..%d "
+        return dm_fail(DM_ERR_ARG, "cfg_channels %d: the model has %d latent channels (use 1..%d "
                        "or all)", p->cfg_channels, cfg->in_channels, cfg->in_channels);
     if (!(p->cfg_t_lo >= 0.0f && p->cfg_t_hi <= 1.0f && p->cfg_t_lo <= p->cfg_t_hi))
-        return dm_fail(DM_ERR_ARG, "--cfg-interval %g,%g: need 0 <= LO <= HI <= 1 (t = 1 is noise)",
+        return dm_fail(DM_ERR_ARG, "cfg_interval %g,%g: need 0 <= LO <= HI <= 1 (t = 1 is noise)",
                        (double)p->cfg_t_lo, (double)p->cfg_t_hi);
     if (!(p->eta >= 0.0f && isfinite(p->eta)))
-        return dm_fail(DM_ERR_ARG, "--eta %g: must be >= 0", (double)p->eta);
+        return dm_fail(DM_ERR_ARG, "eta %g: must be >= 0", (double)p->eta);
     if (p->eta != 0.0f && p->sampler != DM_SAMPLER_DDIM)
-        return dm_fail(DM_ERR_ARG, "--eta: only the ddim sampler uses eta (sampler is %s)",
+        return dm_fail(DM_ERR_ARG, "eta: only the ddim sampler uses eta (sampler is %s)",
                        dm_sampler_name(p->sampler));
     return DM_OK;
 }
