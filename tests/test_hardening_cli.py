@@ -15,7 +15,6 @@ ctest runs this against build-asan/bin), nothing written, and must not allocate 
 """
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -36,11 +35,15 @@ def check(cond, what):
 
 
 def run(cmd, mem_mb=None):
-    """-> (exit code, stderr, peak RSS of the child in MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return r.returncode, r.stderr, max(peak, before) / 1024.0
+    """-> (exit code, stderr, peak RSS of this child alone in MiB). The child is reaped with
+    os.wait4 so its own ru_maxrss is read (RUSAGE_CHILDREN would be the running maximum over
+    every earlier child, e.g. a sanitizer build's larger programs)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read().decode(errors="replace")  # EOF when the child exits (ctest bounds time)
+    p.stderr.close()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, err, ru.ru_maxrss / 1024.0
 
 
 def bad_input(what, cmd, path, field, max_mb=None):
