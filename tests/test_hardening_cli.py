@@ -298,6 +298,14 @@ def nonfinite_cases(d):
         bad_input("vae-decode: inf in the latent", [vdec, "--vae", vae, "-q", "--z", zp, "--out", png + ".npy", "--png", png],
                   zp, f"element {16 + 2 * 4 + 3}")
         check(not os.path.exists(png + ".npy") and not os.path.exists(png + "_0.png"), "vae-decode: nothing written for a non-finite latent")
+        pv = os.path.join(d, "nan-vae.safetensors")
+        poison(vae, pv, "decoder.mid_block.resnets.0.norm1.weight")
+        np.save(zp, np.zeros((1, 4, 4, 4), np.float32))
+        rc, err, _ = run([vdec, "--vae", pv, "-q", "--z", zp, "--out", png + ".npy"])
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        check(rc == 1 and len(lines) == 1 and "first appear in mid block 0" in err,
+              f"vae-decode: NaN weight in the mid block: exit {rc} (1), one line: {err.strip()[:300]}")
+        check(not os.path.exists(png + ".npy"), "vae-decode: no output for a NaN weight")
 
 
 def main():
