@@ -51,10 +51,10 @@ cc -std=c11 t.c $(pkg-config --cflags --libs ditmoe) -o t
 # does not come first"): the plain program then runs with that runtime preloaded (leak checks off,
 # as in test_python_pkg).
 pre=
-if ldd "$tmp/moved/lib/libditmoe.so" | grep -q libasan; then
-  pre="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
-  export ASAN_OPTIONS=detect_leaks=0
-fi
+case "$(ldd "$tmp/moved/lib/libditmoe.so")" in
+  *libasan*) pre="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+             export ASAN_OPTIONS=detect_leaks=0 ;;
+esac
 out=$(LD_PRELOAD="$pre" LD_LIBRARY_PATH="$tmp/moved/lib" ./t "$tmp/moved/share/ditmoe/assets/ditmoe-fmnist.safetensors")
 echo "pkg-config program: $out"
 libs=$(LD_LIBRARY_PATH="$tmp/moved/lib" ldd ./t)
