@@ -115,6 +115,7 @@ int main(int argc, char **argv)
         st = dm_fail(DM_ERR_NOMEM, "out of memory");
         goto done;
     }
+    dm_forward_report_nonfinite(1);
     if ((st = dm_model_forward(m, B, x.data, t.data, labels, out, a.routes ? &routes : NULL)))
         goto done;
     if (a.bench > 0) {
