@@ -68,6 +68,11 @@ double dm_time_sec(void); /* monotonic clock */
  * first NaN or infinity. For checking inputs where they enter (a non-finite input is DM_ERR_ARG,
  * exit 2) and outputs where they leave a stage (DM_ERR_NUMERIC, exit 1). */
 int dm_all_finite(const float *x, size_t n, size_t *first_bad);
+/* (harden2) In this thread, make dm_model_forward fail with DM_ERR_NUMERIC when its output is
+ * non-finite, naming the first stage (patch embedding, conditioning, block N) where non-finite
+ * values appear (src/dit/finite_check.c). Off by default: the samplers report a non-finite latent
+ * with its step and image themselves. ditmoe-forward turns it on. */
+void dm_forward_report_nonfinite(int on);
 /* Resume's test of a finished image (src/batch/pngcheck.c). DM_OK when path is a complete PNG
  * of w x h, 8-bit, `channels` (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA): signature, IHDR first with
  * that size and colour type, every chunk's CRC, at least one IDAT, IEND last and nothing after

@@ -250,11 +250,73 @@ def disk_full_cases(d):
         subprocess.run(["umount", mnt])
 
 
+# ------------------------------------------------------------------ non-finite inputs and weights
+
+def poison(src, dst, tensor):
+    """Copy a safetensors file with element 0 of `tensor` (F32) set to NaN."""
+    with open(src, "rb") as f:
+        b = bytearray(f.read())
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    at = 8 + n + h[tensor]["data_offsets"][0]
+    b[at:at + 4] = struct.pack("<f", float("nan"))
+    with open(dst, "wb") as f:
+        f.write(b)
+
+
+def nonfinite_cases(d):
+    import numpy as np
+    fwd, vdec = os.path.join(BIN, "ditmoe-forward"), os.path.join(BIN, "ditmoe-vae-decode")
+    model = os.path.join(SRC, "assets", "ditmoe-fmnist.safetensors")
+    vae = os.path.join(SRC, "assets", "vae-fmnist.safetensors")
+    x = np.zeros((2, 4, 8, 8), np.float32)
+    x[1, 2, 3, 4] = np.nan
+    paths = {}
+    for name, a in (("xnan", x), ("x", np.zeros((2, 4, 8, 8), np.float32)),
+                    ("t", np.array([5.0, 7.0], np.float32)), ("tinf", np.array([5.0, np.inf], np.float32)),
+                    ("y", np.array([1, 2], np.int64))):
+        paths[name] = os.path.join(d, f"{name}.npy")
+        np.save(paths[name], a)
+    out = os.path.join(d, "fwd-out.npy")
+    bad = 256 + 2 * 64 + 3 * 8 + 4
+    bad_input("forward: NaN in --x", [fwd, "--model", model, "-q", "--x", paths["xnan"], "--t", paths["t"],
+              "--y", paths["y"], "--out", out], paths["xnan"], f"element {bad}")
+    bad_input("forward: inf in --t", [fwd, "--model", model, "-q", "--x", paths["x"], "--t", paths["tinf"],
+              "--y", paths["y"], "--out", out], paths["tinf"], "element 1")
+    check(not os.path.exists(out), "forward: nothing written for a non-finite input")
+    pm = os.path.join(d, "nan-weight.safetensors")
+    poison(model, pm, "blocks.1.attn.qkv.weight")
+    rc, err, _ = run([fwd, "--model", pm, "-q", "--x", paths["x"], "--t", paths["t"], "--y", paths["y"],
+                      "--out", out])
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    check(rc == 1 and len(lines) == 1 and "first appear in block 1" in err and "runtime error" not in err,
+          f"forward: NaN weight in block 1: exit {rc} (1), one line naming the block: {err.strip()[:300]}")
+    check(not os.path.exists(out), "forward: no all-NaN out.npy left for a NaN weight")
+    if os.path.exists(vdec):
+        z = np.zeros((1, 4, 4, 4), np.float32)
+        z[0, 1, 2, 3] = np.inf
+        zp = os.path.join(d, "znan.npy")
+        np.save(zp, z)
+        png = os.path.join(d, "dec.png")
+        bad_input("vae-decode: inf in the latent", [vdec, "--vae", vae, "-q", "--z", zp, "--out", png + ".npy", "--png", png],
+                  zp, f"element {16 + 2 * 4 + 3}")
+        check(not os.path.exists(png + ".npy") and not os.path.exists(png + "_0.png"), "vae-decode: nothing written for a non-finite latent")
+        pv = os.path.join(d, "nan-vae.safetensors")
+        poison(vae, pv, "decoder.mid_block.resnets.0.norm1.weight")
+        np.save(zp, np.zeros((1, 4, 4, 4), np.float32))
+        rc, err, _ = run([vdec, "--vae", pv, "-q", "--z", zp, "--out", png + ".npy"])
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        check(rc == 1 and len(lines) == 1 and "first appear in mid block 0" in err,
+              f"vae-decode: NaN weight in the mid block: exit {rc} (1), one line: {err.strip()[:300]}")
+        check(not os.path.exists(png + ".npy"), "vae-decode: no output for a NaN weight")
+
+
 def main():
     if not os.path.exists(ROUTES) or not os.path.exists(BATCH):
         print(f"SKIP: programs not built in {BIN}")
         return 0
     with tempfile.TemporaryDirectory(prefix="ditmoe-hard-cli-") as d:
+        nonfinite_cases(d)
         routes_cases(d)
         manifest_cases(d)
         disk_full_cases(d)

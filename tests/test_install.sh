@@ -47,7 +47,15 @@ int main(int argc, char **argv)
 C
 export PKG_CONFIG_PATH="$tmp/moved/lib/pkgconfig"
 cc -std=c11 t.c $(pkg-config --cflags --libs ditmoe) -o t
-out=$(LD_LIBRARY_PATH="$tmp/moved/lib" ./t "$tmp/moved/share/ditmoe/assets/ditmoe-fmnist.safetensors")
+# A GCC sanitizer build's libditmoe.so needs the ASan runtime first in the process ("ASan runtime
+# does not come first"): the plain program then runs with that runtime preloaded (leak checks off,
+# as in test_python_pkg).
+pre=
+case "$(ldd "$tmp/moved/lib/libditmoe.so")" in
+  *libasan*) pre="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+             export ASAN_OPTIONS=detect_leaks=0 ;;
+esac
+out=$(LD_PRELOAD="$pre" LD_LIBRARY_PATH="$tmp/moved/lib" ./t "$tmp/moved/share/ditmoe/assets/ditmoe-fmnist.safetensors")
 echo "pkg-config program: $out"
 libs=$(LD_LIBRARY_PATH="$tmp/moved/lib" ldd ./t)
 case "$libs" in *"$tmp/moved/lib/libditmoe.so.0"*) ;; *) echo "FAIL: not linked against the installed libditmoe.so: $libs"; exit 1 ;; esac

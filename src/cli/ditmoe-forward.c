@@ -62,7 +62,12 @@ static dm_status read_inputs(const args_t *a, const dm_config *c, dm_npy *x, dm_
                        (long long)x->shape[0], (long long)x->shape[1], (long long)x->shape[2],
                        (long long)x->shape[3], c->in_channels, c->input_size, c->input_size);
     if (B < 1) return dm_fail(DM_ERR_ARG, "%s: --x has batch size 0", a->x);
+    size_t bad = 0;
+    if (!dm_all_finite((const float *)x->data, (size_t)B * c->in_channels * c->input_size * c->input_size, &bad))
+        return dm_fail(DM_ERR_ARG, "%s: element %zu of --x is not finite", a->x, bad);
     if ((st = dm_npy_read_expect(a->t, DM_F32, 1, t))) return st;
+    if (t->shape[0] == B && !dm_all_finite((const float *)t->data, (size_t)B, &bad))
+        return dm_fail(DM_ERR_ARG, "%s: element %zu of --t is not finite", a->t, bad);
     if (t->shape[0] != B)
         return dm_fail(DM_ERR_ARG, "%s: --t has %lld timesteps, expected %d (batch of --x)", a->t,
                        (long long)t->shape[0], B);
@@ -120,6 +125,7 @@ int main(int argc, char **argv)
         st = dm_fail(DM_ERR_NOMEM, "out of memory");
         goto done;
     }
+    dm_forward_report_nonfinite(1);
     if ((st = dm_model_forward(m, B, x.data, t.data, labels, out, a.routes ? &routes : NULL)))
         goto done;
     if (a.bench > 0) {

@@ -65,6 +65,12 @@ int main(int argc, char **argv)
     float *img = NULL;
     uint8_t *u8 = NULL;
     if ((st = dm_npy_read_expect(z_path, DM_F32, 4, &z))) goto done;
+    size_t zbad = 0;
+    if (!dm_all_finite((const float *)z.data,
+                       (size_t)(z.shape[0] * z.shape[1] * z.shape[2] * z.shape[3]), &zbad)) {
+        st = dm_fail(DM_ERR_ARG, "%s: element %zu of the latent is not finite", z_path, zbad);
+        goto done;
+    }
     dm_load_opts lo;
     dm_cli_common_load_opts(&A.common, &lo);
     if ((st = dm_vae_load_opts(vae_path, &lo, &v))) goto done;

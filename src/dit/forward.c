@@ -3,6 +3,7 @@
  * blocks of attention then FFN/MoE, final layer. Every step is one op of the model's backend
  * (backend/backend.h). */
 #include "dit/model.h"
+#include "dit/finite_check.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -119,6 +120,7 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
     const int D = c->hidden, T = m->T, N = B * T, p = c->patch, S = c->input_size;
     if (B < 1) return dm_fail(DM_ERR_ARG, "batch size %d must be >= 1", B);
     TRY(check_inputs(m, B, t, y));
+    TRY(dm_fwd_check_inputs(m, B, x));
     TRY(reserve(m, B));
     const dm_backend_ops *op = m->be->ops;
     void *ctx = m->be->ctx;
@@ -131,14 +133,20 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
     TRY(op->linear(ctx, w->patches.p, N, m->patch_w, m->patch_b, xs));
     TRY(op->add_rows(ctx, xs, B, (size_t)T * D, m->pos_embed));
 
+    if (dm_fwd_diag) TRY(dm_fwd_check_stage(m, xs, (size_t)N * D, "patch embedding", -1));
     TRY(conditioning(m, B, t, y));
-    for (int l = 0, moe_layer = 0; l < c->depth; l++)
+    if (dm_fwd_diag) TRY(dm_fwd_check_stage(m, w->c.p, (size_t)B * D, "conditioning", -1));
+    for (int l = 0, moe_layer = 0; l < c->depth; l++) {
         TRY(block_forward(m, &m->blocks[l], B, y, m->blocks[l].is_moe ? moe_layer++ : -1, routes));
+        if (dm_fwd_diag)
+            TRY(dm_fwd_check_stage(m, xs, (size_t)N * D, m->blocks[l].is_moe ? "moe" : "dense", l));
+    }
 
     /* Final layer: modulate(LN(x), shift, scale) -> Linear -> unpatchify. */
     TRY(op->linear(ctx, w->c.p, B, m->final_mod_w, m->final_mod_b, mod));
     TRY(op->layernorm_mod(ctx, xs, B, T, D, 1e-6f, mod, mod + D, 2 * D, h));
     TRY(op->linear(ctx, h, N, m->final_w, m->final_b, w->outp.p));
     TRY(op->unpatchify(ctx, w->outp.p, B, c->out_channels, S, p, w->out.p));
-    return op->download(ctx, out, w->out.p, (size_t)B * c->out_channels * S * S * sizeof(float));
+    TRY(op->download(ctx, out, w->out.p, (size_t)B * c->out_channels * S * S * sizeof(float)));
+    return dm_fwd_check_output(m, B, x, t, y, out, routes);
 }

@@ -157,6 +157,26 @@ static dm_status resblock(dm_vae *v, const dm_vae_res *r, int H, int W, float **
     return DM_OK;
 }
 
+/* Set while a failed decode is re-run with a check after every stage (docs/reliability.md). */
+static _Thread_local int vae_diag;
+
+static dm_status vae_stage_check(dm_vae *v, const float *dev, size_t n, const char *stage, int i)
+{
+    float *hb = malloc(n * sizeof(float));
+    if (!hb) return dm_fail(DM_ERR_NOMEM, "dm_vae_decode: out of memory");
+    dm_status st = v->be->ops->download(v->be->ctx, hb, dev, n * sizeof(float));
+    size_t bad = 0;
+    if (st == DM_OK && !dm_all_finite(hb, n, &bad))
+        st = i >= 0 ? dm_fail(DM_ERR_NUMERIC, "%s: non-finite values first appear in %s %d, element %zu",
+                              v->path, stage, i, bad)
+                    : dm_fail(DM_ERR_NUMERIC, "%s: non-finite values first appear in %s, element %zu",
+                              v->path, stage, bad);
+    free(hb);
+    return st;
+}
+#define VAE_STAGE(buf, n, stage, i) \
+    do { if (vae_diag) TRY(vae_stage_check(v, (buf), (n), (stage), (i))); } while (0)
+
 dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
 {
     float *a = v->act[0].p, *b = v->act[1].p, *c = v->act[2].p;
@@ -166,7 +186,9 @@ dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
     const double t_start = dm_time_sec();
     TRY(conv(v, &v->post_quant, z, h, w, b));            /* b [latent_ch, h, w] */
     TRY(conv(v, &v->conv_in, b, h, w, a));               /* a [top, h, w] */
+    VAE_STAGE(a, (size_t)v->top * hw, "conv_in", -1);
     TRY(resblock(v, &v->mid[0], h, w, &a, &b, c));
+    VAE_STAGE(a, (size_t)v->top * hw, "mid block", 0);
     if (v->has_attn) {
         const dm_vae_attn *at = &v->attn;
         dm_vae_attn_layer aw = {at->norm.g, at->norm.b, at->wq, at->bq, at->wk, at->bk,
@@ -175,7 +197,9 @@ dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
         TRY(v->be->ops->vae_attention(v->be->ctx, a, v->top, (int)hw, v->groups, &aw));
         v->prof_t[T_ATTN] += dm_time_sec() - t0;
     }
+    VAE_STAGE(a, (size_t)v->top * hw, "mid attention", -1);
     TRY(resblock(v, &v->mid[1], h, w, &a, &b, c));
+    VAE_STAGE(a, (size_t)v->top * hw, "mid block", 1);
     int H = h, W = w;
     for (int i = 0; i < v->levels; i++) {
         const dm_vae_level *lv = &v->level[i];
@@ -187,6 +211,7 @@ dm_status dm_vae_decode_one(dm_vae *v, int h, int w, const float *z, float *img)
             H *= 2; W *= 2;
             TRY(conv(v, &lv->up, c, H, W, a));
         }
+        VAE_STAGE(a, (size_t)lv->width * H * W, "up level", i);
     }
     TRY(norm(v, a, v->norm_out.c, (size_t)H * W, &v->norm_out, b));
     TRY(conv(v, &v->conv_out, b, H, W, img));            /* img [out_ch, H, W] */
@@ -211,6 +236,9 @@ dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *i
     const int zc = v->info.z_channels, oc = v->info.out_channels;
     const size_t zn = (size_t)zc * h * w;
     const size_t on = (size_t)oc * (size_t)(h * f) * (size_t)(w * f);
+    size_t zbad = 0;
+    if (!dm_all_finite(z, (size_t)B * zn, &zbad))
+        return dm_fail(DM_ERR_ARG, "latent z: element %zu (image %zu) is not finite", zbad, zbad / zn);
     float *zs = malloc(sizeof(float) * zn);
     if (!zs) return dm_fail(DM_ERR_NOMEM, "dm_vae_decode: out of memory");
     for (int bi = 0; bi < B; bi++) {
@@ -221,12 +249,15 @@ dm_status dm_vae_decode(dm_vae *v, int B, int h, int w, const float *z, float *i
         if (st == DM_OK) st = dm_vae_decode_one(v, h, w, v->zbuf.p, v->obuf.p);
         if (st == DM_OK) st = v->be->ops->download(v->be->ctx, ob, v->obuf.p, sizeof(float) * on);
         if (st != DM_OK) break;
-        for (size_t i = 0; i < on; i++)
-            if (!isfinite(ob[i])) {
-                st = dm_fail(DM_ERR_NUMERIC, "%s: non-finite value in decoded image %d (latent "
-                             "holds NaN/Inf or weights overflow)", v->path, bi);
-                break;
-            }
+        size_t obad = 0;
+        if (!dm_all_finite(ob, on, &obad)) {
+            vae_diag = 1; /* run this image again, checking every stage */
+            st = dm_vae_decode_one(v, h, w, v->zbuf.p, v->obuf.p);
+            vae_diag = 0;
+            if (st == DM_OK)
+                st = dm_fail(DM_ERR_NUMERIC, "%s: non-finite values first appear in the output of "
+                             "image %d, element %zu", v->path, bi, obad);
+        }
         if (st != DM_OK) break;
     }
     free(zs);

@@ -274,13 +274,34 @@ def pngs(out):
     put(out, "fuzz_png", "interlaced.png", png_bytes(9, 9, 2, interlace=1, seed=6))
 
 
+def pt_bytes(obj, legacy=False):
+    b = io.BytesIO()
+    torch.save(obj, b, _use_new_zipfile_serialization=not legacy)
+    return b.getvalue()
+
+
+def pts(out):
+    """torch.save state dicts, zip and legacy formats (the .pt reader, through dm_st_open)."""
+    g = torch.Generator().manual_seed(7)
+    sd = {"a.weight": torch.randn(3, 2, generator=g), "a.bias": torch.randn(3, generator=g),
+          "h": torch.randn(2, 2, generator=g).half(), "b": torch.randn(4, generator=g).bfloat16(),
+          "i": torch.arange(5), "view": torch.randn(4, 4, generator=g)[1:, ::2]}
+    put(out, "fuzz_pt", "state.pt", pt_bytes(sd))
+    put(out, "fuzz_pt", "state-legacy.pt", pt_bytes(sd, legacy=True))
+    put(out, "fuzz_pt", "nested.pt", pt_bytes({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)},
+                                                "epoch": 3, "args": {"depth": 2, "name": "x"}}))
+    state, _ = ditmoe_model(0)
+    put(out, "fuzz_pt", "ditmoe-ema.pt", pt_bytes(state))
+    put(out, "fuzz_pt", "ditmoe-ema-legacy.pt", pt_bytes(state, legacy=True))
+
+
 def main(argv):
     if len(argv) != 2:
         print(__doc__.splitlines()[2].strip(), file=sys.stderr)
         return 2
     out = argv[1]
     torch.manual_seed(0)
-    for make in (safetensors, models, npys, dumps, manifests, vaes, pngs):
+    for make in (safetensors, models, npys, dumps, manifests, vaes, pngs, pts):
         make(out)
     for t in sorted(os.listdir(out)):
         files = os.listdir(os.path.join(out, t))

@@ -48,31 +48,33 @@ dm_status dm_lp_pack_bf16(dm_lpmat *m, const float *W)
 
 /* ---- portable path: exact emulation of vdpbf16ps (see the top) ------------------------------- */
 
-static inline dm_v16f ftz16(dm_v16f a)
-{
-    dm_v16u u;
-    memcpy(&u, &a, sizeof u);
-    dm_v16u small = (dm_v16u)((u & 0x7fffffffu) < 0x00800000u); /* all ones where |a| < FLT_MIN */
-    u &= ~(small & 0x7fffffffu);
-    memcpy(&a, &u, sizeof a);
-    return a;
-}
-
-static inline dm_v16f lo16(dm_v16u u) /* even k */
-{
-    dm_v16u v = u << 16;
-    dm_v16f f;
-    memcpy(&f, &v, sizeof f);
-    return f;
-}
-
-static inline dm_v16f hi16(dm_v16u u) /* odd k */
-{
-    dm_v16u v = u & 0xffff0000u;
-    dm_v16f f;
-    memcpy(&f, &v, sizeof f);
-    return f;
-}
+/* The helpers that take or return a vector by value are defined once per target: clang refuses a
+ * call that passes a 64-byte vector between functions compiled for different targets (the ABI
+ * changes with avx512f), which a build without -march=native would otherwise make. */
+#define DEFINE_VEC_HELPERS(SUF, ATTR)                                                            \
+    ATTR static inline dm_v16f ftz16##SUF(dm_v16f a)                                             \
+    {                                                                                            \
+        dm_v16u u;                                                                               \
+        memcpy(&u, &a, sizeof u);                                                                \
+        dm_v16u small = (dm_v16u)((u & 0x7fffffffu) < 0x00800000u); /* |a| < FLT_MIN */          \
+        u &= ~(small & 0x7fffffffu);                                                             \
+        memcpy(&a, &u, sizeof a);                                                                \
+        return a;                                                                                \
+    }                                                                                            \
+    ATTR static inline dm_v16f lo16##SUF(dm_v16u u) /* even k */                                 \
+    {                                                                                            \
+        dm_v16u v = u << 16;                                                                     \
+        dm_v16f f;                                                                               \
+        memcpy(&f, &v, sizeof f);                                                                \
+        return f;                                                                                \
+    }                                                                                            \
+    ATTR static inline dm_v16f hi16##SUF(dm_v16u u) /* odd k */                                  \
+    {                                                                                            \
+        dm_v16u v = u & 0xffff0000u;                                                             \
+        dm_v16f f;                                                                               \
+        memcpy(&f, &v, sizeof f);                                                                \
+        return f;                                                                                \
+    }
 
 static void store_rows(dm_v16f acc[MR][2], int m, const float *bias, float *C, int ldc, int nc)
 {
@@ -85,7 +87,7 @@ static void store_rows(dm_v16f acc[MR][2], int m, const float *bias, float *C, i
     }
 }
 
-#define DEFINE_GENERIC_TILE(NAME, ATTR)                                                          \
+#define DEFINE_GENERIC_TILE(NAME, SUF, ATTR)                                                        \
     ATTR static void NAME(const uint32_t *X, int kb, int m, const uint32_t *wp, const float *bias, \
                           float *C, int ldc, int nc)                                             \
     {                                                                                            \
@@ -94,24 +96,26 @@ static void store_rows(dm_v16f acc[MR][2], int m, const float *bias, float *C, i
         for (int k = 0; k < kb; k++) {                                                           \
             const dm_v16u u0 = *(const dm_v16u *)(wp + (size_t)k * DM_LP_PANEL);                 \
             const dm_v16u u1 = *(const dm_v16u *)(wp + (size_t)k * DM_LP_PANEL + 16);            \
-            const dm_v16f e0 = lo16(u0), o0 = hi16(u0), e1 = lo16(u1), o1 = hi16(u1);            \
+            const dm_v16f e0 = lo16##SUF(u0), o0 = hi16##SUF(u0), e1 = lo16##SUF(u1), o1 = hi16##SUF(u1);            \
             for (int r = 0; r < MR; r++)                                                         \
                 if (r < m) {                                                                     \
                     const uint32_t a = X[(size_t)r * kb + k];                                    \
                     const float ae = dm_lp_bits_f(a << 16), ao = dm_lp_bits_f(a & 0xffff0000u);  \
-                    acc[r][0] = ftz16(acc[r][0] + ao * o0);                                      \
-                    acc[r][1] = ftz16(acc[r][1] + ao * o1);                                      \
-                    acc[r][0] = ftz16(acc[r][0] + ae * e0);                                      \
-                    acc[r][1] = ftz16(acc[r][1] + ae * e1);                                      \
+                    acc[r][0] = ftz16##SUF(acc[r][0] + ao * o0);                                      \
+                    acc[r][1] = ftz16##SUF(acc[r][1] + ao * o1);                                      \
+                    acc[r][0] = ftz16##SUF(acc[r][0] + ae * e0);                                      \
+                    acc[r][1] = ftz16##SUF(acc[r][1] + ae * e1);                                      \
                 }                                                                                \
         }                                                                                        \
         store_rows(acc, m, bias, C, ldc, nc);                                                    \
     }
 
-DEFINE_GENERIC_TILE(tile_generic, )
+DEFINE_VEC_HELPERS(, )
+DEFINE_GENERIC_TILE(tile_generic, , )
 #ifdef DM_LP_X86
 /* The same C, compiled for AVX512 (CPUs with AVX512 but without BF16, in a generic build). */
-DEFINE_GENERIC_TILE(tile_generic_avx512, __attribute__((target(DM_TARGET_AVX512))))
+DEFINE_VEC_HELPERS(_avx512, __attribute__((target(DM_TARGET_AVX512))))
+DEFINE_GENERIC_TILE(tile_generic_avx512, _avx512, __attribute__((target(DM_TARGET_AVX512))))
 #endif
 
 /* ---- AVX512-BF16 path ------------------------------------------------------------------------ */
