@@ -399,14 +399,14 @@ static dm_status step(pk *p, int *done)
         {
             int n = p->sp - first;
             p->sp = first;
-            return make_seq(p, PV_TUPLE, p->stack + first, n);
+            return make_seq(p, PV_TUPLE, n ? p->stack + first : NULL, n); /* no NULL + 0 */
         }
     case 'l': /* LIST */
         if ((st = pop_mark(p, &first))) return st;
         {
             int n = p->sp - first;
             p->sp = first;
-            return make_seq(p, PV_LIST, p->stack + first, n);
+            return make_seq(p, PV_LIST, n ? p->stack + first : NULL, n);
         }
     case 'X': /* BINUNICODE */
         if ((st = need(p, 4, &q))) return st;
