@@ -39,7 +39,7 @@ for b in s["persistence_bands"]:
 assert all(r[e][e] >= 0 for r in s["coactivation"] for e in range(8))
 PYEOF
 expect "routestats no dump" 2 "no DUMP" "$BIN/ditmoe-routestats"
-expect "routestats bad flag" 2 "unknown flag --x" "$BIN/ditmoe-routestats" --x "$T/r.dmr"
+expect "routestats bad flag" 2 "unknown flag '--x'" "$BIN/ditmoe-routestats" --x "$T/r.dmr"
 printf 'DMROUTE1garbage' >"$T/bad.dmr"
 expect "routestats corrupt dump" 2 "bad.dmr" "$BIN/ditmoe-routestats" "$T/bad.dmr"
 

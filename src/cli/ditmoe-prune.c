@@ -14,6 +14,7 @@
  * num_experts). Exit: 0, 2 bad input, 1 runtime. */
 #include "ditmoe.h"
 #include "common.h"
+#include "flags.h"
 #include "router/prune.h"
 #include "trace/analysis.h"
 
@@ -21,73 +22,72 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *usage =
-    "usage: ditmoe-prune MODEL --keep N [options]\n"
-    "  --keep N            experts kept in every MoE layer (top_k <= N <= E)\n"
-    "  --method M          best (default: per layer the lower lost mass of the two), stun,\n"
-    "                      exhaustive\n"
-    "  --probs P.npy       calibration router probabilities [L, M, E] float32\n"
-    "                      (tools/moe_lab/router_probs.py); needed by exhaustive and best\n"
-    "  --routes DUMP       routing dump(s) for co-activation (repeatable; default: top-k of --probs)\n"
-    "  --lambda X          weight of the router-row distance in STUN's distance (default 0)\n"
-    "  --report R.json     write the per-layer choices and objectives\n"
-    "  -o OUT.safetensors  the pruned model (without -o: plan and report only)\n";
-
 #define MAX_DUMPS 16
+#define PROG "ditmoe-prune"
+
+static struct {
+    const char *probs, *out, *report, *method, *layers;
+    dm_cli_list dumps, pos;
+    int keep;
+    float lambda;
+    dm_cli_common common;
+} A;
+
+static const dm_cli_opt OPTS[] = {
+    {'\0', "keep", DM_OPT_INT, &A.keep, 1, DM_PRUNE_MAX_E, "N", "- (required)",
+     "experts kept in every MoE layer (top_k <= N <= E)", NULL},
+    {'\0', "method", DM_OPT_STR, &A.method, 0, 0, "M", "best",
+     "best (per layer the lower lost mass of the two), stun, exhaustive", NULL},
+    {'\0', "probs", DM_OPT_STR, &A.probs, 0, 0, "P.npy", "none",
+     "calibration router probabilities [L, M, E] float32 (tools/moe_lab/router_probs.py);\n"
+     "needed by exhaustive and best", NULL},
+    {'\0', "routes", DM_OPT_LIST, &A.dumps, 0, 0, "DUMP", "top-k of --probs",
+     "routing dump(s) for co-activation (repeatable)", NULL},
+    {'\0', "lambda", DM_OPT_FLOAT, &A.lambda, 0, 1e6, "X", "0",
+     "weight of the router-row distance in STUN's distance", NULL},
+    {'\0', "report", DM_OPT_STR, &A.report, 0, 0, "R.json", "none",
+     "write the per-layer choices and objectives", NULL},
+    {'o', NULL, DM_OPT_STR, &A.out, 0, 0, "OUT.safetensors", "none (plan and report only)",
+     "the pruned model", NULL},
+    {'\0', "layers", DM_OPT_STR, &A.layers, 0, 0, "LIST", "all",
+     "not supported yet (the loader has one num_experts for every layer)", NULL},
+    DM_CLI_LOG_OPTS(A.common),
+    DM_CLI_HELP_OPTS,
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "MODEL --keep N [options]",
+    "Structured expert pruning from behaviour similarity (docs/moe-lab.md): STUN complete-linkage\n"
+    "clustering or an exhaustive search per layer; writes a model the engine loads as any other.",
+    OPTS, &A.pos, NULL};
 
 int main(int argc, char **argv)
 {
-    const char *model = NULL, *probs_path = NULL, *out = NULL, *report = NULL, *method = "best";
-    const char *dumps[MAX_DUMPS];
-    int n_dumps = 0, keep = 0;
-    float lambda = 0;
-    dm_status st = DM_OK;
-    for (int i = 1; i < argc && !st; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            fputs(usage, stdout);
-            return 0;
-        } else if (a[0] == '-' && !v) {
-            st = dm_fail(DM_ERR_ARG, "%s needs a value", a);
-        } else if (!strcmp(a, "--keep")) {
-            st = dm_cli_int("--keep", v, 1, DM_PRUNE_MAX_E, &keep), i++;
-        } else if (!strcmp(a, "--method")) {
-            method = v, i++;
-            if (strcmp(v, "best") && strcmp(v, "stun") && strcmp(v, "exhaustive"))
-                st = dm_fail(DM_ERR_ARG, "--method %s: best, stun or exhaustive", v);
-        } else if (!strcmp(a, "--probs")) {
-            probs_path = v, i++;
-        } else if (!strcmp(a, "--routes")) {
-            if (n_dumps == MAX_DUMPS) st = dm_fail(DM_ERR_ARG, "--routes: at most %d dumps", MAX_DUMPS);
-            else dumps[n_dumps++] = v, i++;
-        } else if (!strcmp(a, "--lambda")) {
-            st = dm_cli_float("--lambda", v, &lambda), i++;
-        } else if (!strcmp(a, "--report")) {
-            report = v, i++;
-        } else if (!strcmp(a, "-o")) {
-            out = v, i++;
-        } else if (!strcmp(a, "--layers")) {
-            st = dm_fail(DM_ERR_ARG, "--layers: pruning a subset of layers gives layers of different "
-                         "expert counts, which the loader (one num_experts) cannot read yet");
-        } else if (a[0] == '-') {
-            st = dm_fail(DM_ERR_ARG, "unknown flag %s (see --help)", a);
-        } else if (model) {
-            st = dm_fail(DM_ERR_ARG, "more than one MODEL (%s, %s)", model, a);
-        } else {
-            model = a;
-        }
-    }
+    A.method = "best";
+    dm_cli_common_init(&A.common);
+    int done = 0;
+    dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
+    if (st || done) return dm_cli_exit(PROG, st);
+    dm_cli_common_apply(&A.common, 0);
+    const char *model = A.pos.n ? A.pos.v[0] : NULL, *probs_path = A.probs, *out = A.out;
+    const char *report = A.report, *method = A.method;
+    const char *const *dumps = A.dumps.v;
+    const int n_dumps = A.dumps.n, keep = A.keep;
+    const float lambda = A.lambda;
+    if (A.pos.n > 1) st = dm_fail(DM_ERR_ARG, "more than one MODEL (%s, %s)", A.pos.v[0], A.pos.v[1]);
+    if (!st && A.layers)
+        st = dm_fail(DM_ERR_ARG, "--layers: pruning a subset of layers gives layers of different "
+                     "expert counts, which the loader (one num_experts) cannot read yet");
+    if (!st && strcmp(method, "best") && strcmp(method, "stun") && strcmp(method, "exhaustive"))
+        st = dm_fail(DM_ERR_ARG, "--method %s: best, stun or exhaustive", method);
+    if (!st && n_dumps > MAX_DUMPS) st = dm_fail(DM_ERR_ARG, "--routes: at most %d dumps", MAX_DUMPS);
     if (!st && !model) st = dm_fail(DM_ERR_ARG, "no MODEL (see --help)");
     if (!st && !keep) st = dm_fail(DM_ERR_ARG, "--keep N is required");
     if (!st && strcmp(method, "stun") && !probs_path)
         st = dm_fail(DM_ERR_ARG, "--method %s needs --probs (calibration router probabilities)", method);
     if (!st && !probs_path && !n_dumps)
         st = dm_fail(DM_ERR_ARG, "--method stun needs --routes or --probs for co-activation");
-    if (st) {
-        fprintf(stderr, "ditmoe-prune: %s\n", dm_last_error());
-        return dm_exit_code(st);
-    }
+    if (st) return dm_cli_exit(PROG, st);
 
     dm_st_file *f = NULL;
     dm_config cfg = {0};
@@ -248,17 +248,16 @@ int main(int argc, char **argv)
         const char *fmt = dm_st_meta(f, "format");
         const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
         if (!st) st = dm_st_write(out, nt, t, kv);
-        if (!st) fprintf(stderr, "[INFO] wrote %s: %d tensors, %d experts per layer\n", out, nt, keep);
+        if (!st) dm_log(DM_LOG_INFO, "wrote %s: %d tensors, %d experts per layer", out, nt, keep);
         free(meta);
         if (t) dm_prune_tensors_free(t, nt, owned);
         free(ops);
     }
-    if (st) fprintf(stderr, "ditmoe-prune: %s\n", dm_last_error());
     free(coact);
     free(mass);
     free(plan);
     dm_npy_free(&probs);
     dm_config_free(&cfg);
     if (f) dm_st_close(f);
-    return st ? dm_exit_code(st) : 0;
+    return dm_cli_exit(PROG, st);
 }

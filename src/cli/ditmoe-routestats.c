@@ -17,6 +17,7 @@
  * to become `ditmoe-routes --affinity` after the CLI merge. */
 #include "ditmoe.h"
 #include "common.h"
+#include "flags.h"
 #include "router/route_policy.h"
 #include "trace/analysis.h"
 
@@ -71,44 +72,52 @@ static dm_status policies(const char *path, int S, int bands, const char **specs
     return st;
 }
 
+#define PROG "ditmoe-routestats"
+
+static struct {
+    const char *probs;
+    dm_cli_list specs, dumps;
+    int steps, cosine, uncond, bands;
+    dm_cli_common common;
+} A;
+
+static const dm_cli_opt OPTS[] = {
+    {'\0', "uncond", DM_OPT_SET, &A.uncond, 1, 0, NULL, "off",
+     "count the unconditional rows instead of the conditional ones", NULL},
+    {'\0', "bands", DM_OPT_INT, &A.bands, 1, 1000, "N", "5", "step bands of the per-step tables", NULL},
+    {'\0', "probs", DM_OPT_STR, &A.probs, 0, 0, "P.npy", "none",
+     "policy mode: router probabilities [L, S*B*T, E] float32 (tools/moe_lab/router_probs.py)", NULL},
+    {'\0', "steps", DM_OPT_INT, &A.steps, 1, 100000, "S", "0", "sampler steps of --probs", NULL},
+    {'\0', "route", DM_OPT_LIST, &A.specs, 0, 0, "SPEC", "none",
+     "routing policy to evaluate on --probs (repeatable): top-k, top-p=P[,max=K][,renorm], ...", NULL},
+    {'\0', "cosine", DM_OPT_SET, &A.cosine, 1, 0, NULL, "off",
+     "--probs holds ProMoE cosine scores of a top-1 model (rank2 policies)", NULL},
+    DM_CLI_LOG_OPTS(A.common),
+    DM_CLI_HELP_OPTS,
+    DM_CLI_END};
+
+static const dm_cli_prog PROGRAM = {
+    PROG, "[--uncond] [--bands N] DUMP [DUMP...] > stats.json\n"
+    "       " PROG " --probs P.npy --steps S --route SPEC [--route SPEC...] > policies.json",
+    "Routing statistics of --dump-routing traces as JSON (docs/moe-lab.md): ExFlow affinity,\n"
+    "top-k set persistence between steps, experts per token, co-activation, gate mass.",
+    OPTS, &A.dumps, NULL};
+
 int main(int argc, char **argv)
 {
-    int uncond = 0, bands = 5, n = 0, steps = 0, n_specs = 0, cosine = 0;
-    const char *dumps[64], *probs = NULL, *specs[32];
-    dm_status st = DM_OK;
-    for (int i = 1; i < argc && !st; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            puts("usage: ditmoe-routestats [--uncond] [--bands N (default 5)] DUMP [DUMP...] > stats.json\n"
-                 "       ditmoe-routestats --probs P.npy --steps S --route SPEC [--route SPEC...] [--bands N]\n"
-                 "                         [--cosine: ProMoE cosine scores, top-1 model]");
-            return 0;
-        } else if (!strcmp(argv[i], "--probs") && i + 1 < argc) {
-            probs = argv[++i];
-        } else if (!strcmp(argv[i], "--steps") && i + 1 < argc) {
-            st = dm_cli_int("--steps", argv[++i], 1, 100000, &steps);
-        } else if (!strcmp(argv[i], "--route") && i + 1 < argc) {
-            if (n_specs == 32) st = dm_fail(DM_ERR_ARG, "at most 32 --route");
-            else specs[n_specs++] = argv[++i];
-        } else if (!strcmp(argv[i], "--cosine")) {
-            cosine = 1;
-        } else if (!strcmp(argv[i], "--uncond")) {
-            uncond = 1;
-        } else if (!strcmp(argv[i], "--bands")) {
-            st = i + 1 < argc ? dm_cli_int("--bands", argv[++i], 1, 1000, &bands)
-                              : dm_fail(DM_ERR_ARG, "--bands needs a value");
-        } else if (argv[i][0] == '-') {
-            st = dm_fail(DM_ERR_ARG, "unknown flag %s (see --help)", argv[i]);
-        } else if (n == 64) {
-            st = dm_fail(DM_ERR_ARG, "at most 64 dumps");
-        } else {
-            dumps[n++] = argv[i];
-        }
-    }
+    A.bands = 5;
+    dm_cli_common_init(&A.common);
+    int done = 0;
+    dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done);
+    if (st || done) return dm_cli_exit(PROG, st);
+    dm_cli_common_apply(&A.common, 0);
+    const char *probs = A.probs, *const *dumps = A.dumps.v, **specs = A.specs.v;
+    const int n = A.dumps.n, n_specs = A.specs.n, steps = A.steps, bands = A.bands;
+    const int cosine = A.cosine, uncond = A.uncond;
     if (!st && probs) {
         st = n_specs ? policies(probs, steps, bands, specs, n_specs, cosine)
                      : dm_fail(DM_ERR_ARG, "--probs needs at least one --route SPEC");
-        if (st) fprintf(stderr, "ditmoe-routestats: %s\n", dm_last_error());
-        return st ? dm_exit_code(st) : 0;
+        return dm_cli_exit(PROG, st);
     }
     if (!st && !n) st = dm_fail(DM_ERR_ARG, "no DUMP (see --help)");
     dm_route_analysis a;
@@ -137,9 +146,5 @@ int main(int argc, char **argv)
     }
     if (!st) st = dm_route_analysis_write_json(&a, bands, stdout);
     if (have) dm_route_analysis_free(&a);
-    if (st) {
-        fprintf(stderr, "ditmoe-routestats: %s\n", dm_last_error());
-        return dm_exit_code(st);
-    }
-    return 0;
+    return dm_cli_exit(PROG, st);
 }
