@@ -1,7 +1,7 @@
 /* Every CUDA kernel of src/backend/cuda against its CPU reference, on the device, in-process.
  *
  * Metric (as tests/test_ops.c): rel = max|gpu - ref| / rms(ref), with the tolerance stated per
- * case (spec/cuda.md §6). Inputs are rounded to the device's 16-bit type on the host first where
+ * case (docs/spec/cuda.md §6). Inputs are rounded to the device's 16-bit type on the host first where
  * a kernel takes 16-bit operands, so both sides see identical values. Outputs are poisoned with
  * NaN before each kernel (every element must be written); NaN never passes. GEMMs are also
  * checked for batch invariance: a row computed alone equals, bit for bit, the same row inside

@@ -1,6 +1,6 @@
 /* Model configuration: the "ditmoe" metadata JSON (docs/format.md), validated and cross-checked
  * against the tensors; or, without metadata, inferred from tensor names/shapes and the released
- * config table (spec/ditmoe.md §1, §3.1). Also class-id parsing and the arch/objective name
+ * config table (docs/spec/ditmoe.md §1, §3.1). Also class-id parsing and the arch/objective name
  * tables. Sampling defaults are not filled here: dm_sample_params_init owns them. */
 #include "io/st_internal.h"
 
@@ -34,7 +34,7 @@ int dm_objective_from_name(const char *s, dm_objective *out)
     return -1;
 }
 
-/* ---- released-config table (spec/ditmoe.md §1) ---- */
+/* ---- released-config table (docs/spec/ditmoe.md §1) ---- */
 static const struct {
     int hidden, heads;
     const char *size;

@@ -1,5 +1,5 @@
 """Independent PyTorch reference of DiT-MoE (feizc/DiT-MoE), written from
-/work/shared/spec/ditmoe.md sections 2-3. No code copied from the original repository.
+docs/spec/ditmoe.md sections 2-3. No code copied from the original repository.
 
 State-dict names and shapes equal the official models.py ones (spec 3.1), so an official
 checkpoint loads with load_state_dict(strict=True) and our converter / C engine read the

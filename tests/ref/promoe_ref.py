@@ -1,5 +1,5 @@
 """Independent PyTorch reference of ProMoE (ali-vilab/ProMoE), written from
-/work/shared/spec/promoe.md sections 2-6. No code copied from the original repository.
+docs/spec/promoe.md sections 2-6. No code copied from the original repository.
 
 State-dict names and shapes equal the official ones (spec 4): even blocks are dense DiT blocks
 (blocks.i.mlp.fc1/fc2, GELU-tanh), odd blocks MoE blocks (blocks.i.mlp.cluster_centers [E, D],

@@ -1,4 +1,4 @@
-"""PyTorch reference samplers for ditmoe, written from /work/shared/spec/vae_samplers.md B.1-B.5
+"""PyTorch reference samplers for ditmoe, written from docs/spec/vae_samplers.md B.1-B.5
 and ditmoe.md 4-5 (no code copied from DiT / DiT-MoE). Used by tests/test_sampler_parity.py
 against build/bin/ditmoe-sample.
 

@@ -1,4 +1,4 @@
-"""PyTorch reference of the SD KL-f8 VAE decoder (spec/vae_samplers.md part A), generalised.
+"""PyTorch reference of the SD KL-f8 VAE decoder (docs/spec/vae_samplers.md part A), generalised.
 
 Written from the spec, diffusers *current* parameter naming; used by tests/test_vae*.py as the
 independent reference for the C decoder (src/vae) and importable by other tools (e.g. a small KL

@@ -175,7 +175,7 @@ static void build_plan(dmc_cudnn *d, sdpa_plan *p)
                        &got, cfg);
     n_cfg = (int)got;
     for (int i = 0; !s && i < n_cfg && !p->usable; i++) {
-        /* Skip nondeterministic engines (spec/cuda.md §4 rule 7). */
+        /* Skip nondeterministic engines (docs/spec/cuda.md §4 rule 7). */
         cudnnBackendDescriptor_t eng = NULL;
         if (d->CreateDesc(CUDNN_BACKEND_ENGINE_DESCRIPTOR, &eng)) continue;
         int64_t ne = 0, nn = 0;

@@ -6,7 +6,7 @@
  *
  * Every kernel has a CPU counterpart that defines it (the _ref functions of backend/cpu/ops.h,
  * router/moe.h, vae/vae_internal.h, sampler/noise.c); tests/test_cuda_ops.c compares each one
- * on the device with it. Determinism rules (spec/cuda.md §4): row reductions in one warp or CTA
+ * on the device with it. Determinism rules (docs/spec/cuda.md §4): row reductions in one warp or CTA
  * in a fixed order, no float atomics, integer counts only, stable orders everywhere. */
 #ifndef DM_BACKEND_CUDA_DMCUDA_H
 #define DM_BACKEND_CUDA_DMCUDA_H

@@ -1,4 +1,4 @@
-/* The MoE / MLP layer on the GPU, library path P1 of spec/cuda.md §3:
+/* The MoE / MLP layer on the GPU, library path P1 of docs/spec/cuda.md §3:
  *   router kernel (fp32 scores, softmax or prototype cosine, top-k; or expert-choice selection)
  *   -> pick matrix sel/pw [N, nE] -> stable grouping (count, scan, compact: rows, slot weights,
  *   inverse map) -> ONE device->host copy of the nE+1 offsets -> gather of the grouped rows to

@@ -1,4 +1,4 @@
-/* Dense GEMMs through cuBLASLt with an algorithm pinned per shape (spec/cuda.md §4 rule 1).
+/* Dense GEMMs through cuBLASLt with an algorithm pinned per shape (docs/spec/cuda.md §4 rule 1).
  *
  * A plan is keyed by everything but the varying dimension (the token count of a linear layer):
  * types, transposes, the fixed sizes and leading dimensions, bias, beta. Its algorithm is chosen

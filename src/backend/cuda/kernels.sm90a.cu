@@ -1,5 +1,5 @@
 /* Hopper-only object (built with CUDA_ARCHITECTURES 90a-real, cmake/cuda.cmake). The wgmma/TMA
- * grouped GEMM (P3 of spec/cuda.md §2) will live here; for now it holds the probe that proves
+ * grouped GEMM (P3 of docs/spec/cuda.md §2) will live here; for now it holds the probe that proves
  * the sm_90a image loads and runs on the device: the kernel reports whether it was compiled in
  * the arch-specific pass (__CUDA_ARCH_FEAT_SM90_ALL). Dispatched only when the device reports
  * compute capability 9.0. */

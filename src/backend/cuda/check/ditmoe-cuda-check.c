@@ -1,4 +1,4 @@
-/* ditmoe-cuda-check: the device-side sections of scripts/gpu_check.sh (spec/cuda.md §6).
+/* ditmoe-cuda-check: the device-side sections of scripts/gpu_check.sh (docs/spec/cuda.md §6).
  *
  *   ditmoe-cuda-check --section probe|ceil|inv|bench [--device N] [--quick]
  *
