@@ -20,13 +20,11 @@ import io
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-import zlib
 
 import numpy as np
 import torch
@@ -38,18 +36,11 @@ sys.path.insert(0, os.path.join(SRC, "tools"))
 from dit_moe_ref import DiTMoE, randomize_  # noqa: E402
 import vae_ref as V  # noqa: E402
 import convert_checkpoint  # noqa: E402
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import check, finish, read_png  # noqa: E402
 
 TOOL = os.path.join(BIN, "ditmoe-batch")
 SAMPLE = os.path.join(BIN, "ditmoe-sample")
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
-
-
 # ------------------------------------------------------------------ assets
 
 def make_model(path, seed, num_classes=10):
@@ -68,65 +59,6 @@ def make_vae(path, seed, out_ch=3):
     vc = V.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, out_ch=out_ch)
     dec = V.randomize_(V.Decoder(vc), seed=seed)
     V.write_safetensors(path, dec.state_dict(), V.vae_metadata(vc))
-
-
-# ------------------------------------------------------------------ an independent PNG reader
-
-def read_png(path):
-    """8-bit gray/RGB, non-interlaced -> (uint8 [H,W,C], {tEXt key: value}); raises if the file
-    is truncated or any chunk CRC is wrong."""
-    b = open(path, "rb").read()
-    if b[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("bad signature")
-    pos, idat, text, ihdr = 8, b"", {}, None
-    while True:
-        if pos + 8 > len(b):
-            raise ValueError("truncated (no IEND)")
-        n, typ = struct.unpack(">I4s", b[pos:pos + 8])
-        data = b[pos + 8:pos + 8 + n]
-        crc = b[pos + 8 + n:pos + 12 + n]
-        if len(data) != n or len(crc) != 4 or struct.unpack(">I", crc)[0] != zlib.crc32(typ + data):
-            raise ValueError("bad chunk %r" % typ)
-        pos += 12 + n
-        if typ == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", data)
-        elif typ == b"IDAT":
-            idat += data
-        elif typ == b"tEXt":
-            k, v = data.split(b"\0", 1)
-            text[k.decode("latin-1")] = v.decode("latin-1")
-        elif typ == b"IEND":
-            break
-    w, h, depth, ctype, _, _, interlace = ihdr
-    assert depth == 8 and interlace == 0 and ctype in (0, 2)
-    ch = 1 if ctype == 0 else 3
-    raw = zlib.decompress(idat)
-    stride = w * ch
-    out = np.zeros((h, stride), np.int32)
-    prev = np.zeros(stride, np.int32)
-    for y in range(h):
-        f = raw[y * (stride + 1)]
-        line = np.frombuffer(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)], np.uint8).astype(np.int32)
-        cur = np.zeros(stride, np.int32)
-        for x in range(stride):
-            a = cur[x - ch] if x >= ch else 0
-            c = prev[x - ch] if x >= ch else 0
-            up = prev[x]
-            if f == 0:
-                p = 0
-            elif f == 1:
-                p = a
-            elif f == 2:
-                p = up
-            elif f == 3:
-                p = (a + up) // 2
-            else:
-                pa, pb, pc = abs(up - c), abs(a - c), abs(a + up - 2 * c)
-                p = a if pa <= pb and pa <= pc else (up if pb <= pc else c)
-            cur[x] = (line[x] + p) & 255
-        out[y] = cur
-        prev = cur
-    return out.astype(np.uint8).reshape(h, w, ch), text
 
 
 # ------------------------------------------------------------------ running
@@ -417,8 +349,7 @@ def body(tmp):
     rc, out = run(["--help"])
     check(rc == 0 and "--classes" in out and "pack" in out, "--help")
 
-    print(f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zlib
 
 import numpy as np
 import torch
@@ -27,61 +26,11 @@ BIN = os.environ.get("DITMOE_BIN", os.path.join(SRC, "build", "bin"))
 ASSETS = os.path.join(SRC, "assets")
 sys.path.insert(0, os.path.join(SRC, "tests", "ref"))
 import vae_ref as V  # noqa: E402
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import check, finish, read_png  # noqa: E402
 
 MODELS = ["ditmoe-fmnist.safetensors", "promoe-fmnist.safetensors"]
 VAE = os.path.join(ASSETS, "vae-fmnist.safetensors")
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
-
-
-def png_pixels(path):
-    """uint8 [H, W*C] of an 8-bit gray/RGB non-interlaced PNG (independent of our writer)."""
-    b = open(path, "rb").read()
-    assert b[:8] == b"\x89PNG\r\n\x1a\n", path
-    pos, idat, ihdr = 8, b"", None
-    while pos < len(b):
-        n = int.from_bytes(b[pos:pos + 4], "big")
-        typ, data = b[pos + 4:pos + 8], b[pos + 8:pos + 8 + n]
-        pos += 12 + n
-        if typ == b"IHDR":
-            ihdr = (int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big"), data[8],
-                    data[9], data[12])
-        elif typ == b"IDAT":
-            idat += data
-    w, h, depth, ctype, interlace = ihdr
-    assert depth == 8 and interlace == 0 and ctype in (0, 2), path
-    ch = 1 if ctype == 0 else 3
-    raw, stride = zlib.decompress(idat), w * ch
-    out, prev = np.zeros((h, stride), np.int64), np.zeros(stride, np.int64)
-    for y in range(h):
-        f = raw[y * (stride + 1)]
-        line = np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(np.int64)
-        cur = np.zeros(stride, np.int64)
-        for x in range(stride):
-            a = cur[x - ch] if x >= ch else 0
-            c = prev[x - ch] if x >= ch else 0
-            up = prev[x]
-            if f == 0:
-                p = 0
-            elif f == 1:
-                p = a
-            elif f == 2:
-                p = up
-            elif f == 3:
-                p = (a + up) // 2
-            else:
-                pa, pb, pc = abs(up - c), abs(a - c), abs(a + up - 2 * c)
-                p = a if pa <= pb and pa <= pc else (up if pb <= pc else c)
-            cur[x] = (line[x] + p) & 255
-        out[y], prev = cur, cur
-    return out.astype(np.uint8)
-
-
 def run(cmd, env=None, timeout=300):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if p.returncode != 0:
@@ -92,8 +41,8 @@ def run(cmd, env=None, timeout=300):
 def pixel_dirs_equal(a, b, what):
     na = sorted(n for n in os.listdir(a) if n.endswith(".png"))
     nb = sorted(n for n in os.listdir(b) if n.endswith(".png"))
-    diff = [n for n in na if n not in nb or not np.array_equal(png_pixels(os.path.join(a, n)),
-                                                                png_pixels(os.path.join(b, n)))]
+    diff = [n for n in na if n not in nb or not np.array_equal(read_png(os.path.join(a, n))[0],
+                                                                read_png(os.path.join(b, n))[0])]
     check(len(na) > 0 and na == nb and not diff,
           f"{what}: {len(na)} vs {len(nb)} images, identical pixels"
           + (f" (differ: {diff[:5]})" if diff else ""))
@@ -197,8 +146,7 @@ def main():
         batch(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{len(failures)} failure(s)" if failures else "all ok")
-    return 1 if failures else 0
+    return finish()
 
 
 if __name__ == "__main__":
