@@ -55,4 +55,19 @@ static const char *fuzz_file(const char *name, const uint8_t *data, size_t n)
     return path;
 }
 
+/* Walk every tensor of an opened file as a loader would: each listed name must be found again
+ * (abort otherwise), the float ones (each up to 1 MiB) are converted to float32. */
+static void fuzz_walk_tensors(dm_st_file *f)
+{
+    for (int i = 0; i < dm_st_count(f); i++) {
+        const dm_st_tensor *t = dm_st_at(f, i);
+        if (dm_st_find(f, t->name) == NULL) abort();
+        if ((t->dtype == DM_F32 || t->dtype == DM_F16 || t->dtype == DM_BF16) &&
+            t->nbytes <= (1u << 20)) {
+            float *x = NULL;
+            if (dm_st_load_f32(f, t->name, t->ndim, t->shape, &x) == DM_OK) free(x);
+        }
+    }
+}
+
 #endif
