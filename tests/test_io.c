@@ -663,6 +663,24 @@ static const char *meta_with(const char *from, const char *to)
     return buf;
 }
 
+/* The shape of k_small as every config reader must see it (DiT-MoE-S-like, 2 blocks, 4 experts). */
+static void expect_k_small_shape(const dm_config *c)
+{
+    ck_assert_int_eq(c->hidden, 384);
+    ck_assert_int_eq(c->depth, 2);
+    ck_assert_int_eq(c->heads, 6);
+    ck_assert_int_eq(c->num_experts, 4);
+    ck_assert_int_eq(c->top_k, 2);
+    ck_assert_int_eq(c->expert_hidden, 1536);
+    ck_assert_int_eq(c->shared_hidden, 768);
+    ck_assert_int_eq(c->patch, 2);
+    ck_assert_int_eq(c->input_size, 8);
+    ck_assert_int_eq(c->in_channels, 4);
+    ck_assert_int_eq(c->out_channels, 8);
+    ck_assert_int_eq(c->learn_sigma, 1);
+    ck_assert_int_eq(c->num_classes, 10);
+}
+
 START_TEST(config_metadata)
 {
     dm_config c;
@@ -671,19 +689,7 @@ START_TEST(config_metadata)
     ck_assert_int_eq(c.arch, DM_ARCH_DITMOE);
     ck_assert_int_eq(c.attn, DM_ATTN_TIMM);
     ck_assert_str_eq(c.name, "tiny");
-    ck_assert_int_eq(c.hidden, 384);
-    ck_assert_int_eq(c.depth, 2);
-    ck_assert_int_eq(c.heads, 6);
-    ck_assert_int_eq(c.num_experts, 4);
-    ck_assert_int_eq(c.top_k, 2);
-    ck_assert_int_eq(c.expert_hidden, 1536);
-    ck_assert_int_eq(c.shared_hidden, 768);
-    ck_assert_int_eq(c.patch, 2);
-    ck_assert_int_eq(c.input_size, 8);
-    ck_assert_int_eq(c.in_channels, 4);
-    ck_assert_int_eq(c.out_channels, 8);
-    ck_assert_int_eq(c.learn_sigma, 1);
-    ck_assert_int_eq(c.num_classes, 10);
+    expect_k_small_shape(&c);
     ck_assert_ptr_nonnull(c.class_names);
     ck_assert_str_eq(c.class_names[9], "Ankle boot");
     ck_assert_int_eq(c.objective, DM_OBJ_DDPM);
@@ -807,19 +813,7 @@ START_TEST(config_inferred)
     ck_assert_msg(config_of("inf.safetensors", &k_small, NULL, &c) == DM_OK, "%s", dm_last_error());
     ck_assert_int_eq(c.arch, DM_ARCH_DITMOE);
     ck_assert_int_eq(c.attn, DM_ATTN_TIMM);
-    ck_assert_int_eq(c.hidden, 384);
-    ck_assert_int_eq(c.depth, 2);
-    ck_assert_int_eq(c.heads, 6);
-    ck_assert_int_eq(c.num_experts, 4);
-    ck_assert_int_eq(c.top_k, 2);
-    ck_assert_int_eq(c.expert_hidden, 1536);
-    ck_assert_int_eq(c.shared_hidden, 768);
-    ck_assert_int_eq(c.patch, 2);
-    ck_assert_int_eq(c.input_size, 8);
-    ck_assert_int_eq(c.in_channels, 4);
-    ck_assert_int_eq(c.out_channels, 8);
-    ck_assert_int_eq(c.learn_sigma, 1);
-    ck_assert_int_eq(c.num_classes, 10);
+    expect_k_small_shape(&c);
     ck_assert_ptr_null(c.class_names);
     ck_assert_int_eq(c.objective, DM_OBJ_DDPM);
     expect_sampling(&c, DM_SAMPLER_DDPM, 250, 4.0f, 3);
