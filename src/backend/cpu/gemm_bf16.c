@@ -139,13 +139,9 @@ tile_bf16_m(const int M, const uint32_t *X, int kb, const uint32_t *wp, const fl
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
         }
     }
-    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_maskz_loadu_ps(m0, bias);
-        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
+    const dm_lp_tail tl = dm_lp_tail_of(nc, bias);
+    const __mmask16 m0 = tl.m0, m1 = tl.m1;
+    const __m512 b0 = tl.b0, b1 = tl.b1;
     for (int r = 0; r < M; r++) {
         float *c = C + (size_t)r * ldc;
         _mm512_mask_storeu_ps(c, m0, bias ? _mm512_add_ps(acc[r][0], b0) : acc[r][0]);
@@ -178,23 +174,6 @@ static const tile_bf16_fn tiles_bf16[MR + 1] = {NULL,        tile_bf16_1, tile_b
  * 60 % of outputs differ in the last bits from every sequential model tried), so results differ
  * from the vdpbf16ps / portable paths within fp32 accumulation error (test_lowp states it). */
 #define TGT_AMXB __attribute__((target(DM_TARGET_AVX512 ",amx-tile,amx-bf16")))
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) amx_cfg;
-
-TGT_AMXB static void amx_begin(void)
-{
-    amx_cfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    /* not _tile_loadconfig: GCC 12 declares its operand as 8 bytes, so the stores of the rest
-     * of the 64-byte config can be dropped as dead (seen in a -march=x86-64 build) */
-    __asm__ volatile("ldtilecfg %0" : : "m"(c));
-}
-TGT_AMXB static void amx_end(void) { _tile_release(); }
 
 TGT_AMXB static void block_bf16_amx(const uint32_t *X, size_t ldb, int kb, int m, const uint32_t *wp,
                                     const float *bias, float *C, int ldc, int nc)
@@ -228,13 +207,9 @@ TGT_AMXB static void block_bf16_amx(const uint32_t *X, size_t ldb, int kb, int m
     }
     _tile_stored(0, &acc[0][0], 128);
     _tile_stored(1, &acc[0][16], 128);
-    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_maskz_loadu_ps(m0, bias);
-        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
+    const dm_lp_tail tl = dm_lp_tail_of(nc, bias);
+    const __mmask16 m0 = tl.m0, m1 = tl.m1;
+    const __m512 b0 = tl.b0, b1 = tl.b1;
     for (int r = 0; r < m; r++) {
         const __m512 a0 = _mm512_load_ps(acc[r]), a1 = _mm512_load_ps(acc[r] + 16);
         float *c = C + (size_t)r * ldc;
@@ -250,7 +225,7 @@ static void gemm_bf16_amx(const uint32_t *xb, int N, const dm_lpmat *W, const fl
     const uint32_t *wbase = W->w;
 #pragma omp parallel
     {
-        amx_begin();
+        dm_amx_begin();
 #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < mt; i++)
             for (int j = 0; j < np; j++) {
@@ -260,7 +235,7 @@ static void gemm_bf16_amx(const uint32_t *xb, int N, const dm_lpmat *W, const fl
                                b ? b + j * DM_LP_PANEL : NULL, y + (size_t)i * 32 * out + j * DM_LP_PANEL,
                                out, nc);
             }
-        amx_end();
+        dm_amx_end();
     }
 }
 #endif

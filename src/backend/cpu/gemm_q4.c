@@ -140,13 +140,9 @@ tile_q4_m(const int M, const uint8_t *X, size_t ld, int G, const uint8_t *wp, co
             acc[r][1] = _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(dot[r][1]), acc[r][1]);
         }
     }
-    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_maskz_loadu_ps(m0, bias);
-        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
+    const dm_lp_tail tl = dm_lp_tail_of(nc, bias);
+    const __mmask16 m0 = tl.m0, m1 = tl.m1;
+    const __m512 b0 = tl.b0, b1 = tl.b1;
     for (int r = 0; r < M; r++) {
         const __m512 xs = _mm512_set1_ps(sx[r] * 0.0625f);
         float *c = C + (size_t)r * ldc;

@@ -99,15 +99,11 @@ tile_q8_m(const int M, const uint8_t *X, size_t ld, int kb, const int8_t *wp, co
             acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], a, w1);
         }
     }
-    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
     const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
     const __m512 s0 = _mm512_loadu_ps(sw), s1 = _mm512_loadu_ps(sw + 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_maskz_loadu_ps(m0, bias);
-        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
+    const dm_lp_tail tl = dm_lp_tail_of(nc, bias);
+    const __mmask16 m0 = tl.m0, m1 = tl.m1;
+    const __m512 b0 = tl.b0, b1 = tl.b1;
     for (int r = 0; r < M; r++) {
         const __m512 xs = _mm512_set1_ps(sx[r]);
         const __m512 t0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], c0));
@@ -138,23 +134,6 @@ static const tile_q8_fn tiles_q8[MR + 1] = {NULL,      tile_q8_1, tile_q8_2, til
  * buffer padded to a multiple of 32 rows. Integer sums are exact, so the result is the same as
  * the VNNI and portable paths'. */
 #define TGT_AMX __attribute__((target(DM_TARGET_AVX512 ",avx512vnni,amx-tile,amx-int8")))
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) amx_cfg;
-
-TGT_AMX static void amx_begin(void)
-{
-    amx_cfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    /* not _tile_loadconfig: GCC 12 declares its operand as 8 bytes, so the stores of the rest
-     * of the 64-byte config can be dropped as dead (seen in a -march=x86-64 build) */
-    __asm__ volatile("ldtilecfg %0" : : "m"(c));
-}
-TGT_AMX static void amx_end(void) { _tile_release(); }
 
 TGT_AMX static void block_q8_amx(const uint8_t *X, size_t ld, int kb, int m, const int8_t *wp,
                                  const int32_t *corr, const float *sw, const float *sx,
@@ -189,15 +168,11 @@ TGT_AMX static void block_q8_amx(const uint8_t *X, size_t ld, int kb, int m, con
     }
     _tile_stored(0, &acc[0][0], 128);
     _tile_stored(1, &acc[0][16], 128);
-    const __mmask16 m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
     const __m512i c0 = _mm512_loadu_si512(corr), c1 = _mm512_loadu_si512(corr + 16);
     const __m512 s0 = _mm512_loadu_ps(sw), s1 = _mm512_loadu_ps(sw + 16);
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_maskz_loadu_ps(m0, bias);
-        b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-    }
+    const dm_lp_tail tl = dm_lp_tail_of(nc, bias);
+    const __mmask16 m0 = tl.m0, m1 = tl.m1;
+    const __m512 b0 = tl.b0, b1 = tl.b1;
     for (int r = 0; r < m; r++) { /* the VNNI tile's epilogue, operation for operation */
         const __m512 xs = _mm512_set1_ps(sx[r]);
         const __m512 t0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc[r]), c0));
@@ -216,7 +191,7 @@ static void gemm_q8_amx(const uint8_t *xu, const float *sx, int N, const dm_lpma
     const int8_t *wbase = W->w;
 #pragma omp parallel
     {
-        amx_begin();
+        dm_amx_begin();
 #pragma omp for collapse(2) schedule(static)
         for (int i = 0; i < mt; i++)
             for (int j = 0; j < np; j++) {
@@ -227,7 +202,7 @@ static void gemm_q8_amx(const uint8_t *xu, const float *sx, int N, const dm_lpma
                              W->scale + j * DM_LP_PANEL, sx + i * 32, b ? b + j * DM_LP_PANEL : NULL,
                              y + (size_t)i * 32 * out + j * DM_LP_PANEL, out, nc);
             }
-        amx_end();
+        dm_amx_end();
     }
 }
 #endif

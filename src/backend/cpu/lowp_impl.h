@@ -11,6 +11,41 @@
 /* Every AVX512 kernel function carries this (plus bf16 / vnni), so the library can be built for a
  * generic x86-64 and still use them where cpuid says they run. */
 #define DM_TARGET_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma"
+#include <immintrin.h>
+
+/* The columns of one 32-wide output panel of which nc are valid: the two lane masks, and the
+ * bias loaded under them (zeros without a bias). Shared by every AVX512 tile epilogue. */
+typedef struct {
+    __mmask16 m0, m1;
+    __m512 b0, b1;
+} dm_lp_tail;
+__attribute__((target(DM_TARGET_AVX512))) static inline dm_lp_tail dm_lp_tail_of(int nc,
+                                                                                 const float *bias)
+{
+    dm_lp_tail t;
+    t.m0 = nc >= 16 ? 0xffff : (__mmask16)((1u << nc) - 1);
+    t.m1 = nc >= 32 ? 0xffff : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    t.b0 = bias ? _mm512_maskz_loadu_ps(t.m0, bias) : _mm512_setzero_ps();
+    t.b1 = bias ? _mm512_maskz_loadu_ps(t.m1, bias + 16) : _mm512_setzero_ps();
+    return t;
+}
+
+/* AMX: 8 tiles of 16 rows x 64 bytes (palette 1), the configuration every AMX block uses. Not
+ * _tile_loadconfig: GCC 12 declares its operand as 8 bytes, so the stores of the rest of the
+ * 64-byte config can be dropped as dead (seen in a -march=x86-64 build). */
+__attribute__((target("amx-tile"))) static inline void dm_amx_begin(void)
+{
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((packed)) c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+__attribute__((target("amx-tile"))) static inline void dm_amx_end(void) { _tile_release(); }
 #endif
 
 /* 64-byte GCC vectors are passed between inline helpers only; their ABI note does not apply. */
