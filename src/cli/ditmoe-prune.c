@@ -10,14 +10,13 @@
  * and `best` (default) keeps the lower per layer. Co-activation comes from routing dumps
  * (--routes, conditional rows) or, without dumps, from the top-k of --probs. Then it writes the
  * pruned model: dropped experts' tensors removed, kept ones renumbered, router rows kept to
- * match, num_experts = N. Every MoE layer is pruned to the same N (the loader has one
- * num_experts). Exit: 0, 2 bad input, 1 runtime. */
+ * match. --layers prunes only some MoE layers (the others keep all E; the loader takes each
+ * layer's expert count from its router rows). Exit: 0, 2 bad input, 1 runtime. */
 #include "ditmoe.h"
 #include "common.h"
 #include "flags.h"
-#include "router/prune.h"
-#include "trace/analysis.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +49,7 @@ static const dm_cli_opt OPTS[] = {
     {'o', NULL, DM_OPT_STR, &A.out, 0, 0, "OUT.safetensors", "none (plan and report only)",
      "the pruned model", NULL},
     {'\0', "layers", DM_OPT_STR, &A.layers, 0, 0, "LIST", "all",
-     "not supported yet (the loader has one num_experts for every layer)", NULL},
+     "comma list of the MoE layers to prune (block indices); the others keep every expert", NULL},
     DM_CLI_LOG_OPTS(A.common),
     DM_CLI_HELP_OPTS,
     DM_CLI_END};
@@ -60,6 +59,58 @@ static const dm_cli_prog PROGRAM = {
     "Structured expert pruning from behaviour similarity (docs/moe-lab.md): STUN complete-linkage\n"
     "clustering or an exhaustive search per layer; writes a model the engine loads as any other.",
     OPTS, &A.pos, NULL};
+
+/* --layers LIST ("all" or comma-separated block indices in [0, L)) into sel [L]. */
+static dm_status parse_layers(const char *s, int L, uint8_t *sel)
+{
+    memset(sel, s ? 0 : 1, (size_t)L);
+    if (!s || !strcmp(s, "all")) {
+        memset(sel, 1, (size_t)L);
+        return DM_OK;
+    }
+    const char *p = s;
+    while (*p) {
+        char *end;
+        errno = 0;
+        const long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ','))
+            return dm_fail(DM_ERR_ARG, "--layers '%s': expected 'all' or block indices separated by commas", s);
+        if (v < 0 || v >= L)
+            return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld does not exist (depth %d: 0..%d)", s, v, L, L - 1);
+        if (sel[v]) return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld given twice", s, v);
+        sel[v] = 1;
+        p = *end ? end + 1 : end;
+        if (*end && !*p) return dm_fail(DM_ERR_ARG, "--layers '%s': trailing comma", s);
+    }
+    return DM_OK;
+}
+
+/* Add a dump's co-activation counts and gate mass (conditional rows) into coact [L, E, E] and
+ * mass [L, E]. */
+static dm_status add_dump(const char *path, int L, int E, int64_t *coact, double *mass)
+{
+    dm_trace_reader *r = NULL;
+    dm_route_analysis *an = NULL;
+    const dm_trace_record *rec;
+    dm_status st = dm_trace_read_open(path, &r);
+    if (!st && (dm_trace_read_shape(r)->layers != L || dm_trace_read_shape(r)->num_experts != E))
+        st = dm_fail(DM_ERR_FORMAT, "%s: dump of %d layers x %d experts, model %d x %d", path,
+                     dm_trace_read_shape(r)->layers, dm_trace_read_shape(r)->num_experts, L, E);
+    if (!st) st = dm_route_analysis_new(dm_trace_read_shape(r), 0, &an);
+    while (!st && !(st = dm_trace_read_next(r, &rec)) && rec) st = dm_route_analysis_add(an, rec);
+    const int X = an ? dm_route_analysis_experts(an) : 0;
+    for (int l = 0; !st && l < L; l++) { /* X = E: DiT-MoE dumps have no uncond expert */
+        const int64_t *c = dm_route_coact(an, l);
+        const double *w = dm_route_mass(an, l);
+        for (int e = 0; e < E; e++) {
+            mass[(size_t)l * E + e] += w[e];
+            for (int g = 0; g < E; g++) coact[((size_t)l * E + e) * E + g] += c[(size_t)e * X + g];
+        }
+    }
+    dm_route_analysis_free(an);
+    dm_trace_read_close(r);
+    return st;
+}
 
 int main(int argc, char **argv)
 {
@@ -75,9 +126,6 @@ int main(int argc, char **argv)
     const int n_dumps = A.dumps.n, keep = A.keep;
     const float lambda = A.lambda;
     if (A.pos.n > 1) st = dm_fail(DM_ERR_ARG, "more than one MODEL (%s, %s)", A.pos.v[0], A.pos.v[1]);
-    if (!st && A.layers)
-        st = dm_fail(DM_ERR_ARG, "--layers: pruning a subset of layers gives layers of different "
-                     "expert counts, which the loader (one num_experts) cannot read yet");
     if (!st && strcmp(method, "best") && strcmp(method, "stun") && strcmp(method, "exhaustive"))
         st = dm_fail(DM_ERR_ARG, "--method %s: best, stun or exhaustive", method);
     if (!st && n_dumps > MAX_DUMPS) st = dm_fail(DM_ERR_ARG, "--routes: at most %d dumps", MAX_DUMPS);
@@ -95,15 +143,24 @@ int main(int argc, char **argv)
     dm_prune_plan *plan = calloc(1, sizeof *plan);
     int64_t *coact = NULL;
     double *mass = NULL;
+    char *rep_buf = NULL;
+    size_t rep_len = 0;
     FILE *rep = NULL;
+    float **W = NULL;
+    uint8_t sel[DM_TRACE_MAX_LAYERS];
     if (!plan) st = dm_fail(DM_ERR_NOMEM, "plan");
     if (!st) st = dm_st_open(model, &f);
     if (!st) st = dm_config_from_file(f, &cfg);
     if (!st && cfg.arch != DM_ARCH_DITMOE)
-        st = dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only", model);
+        st = dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only (ProMoE would drop "
+                     "prototype rows; not done)", model);
     const int L = cfg.depth, E = cfg.num_experts, D = cfg.hidden, k = cfg.top_k;
+    if (!st && (L > DM_TRACE_MAX_LAYERS || E > DM_PRUNE_MAX_E))
+        st = dm_fail(DM_ERR_ARG, "%s: %d layers x %d experts (at most %d x %d)", model, L, E,
+                     DM_TRACE_MAX_LAYERS, DM_PRUNE_MAX_E);
     if (!st && (keep < k || keep > E))
         st = dm_fail(DM_ERR_ARG, "--keep %d: must be in [top_k = %d, E = %d]", keep, k, E);
+    if (!st) st = parse_layers(A.layers, L, sel);
     int64_t M = 0;
     if (!st && probs_path) {
         st = dm_npy_read_expect(probs_path, DM_F32, 3, &probs);
@@ -115,28 +172,11 @@ int main(int argc, char **argv)
     if (!st) {
         coact = calloc((size_t)L * E * E, sizeof(int64_t));
         mass = calloc((size_t)L * E, sizeof(double));
-        if (!coact || !mass) st = dm_fail(DM_ERR_NOMEM, "co-activation");
+        W = calloc((size_t)E, sizeof(float *));
+        if (!coact || !mass || !W) st = dm_fail(DM_ERR_NOMEM, "co-activation");
     }
     /* co-activation: dumps, else the top-k of the calibration probabilities */
-    for (int d = 0; !st && d < n_dumps; d++) {
-        dm_trace_reader *r = NULL;
-        dm_route_analysis an;
-        const dm_trace_record *rec;
-        st = dm_trace_read_open(dumps[d], &r);
-        if (!st && (dm_trace_read_shape(r)->layers != L || dm_trace_read_shape(r)->num_experts != E))
-            st = dm_fail(DM_ERR_FORMAT, "%s: dump of %d layers x %d experts, model %d x %d", dumps[d],
-                         dm_trace_read_shape(r)->layers, dm_trace_read_shape(r)->num_experts, L, E);
-        if (!st) st = dm_route_analysis_init(&an, dm_trace_read_shape(r), 0);
-        while (!st && !(st = dm_trace_read_next(r, &rec)) && rec) st = dm_route_analysis_add(&an, rec);
-        if (!st)
-            for (size_t i = 0; i < (size_t)L * E * E; i++) coact[i] += an.coact[i];
-        if (!st)
-            for (size_t i = 0; i < (size_t)L * E; i++) mass[i] += an.mass[i];
-        if (r) {
-            dm_route_analysis_free(&an);
-            dm_trace_read_close(r);
-        }
-    }
+    for (int d = 0; !st && d < n_dumps; d++) st = add_dump(dumps[d], L, E, coact, mass);
     if (!st && !n_dumps)
         for (int l = 0; l < L; l++)
             for (int64_t m = 0; m < M; m++) {
@@ -153,15 +193,21 @@ int main(int argc, char **argv)
                 for (int i = 0; i < k; i++)
                     for (int j = 0; j < k; j++) coact[((size_t)l * E + ids[i]) * E + ids[j]]++;
             }
-    if (!st && report && !(rep = fopen(report, "w")))
-        st = dm_fail(DM_ERR_WRITE, "--report %s: cannot write", report);
+    if (!st && report && !(rep = open_memstream(&rep_buf, &rep_len)))
+        st = dm_fail(DM_ERR_NOMEM, "--report %s", report);
     if (rep) fprintf(rep, "{\"model\": \"%s\", \"keep\": %d, \"experts\": %d, \"method\": \"%s\", \"layers\": [", model, keep, E, method);
-    plan->layers = L, plan->E = E, plan->keep = keep;
+    plan->layers = L, plan->E = E;
     const size_t nw = (size_t)3 * cfg.expert_hidden * D;
-    float **W = calloc((size_t)E, sizeof(float *));
-    if (!W && !st) st = dm_fail(DM_ERR_NOMEM, "weights");
     for (int l = 0; !st && l < L; l++) {
         plan->block[l] = l;
+        if (!sel[l]) { /* not pruned: every expert, in order */
+            plan->keep[l] = E;
+            for (int e = 0; e < E; e++) plan->kept[l][e] = e;
+            dm_log(DM_LOG_INFO, "layer %d: not pruned (--layers)", l);
+            if (rep) fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": false}", l ? "," : "", l);
+            continue;
+        }
+        plan->keep[l] = keep;
         char name[128];
         float *router = NULL;
         snprintf(name, sizeof name, "blocks.%d.moe.gate.weight", l);
@@ -181,16 +227,9 @@ int main(int argc, char **argv)
         }
         int stun[DM_PRUNE_MAX_E], exh[DM_PRUNE_MAX_E], cl[DM_PRUNE_MAX_E];
         double ls = -1, le = -1, full = -1;
-        if (!st) {
-            double *dist = malloc((size_t)E * E * sizeof(double));
-            if (!dist) st = dm_fail(DM_ERR_NOMEM, "distance");
-            if (dist) {
-                dm_prune_distance(E, coact + (size_t)l * E * E, router, D, lambda, dist);
-                dm_prune_cluster(E, dist, keep, cl);
-                dm_prune_representatives(E, cl, keep, (const float *const *)W, nw, mass + (size_t)l * E, stun);
-                free(dist);
-            }
-        }
+        if (!st)
+            st = dm_prune_stun(E, coact + (size_t)l * E * E, router, D, lambda, (const float *const *)W,
+                               nw, mass + (size_t)l * E, keep, stun, cl);
         const float *pl = probs.data ? (const float *)probs.data + (size_t)l * M * E : NULL;
         if (!st && pl) {
             uint8_t mk[DM_PRUNE_MAX_E] = {0};
@@ -215,7 +254,7 @@ int main(int argc, char **argv)
             }
             fprintf(stderr, " -> %s\n", use_exh ? "exhaustive" : "stun");
             if (rep) {
-                fprintf(rep, "%s\n {\"layer\": %d, \"stun\": [", l ? "," : "", l);
+                fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": true, \"stun\": [", l ? "," : "", l);
                 for (int j = 0; j < keep; j++) fprintf(rep, "%s%d", j ? ", " : "", stun[j]);
                 fprintf(rep, "], \"stun_clusters\": [");
                 for (int e = 0; e < E; e++) fprintf(rep, "%s%d", e ? ", " : "", cl[e]);
@@ -234,24 +273,18 @@ int main(int argc, char **argv)
     free(W);
     if (rep) {
         fprintf(rep, "]}\n");
-        if (fclose(rep) && !st) st = dm_fail(DM_ERR_WRITE, "--report %s: write failed", report);
+        const int bad = fclose(rep) != 0;
+        if (!st && bad) st = dm_fail(DM_ERR_NOMEM, "--report %s", report);
+        if (!st) st = dm_write_file_atomic(report, rep_buf, rep_len);
+        free(rep_buf);
     }
     if (!st && out) {
-        dm_prune_op *ops = NULL;
-        dm_st_tensor *t = NULL;
-        void *owned = NULL;
-        char *meta = NULL;
-        int n_ops = 0, nt = 0;
-        st = dm_prune_ops(f, &cfg, plan, &ops, &n_ops);
-        if (!st) st = dm_prune_apply(f, ops, n_ops, &t, &nt, &owned);
-        if (!st) st = dm_prune_metadata(f, plan, method, &meta);
-        const char *fmt = dm_st_meta(f, "format");
-        const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
-        if (!st) st = dm_st_write(out, nt, t, kv);
-        if (!st) dm_log(DM_LOG_INFO, "wrote %s: %d tensors, %d experts per layer", out, nt, keep);
-        free(meta);
-        if (t) dm_prune_tensors_free(t, nt, owned);
-        free(ops);
+        st = dm_prune_write(f, &cfg, plan, method, out);
+        if (!st) {
+            int nl = 0;
+            for (int l = 0; l < L; l++) nl += sel[l];
+            dm_log(DM_LOG_INFO, "wrote %s: %d of %d experts in %d of %d layers", out, keep, E, nl, L);
+        }
     }
     free(coact);
     free(mass);

@@ -128,6 +128,23 @@ void dm_prune_representatives(int E, const int *cluster, int keep, const float *
         }
 }
 
+dm_status dm_prune_stun(int E, const int64_t *coact, const float *router, int D, double lambda,
+                        const float *const *weights, size_t n, const double *mass, int keep,
+                        int *kept, int *cluster)
+{
+    if (E < 1 || E > DM_PRUNE_MAX_E || keep < 1 || keep > E)
+        return dm_fail(DM_ERR_ARG, "STUN: keep %d of %d experts (at most %d)", keep, E, DM_PRUNE_MAX_E);
+    double *dist = malloc((size_t)E * E * sizeof(double));
+    if (!dist) return dm_fail(DM_ERR_NOMEM, "STUN: distance");
+    int cl[DM_PRUNE_MAX_E];
+    dm_prune_distance(E, coact, router, D, lambda, dist);
+    dm_prune_cluster(E, dist, keep, cl);
+    dm_prune_representatives(E, cl, keep, weights, n, mass, kept);
+    free(dist);
+    if (cluster) memcpy(cluster, cl, (size_t)E * sizeof(int));
+    return DM_OK;
+}
+
 /* Sum of the k largest p[e] with mask[e] (mask NULL = all). */
 static double topk_sum(const float *p, int E, int k, const uint8_t *mask)
 {
@@ -183,15 +200,15 @@ static dm_status check_plan(const dm_config *cfg, const dm_prune_plan *p, const 
     if (cfg->arch != DM_ARCH_DITMOE)
         return dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only (ProMoE would drop "
                        "prototype rows the same way; not done)", path);
-    if (p->E != cfg->num_experts || p->layers != cfg->depth)
+    if (p->E != cfg->num_experts || p->layers != cfg->depth || p->E > DM_PRUNE_MAX_E)
         return dm_fail(DM_ERR_ARG, "%s: prune plan for %d experts x %d layers, model has %d x %d",
                        path, p->E, p->layers, cfg->num_experts, cfg->depth);
-    if (p->keep < cfg->top_k || p->keep > p->E)
-        return dm_fail(DM_ERR_ARG, "%s: --keep %d: must be in [top_k = %d, %d]", path, p->keep,
-                       cfg->top_k, p->E);
     for (int l = 0; l < p->layers; l++) {
         if (p->block[l] != l) return dm_fail(DM_ERR_ARG, "%s: plan layer %d is block %d", path, l, p->block[l]);
-        for (int j = 0; j < p->keep; j++)
+        if (p->keep[l] < cfg->top_k || p->keep[l] > p->E)
+            return dm_fail(DM_ERR_ARG, "%s: --keep %d: must be in [top_k = %d, %d]", path, p->keep[l],
+                           cfg->top_k, p->E);
+        for (int j = 0; j < p->keep[l]; j++)
             if (p->kept[l][j] < 0 || p->kept[l][j] >= p->E || (j && p->kept[l][j] <= p->kept[l][j - 1]))
                 return dm_fail(DM_ERR_ARG, "%s: plan layer %d: kept ids must ascend in [0, %d)", path, l, p->E);
     }
@@ -224,7 +241,7 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
                 return dm_fail(DM_ERR_FORMAT, "%s: %s: block or expert out of range", path, t->name);
             }
             int to = -1;
-            for (int j = 0; j < p->keep; j++)
+            for (int j = 0; j < p->keep[b]; j++)
                 if (p->kept[b][j] == e) to = j;
             if (to < 0) {
                 op->op = DM_PRUNE_DROP;
@@ -239,9 +256,9 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
                 free(o);
                 return dm_fail(DM_ERR_FORMAT, "%s: %s: expected [%d, D]", path, t->name, p->E);
             }
-            op->op = DM_PRUNE_ROWS;
-            op->n_rows = p->keep;
-            for (int j = 0; j < p->keep; j++) op->rows[j] = p->kept[b][j];
+            op->op = p->keep[b] == p->E ? DM_PRUNE_COPY : DM_PRUNE_ROWS;
+            op->n_rows = p->keep[b];
+            for (int j = 0; j < p->keep[b]; j++) op->rows[j] = p->kept[b][j];
         }
     }
     *ops = o;
@@ -308,9 +325,11 @@ dm_status dm_prune_metadata(const dm_st_file *f, const dm_prune_plan *p, const c
     cJSON_DeleteItemFromObject(root, "num_experts");
     cJSON_DeleteItemFromObject(root, "pruned");
     cJSON *pr = cJSON_CreateObject(), *kept = cJSON_CreateArray();
-    int ok = cJSON_AddNumberToObject(root, "num_experts", p->keep) && pr && kept;
+    int most = 0;
+    for (int l = 0; l < p->layers; l++) most = p->keep[l] > most ? p->keep[l] : most;
+    int ok = cJSON_AddNumberToObject(root, "num_experts", most) && pr && kept;
     for (int l = 0; ok && l < p->layers; l++) {
-        cJSON *a = cJSON_CreateIntArray(p->kept[l], p->keep);
+        cJSON *a = cJSON_CreateIntArray(p->kept[l], p->keep[l]);
         ok &= a && cJSON_AddItemToArray(kept, a);
     }
     ok = ok && cJSON_AddNumberToObject(pr, "from_experts", p->E) && cJSON_AddItemToObject(pr, "kept", kept);
@@ -324,4 +343,24 @@ dm_status dm_prune_metadata(const dm_st_file *f, const dm_prune_plan *p, const c
     if (!s) return dm_fail(DM_ERR_NOMEM, "pruned metadata");
     *json = s;
     return DM_OK;
+}
+
+dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
+                         const char *method, const char *path)
+{
+    dm_prune_op *ops = NULL;
+    dm_st_tensor *t = NULL;
+    void *owned = NULL;
+    char *meta = NULL;
+    int n_ops = 0, nt = 0;
+    dm_status st = dm_prune_ops(f, cfg, p, &ops, &n_ops);
+    if (!st) st = dm_prune_apply(f, ops, n_ops, &t, &nt, &owned);
+    if (!st) st = dm_prune_metadata(f, p, method, &meta);
+    const char *fmt = dm_st_meta(f, "format");
+    const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
+    if (!st) st = dm_st_write(path, nt, t, kv);
+    free(meta);
+    if (t) dm_prune_tensors_free(t, nt, owned);
+    free(ops);
+    return st;
 }

@@ -7,15 +7,38 @@
 
 static void *zalloc(size_t n, size_t sz) { return calloc(n ? n : 1, sz); }
 
-dm_status dm_route_analysis_init(dm_route_analysis *a, const dm_trace_shape *s, int count_uncond)
+void dm_route_analysis_free(dm_route_analysis *a)
 {
-    memset(a, 0, sizeof *a);
+    if (!a) return;
+    free(a->affinity);
+    free(a->coact);
+    free(a->mass);
+    free(a->keep_set);
+    free(a->keep_top1);
+    free(a->compared);
+    free(a->picks);
+    free(a->tokens);
+    free(a->prev_image);
+    free(a->prev_unc);
+    free(a->prev_ids);
+    free(a);
+}
+
+dm_status dm_route_analysis_new(const dm_trace_shape *s, int count_uncond, dm_route_analysis **out)
+{
+    *out = NULL;
+    dm_route_analysis *a = calloc(1, sizeof *a);
+    if (!a) return dm_fail(DM_ERR_NOMEM, "routing analysis");
     a->shape = *s;
     a->X = s->uncond_expert >= 0 ? s->uncond_expert + 1 : s->num_experts;
     a->S = s->steps > 0 ? s->steps : 1;
     a->count_uncond = count_uncond ? 1 : 0;
     a->prev_batch = a->last_batch = -1;
-    if (a->X > 64) return dm_fail(DM_ERR_ARG, "routing analysis: %d experts (at most 64)", a->X);
+    if (a->X > 64) {
+        const int X = a->X;
+        free(a);
+        return dm_fail(DM_ERR_ARG, "routing analysis: %d experts (at most 64)", X);
+    }
     const size_t Lm = (size_t)s->layers, X = (size_t)a->X, S = (size_t)a->S;
     a->affinity = zalloc((Lm > 1 ? Lm - 1 : 0) * X * X, sizeof(int64_t));
     a->coact = zalloc(Lm * X * X, sizeof(int64_t));
@@ -30,24 +53,23 @@ dm_status dm_route_analysis_init(dm_route_analysis *a, const dm_trace_shape *s, 
         dm_route_analysis_free(a);
         return dm_fail(DM_ERR_NOMEM, "routing analysis");
     }
+    *out = a;
     return DM_OK;
 }
 
-void dm_route_analysis_free(dm_route_analysis *a)
+int dm_route_analysis_experts(const dm_route_analysis *a) { return a->X; }
+
+const int64_t *dm_route_affinity_counts(const dm_route_analysis *a, int l)
 {
-    free(a->affinity);
-    free(a->coact);
-    free(a->mass);
-    free(a->keep_set);
-    free(a->keep_top1);
-    free(a->compared);
-    free(a->picks);
-    free(a->tokens);
-    free(a->prev_image);
-    free(a->prev_unc);
-    free(a->prev_ids);
-    memset(a, 0, sizeof *a);
+    return a->affinity + (size_t)l * a->X * a->X;
 }
+
+const int64_t *dm_route_coact(const dm_route_analysis *a, int l)
+{
+    return a->coact + (size_t)l * a->X * a->X;
+}
+
+const double *dm_route_mass(const dm_route_analysis *a, int l) { return a->mass + (size_t)l * a->X; }
 
 /* Grow the [Lm, S] tables to hold step `step`. */
 static int grow_steps(dm_route_analysis *a, int step)
@@ -281,4 +303,21 @@ dm_status dm_route_analysis_write_json(const dm_route_analysis *a, int bands, FI
     fprintf(f, "]}\n");
     free(p);
     return ferror(f) ? dm_fail(DM_ERR_WRITE, "routing analysis: write failed") : DM_OK;
+}
+
+dm_status dm_route_analysis_json(const dm_route_analysis *a, int bands, char **json)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    *json = NULL;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return dm_fail(DM_ERR_NOMEM, "routing analysis");
+    dm_status st = dm_route_analysis_write_json(a, bands, f);
+    if (fclose(f) && !st) st = dm_fail(DM_ERR_NOMEM, "routing analysis");
+    if (st) {
+        free(buf);
+        return st;
+    }
+    *json = buf;
+    return DM_OK;
 }
