@@ -7,7 +7,8 @@
 #  - ditmoe-prune: a plan and report; a model pruned in every layer and one pruned in layers 0, 1
 #    only load and sample; the latter's forward equals the PyTorch reference of the ORIGINAL model
 #    with the dropped experts' router logits at -inf in those layers (and differs from the
-#    unpruned one), and its routing dump keeps ids below each layer's expert count;
+#    unpruned one), and its routing dump keeps ids below each layer's expert count; the same
+#    equality for a pruned ProMoE (prototype scores at -inf, the unconditional expert kept);
 #  - every bad input exits 2 with one line naming the flag or file; -o never leaves a file
 #    behind when it cannot write.
 # Env: DITMOE_BIN (build/bin), DITMOE_SRC (source root), PYTHON (/usr/bin/python3 with torch).
@@ -16,6 +17,7 @@ BIN=$(cd "${DITMOE_BIN:-build/bin}" && pwd)
 SRC=${DITMOE_SRC:-$(cd "$(dirname "$0")/.." && pwd)}
 PY=${PYTHON:-/usr/bin/python3}
 MODEL="$SRC/assets/ditmoe-fmnist.safetensors"
+PROMOE="$SRC/assets/promoe-fmnist.safetensors"
 T=$(mktemp -d /tmp/ditmoe-moe-lab.XXXXXX)
 trap 'rm -rf "$T"' EXIT
 fails=0
@@ -205,6 +207,64 @@ assert s['routed_experts'] == 8 and c[:2, :, 6:].sum() == 0 and c[2:, :, 6:].sum
 assert np.array(s['affinity'])[0][:, 6:].sum() == 0
 " "$T/vs/routes.json"; then ok "pruned-layers dump"; else bad "pruned-layers dump"; fi
 
+# --- ProMoE (token choice): prototypes dropped, the unconditional expert kept; forward = the
+# PyTorch reference of the original with the dropped prototypes' scores at -inf
+"$PY" -c "
+import numpy as np, sys
+np.save(sys.argv[1], np.random.default_rng(1).uniform(-0.6, 0.9, size=(2, 600, 8)).astype(np.float32))
+" "$T/pc.npy" || exit 1
+"$BIN/ditmoe-sample" --model "$PROMOE" --class 2,5 -n 2 --steps 4 --seed 3 --latent-only \
+    --save-latent "$T/zq.npy" --dump-routing "$T/q.dmr" -q || { echo "cannot sample ProMoE"; exit 1; }
+if "$BIN/ditmoe-prune" "$PROMOE" --keep 6 --probs "$T/pc.npy" --routes "$T/q.dmr" --lambda 1 \
+       -o "$T/promoe6.safetensors" 2>"$T/err" &&
+   "$PY" - "$SRC" "$T" <<'PYEOF'; then ok "prune ProMoE: forward = masked original"; else bad "prune ProMoE: forward = masked original ($(tail -n 1 "$T/err"))"; fi
+import json, os, subprocess, sys
+import numpy as np
+import torch
+src, T = sys.argv[1], sys.argv[2]
+for d in (("tests", "ref"), ("tools",)):
+    sys.path.insert(0, os.path.join(src, *d))
+import promoe_ref, safetensors_io
+def load(path):
+    t, meta = safetensors_io.read(path)
+    cfg = json.loads(meta["ditmoe"])
+    m = promoe_ref.ProMoE(**promoe_ref.config_from_metadata(cfg))
+    m.load_state_dict({k: v.float() for k, v in t.items()}, strict=True)
+    return m.eval(), cfg
+_, cfg = load(os.path.join(T, "promoe6.safetensors"))
+kept = cfg["pruned"]["kept"]
+assert cfg["num_experts"] == 6 and [len(k) for k in kept] == [6, 6], cfg["pruned"]
+dit, c0 = load(os.path.join(src, "assets", "promoe-fmnist.safetensors"))
+rng = np.random.default_rng(6)
+B = 6
+x = rng.normal(size=(B, c0["in_channels"], c0["input_size"], c0["input_size"])).astype(np.float32)
+t = rng.uniform(50, 950, size=B).astype(np.float32)
+y = np.array([0, 3, 5, 7, 9, c0["num_classes"]], np.int64)
+for n, a in (("x", x), ("t", t), ("y", y)):
+    np.save(os.path.join(T, n + ".npy"), a)
+def c_forward(model):
+    out = os.path.join(T, "f.npy")
+    subprocess.run([os.path.join(os.environ.get("DITMOE_BIN", "build/bin"), "ditmoe-forward"),
+                    "--model", model, "--x", os.path.join(T, "x.npy"), "--t", os.path.join(T, "t.npy"),
+                    "--y", os.path.join(T, "y.npy"), "--out", out, "-q"], check=True)
+    return np.load(out)
+moe = [b.mlp for b in dit.blocks if isinstance(b.mlp, promoe_ref.ProtoMoE)]
+assert len(moe) == 2
+with torch.no_grad():
+    ref0 = dit(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    for l, m in enumerate(moe):
+        mask = torch.full((8,), float("-inf"))
+        mask[kept[l]] = 0
+        m.scores = (lambda f, mk: (lambda h: f(h) + mk))(m.scores, mask)
+    ref = dit(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+pruned = c_forward(os.path.join(T, "promoe6.safetensors"))
+orig = c_forward(os.path.join(src, "assets", "promoe-fmnist.safetensors"))
+tol = 1e-4 * np.sqrt((ref ** 2).mean())
+d, d0, dd = np.abs(pruned - ref).max(), np.abs(orig - ref0).max(), np.abs(pruned - orig).max()
+print(f"  ProMoE: pruned vs masked reference {d:.3g}, original vs reference {d0:.3g}, pruned vs original {dd:.3g}, tol {tol:.3g}")
+assert d <= tol and d0 <= tol and dd > 100 * tol
+PYEOF
+
 expect "prune keep < k" 2 "--keep 1: must be in \[top_k = 2, E = 8\]" "$BIN/ditmoe-prune" "$MODEL" --keep 1 --probs "$T/p.npy"
 expect "prune keep > E" 2 "--keep 9: must be in" "$BIN/ditmoe-prune" "$MODEL" --keep 9 --probs "$T/p.npy"
 expect "prune no keep" 2 "--keep N is required" "$BIN/ditmoe-prune" "$MODEL" --probs "$T/p.npy"
@@ -213,7 +273,9 @@ expect "prune probs shape" 2 "p3.npy: shape \[3, 600, 8\], expected \[4, M, 8\]"
 expect "prune unknown layer" 2 "--layers '1,4': layer 4 does not exist (depth 4: 0..3)" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --probs "$T/p.npy" --layers 1,4
 expect "prune bad layers" 2 "--layers 'x': expected 'all'" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --probs "$T/p.npy" --layers x
 expect "prune layer twice" 2 "layer 1 given twice" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --probs "$T/p.npy" --layers 1,1
-expect "prune promoe" 2 "DiT-MoE only" "$BIN/ditmoe-prune" "$SRC/assets/promoe-fmnist.safetensors" --keep 6 --probs "$T/p.npy"
+expect "prune promoe probs shape" 2 "expected \[2, M, 8\]" "$BIN/ditmoe-prune" "$PROMOE" --keep 6 --probs "$T/p.npy"
+expect "prune promoe --layers" 2 "ProMoE layers must keep the same number" "$BIN/ditmoe-prune" "$PROMOE" --keep 6 --probs "$T/pc.npy" --layers 1
+expect "prune promoe dense block" 2 "block 2 has no routed experts" "$BIN/ditmoe-prune" "$PROMOE" --keep 6 --probs "$T/pc.npy" --layers 2
 expect "prune bad method" 2 "--method x: best, stun or exhaustive" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --method x
 expect "prune unwritable -o" 1 "nodir" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --probs "$T/p.npy" -o "$T/nodir/x.safetensors"
 expect "prune unwritable --report" 1 "nodir" "$BIN/ditmoe-prune" "$MODEL" --keep 6 --probs "$T/p.npy" --report "$T/nodir/r.json"

@@ -1,7 +1,9 @@
 /* Expert pruning (src/router/prune.c): clustering and search on hand-made inputs with known
  * answers, and the rewrite of the shipped DiT-MoE: for every MoE layer, the pruned layer's
  * output (softmax router over the kept rows, top-2, experts renumbered) equals the original
- * layer's with the dropped experts' router logits at -inf, bit for bit, on real weights. */
+ * layer's with the dropped experts' router logits at -inf, bit for bit, on real weights; a model
+ * pruned in some layers only loads and routes within each layer's count; the ProMoE rewrite's
+ * ops. (Whole-model equality with the masked original: tests/test_moe_lab_cli.sh.) */
 #include "router/prune.h"
 
 #include <check.h>
@@ -335,6 +337,59 @@ START_TEST(test_some_layers)
 }
 END_TEST
 
+/* ProMoE (token choice): prototype rows and experts dropped in the MoE blocks 1 and 3, the
+ * unconditional expert (id 8) kept and renumbered to 6; expert choice and unequal layers are
+ * refused. */
+START_TEST(test_promoe_ops)
+{
+    char path[512];
+    const char *src = getenv("DITMOE_SRC");
+    snprintf(path, sizeof path, "%s/assets/promoe-fmnist.safetensors", src ? src : "..");
+    dm_st_file *f;
+    ck_assert_int_eq(dm_st_open(path, &f), DM_OK);
+    dm_config cfg;
+    ck_assert_int_eq(dm_config_from_file(f, &cfg), DM_OK);
+    ck_assert_int_eq(cfg.num_experts, 8);
+    static dm_prune_plan p;
+    p.layers = 2, p.E = 8;
+    for (int l = 0; l < 2; l++) {
+        p.block[l] = 2 * l + 1, p.keep[l] = 6;
+        for (int e = 0, j = 0; e < 8; e++)
+            if (e != 2 + l && e != 7) p.kept[l][j++] = e;
+    }
+    dm_prune_op *ops;
+    int n_ops, nd = 0, nrows = 0, uncond = 0;
+    ck_assert_int_eq(dm_prune_ops(f, &cfg, &p, &ops, &n_ops), DM_OK);
+    for (int i = 0; i < n_ops; i++) {
+        nd += ops[i].op == DM_PRUNE_DROP;
+        if (ops[i].op == DM_PRUNE_ROWS) {
+            nrows++;
+            ck_assert(strstr(ops[i].src, "cluster_centers") && ops[i].n_rows == 6);
+        }
+        if (!strcmp(ops[i].src, "blocks.3.mlp.experts.8.down_proj.bias")) {
+            uncond++;
+            ck_assert_str_eq(ops[i].dst, "blocks.3.mlp.experts.6.down_proj.bias");
+        }
+        if (!strcmp(ops[i].src, "blocks.1.mlp.experts.3.up_proj.weight"))
+            ck_assert_str_eq(ops[i].dst, "blocks.1.mlp.experts.2.up_proj.weight");
+        ck_assert(strncmp(ops[i].src, "blocks.0.", 9) || ops[i].op == DM_PRUNE_COPY); /* dense */
+    }
+    ck_assert_int_eq(nd, 2 * 2 * 4); /* 2 experts x (up, down) x (weight, bias) per layer */
+    ck_assert_int_eq(nrows, 2);
+    ck_assert_int_eq(uncond, 1);
+    free(ops);
+    p.keep[1] = 7, p.kept[1][6] = 7;
+    ck_assert_int_eq(dm_prune_ops(f, &cfg, &p, &ops, &n_ops), DM_ERR_ARG);
+    ck_assert(strstr(dm_last_error(), "same number of experts"));
+    p.keep[1] = 6;
+    cfg.promoe_ec = 1;
+    ck_assert_int_eq(dm_prune_ops(f, &cfg, &p, &ops, &n_ops), DM_ERR_ARG);
+    ck_assert(strstr(dm_last_error(), "expert choice"));
+    dm_config_free(&cfg);
+    dm_st_close(f);
+}
+END_TEST
+
 /* dm_prune_stun is distance + clustering + representatives. */
 START_TEST(test_stun_composed)
 {
@@ -363,6 +418,7 @@ int main(void)
     tcase_add_test(tc, test_rewrite_equals_masked_router);
     tcase_add_test(tc, test_some_layers);
     tcase_add_test(tc, test_stun_composed);
+    tcase_add_test(tc, test_promoe_ops);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

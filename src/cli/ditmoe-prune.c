@@ -1,9 +1,9 @@
-/* ditmoe-prune: structured expert pruning of a DiT-MoE model (docs/moe-lab.md).
+/* ditmoe-prune: structured expert pruning of a DiT-MoE or ProMoE model (docs/moe-lab.md).
  *
  *   ditmoe-prune MODEL --keep N [--method best|stun|exhaustive] [--probs P.npy] [--routes DUMP]...
- *                [--lambda X] [--report R.json] [-o OUT.safetensors]
+ *                [--lambda X] [--layers LIST] [--report R.json] [-o OUT.safetensors]
  *
- * Per MoE layer it chooses N experts two ways (router/prune.h): STUN (complete-linkage
+ * Per MoE layer it chooses N experts two ways (ditmoe.h, MoE lab): STUN (complete-linkage
  * clustering of a behaviour + router-row distance, one representative per cluster) and an
  * exhaustive search minimising the lost top-k mass on calibration router probabilities (--probs:
  * [L, M, E] float32, e.g. from tools/moe_lab/router_probs.py); both are scored by that objective
@@ -11,12 +11,17 @@
  * (--routes, conditional rows) or, without dumps, from the top-k of --probs. Then it writes the
  * pruned model: dropped experts' tensors removed, kept ones renumbered, router rows kept to
  * match. --layers prunes only some MoE layers (the others keep all E; the loader takes each
- * layer's expert count from its router rows). Exit: 0, 2 bad input, 1 runtime. */
+ * layer's expert count from its router rows). ProMoE (token choice): prototype rows dropped with
+ * their experts, the unconditional expert always kept (renumbered to N), every MoE layer pruned
+ * (--probs: cosine scores from tools/moe_lab/promoe_scores.py; its top-1 dumps have no
+ * co-activation between experts, so STUN needs --lambda > 0 there). Exit: 0, 2 bad input, 1
+ * runtime. */
 #include "ditmoe.h"
 #include "common.h"
 #include "flags.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,12 +39,12 @@ static struct {
 
 static const dm_cli_opt OPTS[] = {
     {'\0', "keep", DM_OPT_INT, &A.keep, 1, DM_PRUNE_MAX_E, "N", "- (required)",
-     "experts kept in every MoE layer (top_k <= N <= E)", NULL},
+     "experts kept in every pruned MoE layer (top_k <= N <= E)", NULL},
     {'\0', "method", DM_OPT_STR, &A.method, 0, 0, "M", "best",
      "best (per layer the lower lost mass of the two), stun, exhaustive", NULL},
     {'\0', "probs", DM_OPT_STR, &A.probs, 0, 0, "P.npy", "none",
      "calibration router probabilities [L, M, E] float32 (tools/moe_lab/router_probs.py);\n"
-     "needed by exhaustive and best", NULL},
+     "ProMoE: cosine scores (tools/moe_lab/promoe_scores.py); needed by exhaustive and best", NULL},
     {'\0', "routes", DM_OPT_LIST, &A.dumps, 0, 0, "DUMP", "top-k of --probs",
      "routing dump(s) for co-activation (repeatable)", NULL},
     {'\0', "lambda", DM_OPT_FLOAT, &A.lambda, 0, 1e6, "X", "0",
@@ -60,10 +65,12 @@ static const dm_cli_prog PROGRAM = {
     "clustering or an exhaustive search per layer; writes a model the engine loads as any other.",
     OPTS, &A.pos, NULL};
 
-/* --layers LIST ("all" or comma-separated block indices in [0, L)) into sel [L]. */
-static dm_status parse_layers(const char *s, int L, uint8_t *sel)
+/* --layers LIST ("all" or comma-separated MoE block indices in [0, depth)) into sel [MoE
+ * layers]; interleave: only the odd blocks are MoE (ProMoE). */
+static dm_status parse_layers(const char *s, int depth, int interleave, uint8_t *sel)
 {
-    memset(sel, s ? 0 : 1, (size_t)L);
+    const int L = interleave ? depth / 2 : depth;
+    memset(sel, 0, (size_t)L);
     if (!s || !strcmp(s, "all")) {
         memset(sel, 1, (size_t)L);
         return DM_OK;
@@ -75,10 +82,14 @@ static dm_status parse_layers(const char *s, int L, uint8_t *sel)
         const long v = strtol(p, &end, 10);
         if (end == p || errno || (*end && *end != ','))
             return dm_fail(DM_ERR_ARG, "--layers '%s': expected 'all' or block indices separated by commas", s);
-        if (v < 0 || v >= L)
-            return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld does not exist (depth %d: 0..%d)", s, v, L, L - 1);
-        if (sel[v]) return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld given twice", s, v);
-        sel[v] = 1;
+        if (v < 0 || v >= depth)
+            return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld does not exist (depth %d: 0..%d)", s, v,
+                           depth, depth - 1);
+        if (interleave && v % 2 == 0)
+            return dm_fail(DM_ERR_ARG, "--layers '%s': block %ld has no routed experts", s, v);
+        const long l = interleave ? v / 2 : v;
+        if (sel[l]) return dm_fail(DM_ERR_ARG, "--layers '%s': layer %ld given twice", s, v);
+        sel[l] = 1;
         p = *end ? end + 1 : end;
         if (*end && !*p) return dm_fail(DM_ERR_ARG, "--layers '%s': trailing comma", s);
     }
@@ -151,16 +162,23 @@ int main(int argc, char **argv)
     if (!plan) st = dm_fail(DM_ERR_NOMEM, "plan");
     if (!st) st = dm_st_open(model, &f);
     if (!st) st = dm_config_from_file(f, &cfg);
-    if (!st && cfg.arch != DM_ARCH_DITMOE)
-        st = dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only (ProMoE would drop "
-                     "prototype rows; not done)", model);
-    const int L = cfg.depth, E = cfg.num_experts, D = cfg.hidden, k = cfg.top_k;
+    const int promoe = cfg.arch == DM_ARCH_PROMOE;
+    if (!st && promoe && cfg.promoe_ec)
+        st = dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice is not pruned (its capacity depends on the "
+                     "expert count, so dropping prototypes would not be the original with their scores "
+                     "at -inf); token choice is", model);
+    const int L = dm_config_moe_layers(&cfg), E = cfg.num_experts, D = cfg.hidden, k = cfg.top_k;
+    const int F = cfg.expert_hidden;
     if (!st && (L > DM_TRACE_MAX_LAYERS || E > DM_PRUNE_MAX_E))
         st = dm_fail(DM_ERR_ARG, "%s: %d layers x %d experts (at most %d x %d)", model, L, E,
                      DM_TRACE_MAX_LAYERS, DM_PRUNE_MAX_E);
     if (!st && (keep < k || keep > E))
         st = dm_fail(DM_ERR_ARG, "--keep %d: must be in [top_k = %d, E = %d]", keep, k, E);
-    if (!st) st = parse_layers(A.layers, L, sel);
+    if (!st) st = parse_layers(A.layers, cfg.depth, cfg.moe_interleave, sel);
+    for (int l = 0; !st && promoe && l < L; l++)
+        if (!sel[l])
+            st = dm_fail(DM_ERR_ARG, "--layers %s: ProMoE layers must keep the same number of experts "
+                         "(the unconditional expert's id is the expert count, one for the model)", A.layers);
     int64_t M = 0;
     if (!st && probs_path) {
         st = dm_npy_read_expect(probs_path, DM_F32, 3, &probs);
@@ -197,31 +215,43 @@ int main(int argc, char **argv)
         st = dm_fail(DM_ERR_NOMEM, "--report %s", report);
     if (rep) fprintf(rep, "{\"model\": \"%s\", \"keep\": %d, \"experts\": %d, \"method\": \"%s\", \"layers\": [", model, keep, E, method);
     plan->layers = L, plan->E = E;
-    const size_t nw = (size_t)3 * cfg.expert_hidden * D;
+    /* flattened expert weights for the centroid: gate | up | down (DiT-MoE), up | down (ProMoE) */
+    const size_t nw = (size_t)(promoe ? 2 : 3) * F * D;
     for (int l = 0; !st && l < L; l++) {
-        plan->block[l] = l;
+        const int blk = cfg.moe_interleave ? 2 * l + 1 : l;
+        plan->block[l] = blk;
         if (!sel[l]) { /* not pruned: every expert, in order */
             plan->keep[l] = E;
             for (int e = 0; e < E; e++) plan->kept[l][e] = e;
-            dm_log(DM_LOG_INFO, "layer %d: not pruned (--layers)", l);
-            if (rep) fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": false}", l ? "," : "", l);
+            dm_log(DM_LOG_INFO, "layer %d: not pruned (--layers)", blk);
+            if (rep) fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": false}", l ? "," : "", blk);
             continue;
         }
         plan->keep[l] = keep;
         char name[128];
         float *router = NULL;
-        snprintf(name, sizeof name, "blocks.%d.moe.gate.weight", l);
+        /* router rows: DiT-MoE's gate, ProMoE's prototypes L2-normalised (as the loader does) */
+        snprintf(name, sizeof name, promoe ? "blocks.%d.mlp.cluster_centers" : "blocks.%d.moe.gate.weight", blk);
         st = dm_st_load_f32(f, name, 2, (int64_t[]){E, D}, &router);
-        for (int e = 0; !st && e < E; e++) { /* flattened gate | up | down for the centroid */
+        for (int e = 0; !st && promoe && e < E; e++) {
+            double nn = 0;
+            for (int d = 0; d < D; d++) nn += (double)router[(size_t)e * D + d] * router[(size_t)e * D + d];
+            for (int d = 0; d < D; d++) router[(size_t)e * D + d] /= (float)(nn > 1e-24 ? sqrt(nn) : 1e-12);
+        }
+        const char *dit_part[3] = {"gate_proj", "up_proj", "down_proj"}, *pro_part[2] = {"up_proj", "down_proj"};
+        const char *const *part = promoe ? pro_part : dit_part;
+        const int nq = promoe ? 2 : 3;
+        for (int e = 0; !st && e < E; e++) {
             W[e] = malloc(nw * sizeof(float));
             if (!W[e]) st = dm_fail(DM_ERR_NOMEM, "weights");
-            const char *part[3] = {"gate_proj", "up_proj", "down_proj"};
-            for (int q = 0; !st && q < 3; q++) {
+            for (int q = 0; !st && q < nq; q++) { /* [F, D] up (and gate), [D, F] down */
                 float *x = NULL;
-                snprintf(name, sizeof name, "blocks.%d.moe.experts.%d.%s.weight", l, e, part[q]);
-                const int64_t sh[2] = {q < 2 ? cfg.expert_hidden : D, q < 2 ? D : cfg.expert_hidden};
+                snprintf(name, sizeof name, promoe ? "blocks.%d.mlp.experts.%d.%s.weight"
+                                                   : "blocks.%d.moe.experts.%d.%s.weight", blk, e, part[q]);
+                const int down = q == nq - 1;
+                const int64_t sh[2] = {down ? D : F, down ? F : D};
                 st = dm_st_load_f32(f, name, 2, sh, &x);
-                if (!st) memcpy(W[e] + (size_t)q * cfg.expert_hidden * D, x, (size_t)cfg.expert_hidden * D * sizeof(float));
+                if (!st) memcpy(W[e] + (size_t)q * F * D, x, (size_t)F * D * sizeof(float));
                 free(x);
             }
         }
@@ -242,7 +272,7 @@ int main(int argc, char **argv)
         if (!st) {
             const int use_exh = !strcmp(method, "exhaustive") || (!strcmp(method, "best") && le <= ls);
             memcpy(plan->kept[l], use_exh ? exh : stun, (size_t)keep * sizeof(int));
-            fprintf(stderr, "[INFO] layer %d", l);
+            fprintf(stderr, "[INFO] layer %d", blk);
             if (full >= 0) fprintf(stderr, " (top-%d mass %.5f)", k, full);
             fprintf(stderr, ": stun keeps");
             for (int j = 0; j < keep; j++) fprintf(stderr, " %d", stun[j]);
@@ -254,7 +284,7 @@ int main(int argc, char **argv)
             }
             fprintf(stderr, " -> %s\n", use_exh ? "exhaustive" : "stun");
             if (rep) {
-                fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": true, \"stun\": [", l ? "," : "", l);
+                fprintf(rep, "%s\n {\"layer\": %d, \"pruned\": true, \"stun\": [", l ? "," : "", blk);
                 for (int j = 0; j < keep; j++) fprintf(rep, "%s%d", j ? ", " : "", stun[j]);
                 fprintf(rep, "], \"stun_clusters\": [");
                 for (int e = 0; e < E; e++) fprintf(rep, "%s%d", e ? ", " : "", cl[e]);

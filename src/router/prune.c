@@ -195,24 +195,44 @@ double dm_prune_exhaustive(const float *probs, int64_t M, int E, int k, int keep
 
 /* ---- rewrite ---------------------------------------------------------------------------------- */
 
+/* Transformer block of MoE layer l: every block (DiT-MoE), the odd ones (ProMoE). */
+static int moe_block(const dm_config *cfg, int l) { return cfg->moe_interleave ? 2 * l + 1 : l; }
+
 static dm_status check_plan(const dm_config *cfg, const dm_prune_plan *p, const char *path)
 {
-    if (cfg->arch != DM_ARCH_DITMOE)
-        return dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only (ProMoE would drop "
-                       "prototype rows the same way; not done)", path);
-    if (p->E != cfg->num_experts || p->layers != cfg->depth || p->E > DM_PRUNE_MAX_E)
+    const int promoe = cfg->arch == DM_ARCH_PROMOE;
+    if (cfg->arch != DM_ARCH_DITMOE && !promoe)
+        return dm_fail(DM_ERR_ARG, "%s: pruning needs a DiT-MoE or ProMoE model", path);
+    if (promoe && cfg->promoe_ec)
+        return dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice is not pruned (its capacity depends on "
+                       "the expert count, so dropping prototypes is not the original with their "
+                       "scores at -inf); token choice is", path);
+    if (p->E != cfg->num_experts || p->layers != dm_config_moe_layers(cfg) || p->E > DM_PRUNE_MAX_E)
         return dm_fail(DM_ERR_ARG, "%s: prune plan for %d experts x %d layers, model has %d x %d",
-                       path, p->E, p->layers, cfg->num_experts, cfg->depth);
+                       path, p->E, p->layers, cfg->num_experts, dm_config_moe_layers(cfg));
     for (int l = 0; l < p->layers; l++) {
-        if (p->block[l] != l) return dm_fail(DM_ERR_ARG, "%s: plan layer %d is block %d", path, l, p->block[l]);
+        if (p->block[l] != moe_block(cfg, l))
+            return dm_fail(DM_ERR_ARG, "%s: plan layer %d is block %d, expected %d", path, l,
+                           p->block[l], moe_block(cfg, l));
         if (p->keep[l] < cfg->top_k || p->keep[l] > p->E)
             return dm_fail(DM_ERR_ARG, "%s: --keep %d: must be in [top_k = %d, %d]", path, p->keep[l],
                            cfg->top_k, p->E);
+        if (promoe && p->keep[l] != p->keep[0])
+            return dm_fail(DM_ERR_ARG, "%s: ProMoE layers must keep the same number of experts (the "
+                           "unconditional expert's id is the expert count, one for the model)", path);
         for (int j = 0; j < p->keep[l]; j++)
             if (p->kept[l][j] < 0 || p->kept[l][j] >= p->E || (j && p->kept[l][j] <= p->kept[l][j - 1]))
                 return dm_fail(DM_ERR_ARG, "%s: plan layer %d: kept ids must ascend in [0, %d)", path, l, p->E);
     }
     return DM_OK;
+}
+
+/* Plan layer of transformer block b, or -1. */
+static int plan_layer(const dm_prune_plan *p, int b)
+{
+    for (int l = 0; l < p->layers; l++)
+        if (p->block[l] == b) return l;
+    return -1;
 }
 
 dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
@@ -221,6 +241,14 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
     const char *path = dm_st_path(f);
     dm_status st = check_plan(cfg, p, path);
     if (st) return st;
+    /* DiT-MoE: blocks.B.moe.experts.E.*, router blocks.B.moe.gate.weight; ProMoE:
+     * blocks.B.mlp.experts.E.* (E = num_experts: the unconditional expert, kept and renumbered
+     * to keep), prototypes blocks.B.mlp.cluster_centers */
+    const int promoe = cfg->arch == DM_ARCH_PROMOE;
+    const char *exp_fmt = promoe ? "blocks.%d.mlp.experts.%d.%n" : "blocks.%d.moe.experts.%d.%n";
+    const char *out_fmt = promoe ? "blocks.%d.mlp.experts.%d.%s" : "blocks.%d.moe.experts.%d.%s";
+    const char *rt_fmt = promoe ? "blocks.%d.mlp.cluster_center%n" : "blocks.%d.moe.gate.weigh%n";
+    const char *rt_end = promoe ? "s" : "t";
     const int n = dm_st_count(f);
     dm_prune_op *o = calloc((size_t)(n ? n : 1), sizeof *o);
     if (!o) return dm_fail(DM_ERR_NOMEM, "%s: prune ops", path);
@@ -234,31 +262,30 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
         strcpy(op->src, t->name);
         strcpy(op->dst, t->name);
         op->op = DM_PRUNE_COPY;
-        int b, e, used = 0;
-        if (sscanf(t->name, "blocks.%d.moe.experts.%d.%n", &b, &e, &used) == 2 && used > 0) {
-            if (b < 0 || b >= p->layers || e < 0 || e >= p->E) {
+        int b, e, used = 0, l;
+        if (sscanf(t->name, exp_fmt, &b, &e, &used) == 2 && used > 0) {
+            if ((l = plan_layer(p, b)) < 0 || e < 0 || e > p->E || (e == p->E && !promoe)) {
                 free(o);
                 return dm_fail(DM_ERR_FORMAT, "%s: %s: block or expert out of range", path, t->name);
             }
-            int to = -1;
-            for (int j = 0; j < p->keep[b]; j++)
-                if (p->kept[b][j] == e) to = j;
+            int to = e == p->E ? p->keep[l] : -1; /* the unconditional expert follows the kept */
+            for (int j = 0; j < p->keep[l]; j++)
+                if (p->kept[l][j] == e) to = j;
             if (to < 0) {
                 op->op = DM_PRUNE_DROP;
                 op->dst[0] = 0;
             } else {
-                snprintf(op->dst, sizeof op->dst, "blocks.%d.moe.experts.%d.%s", b, to, t->name + used);
+                snprintf(op->dst, sizeof op->dst, out_fmt, b, to, t->name + used);
                 op->op = to == e ? DM_PRUNE_COPY : DM_PRUNE_RENAME;
             }
-        } else if (sscanf(t->name, "blocks.%d.moe.gate.weigh%n", &b, &used) == 1 && used > 0 &&
-                   !strcmp(t->name + used, "t")) {
-            if (b < 0 || b >= p->layers || t->ndim != 2 || t->shape[0] != p->E) {
+        } else if (sscanf(t->name, rt_fmt, &b, &used) == 1 && used > 0 && !strcmp(t->name + used, rt_end)) {
+            if ((l = plan_layer(p, b)) < 0 || t->ndim != 2 || t->shape[0] != p->E) {
                 free(o);
-                return dm_fail(DM_ERR_FORMAT, "%s: %s: expected [%d, D]", path, t->name, p->E);
+                return dm_fail(DM_ERR_FORMAT, "%s: %s: expected [%d, D] in a MoE block", path, t->name, p->E);
             }
-            op->op = p->keep[b] == p->E ? DM_PRUNE_COPY : DM_PRUNE_ROWS;
-            op->n_rows = p->keep[b];
-            for (int j = 0; j < p->keep[b]; j++) op->rows[j] = p->kept[b][j];
+            op->op = p->keep[l] == p->E ? DM_PRUNE_COPY : DM_PRUNE_ROWS;
+            op->n_rows = p->keep[l];
+            for (int j = 0; j < p->keep[l]; j++) op->rows[j] = p->kept[l][j];
         }
     }
     *ops = o;
