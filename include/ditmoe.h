@@ -712,7 +712,8 @@ dm_status dm_route_analysis_json(const dm_route_analysis *a, int bands, char **j
 dm_status dm_route_policy_experts(const char *spec, const float *scores, int L, int64_t M, int E,
                                   int S, int top_k, int cosine, int bands, double *mean);
 
-/* Structured expert pruning of a DiT-MoE model. Per MoE layer two ways of choosing experts:
+/* Structured expert pruning of a DiT-MoE or ProMoE model. Per MoE layer two ways of choosing
+ * experts:
  *  - STUN: distance(e, f) = -coact(e, f) / its mean over pairs + lambda x |router_e - router_f|
  *    / its mean, greedy complete-linkage clustering to `keep` clusters, one representative per
  *    cluster: the member closest to the centroid of the flattened expert weights (ties within
@@ -721,9 +722,12 @@ dm_status dm_route_policy_experts(const char *spec, const float *scores, int L, 
  *    calibration tokens (full router probabilities p [E]) of (sum of the k largest p) - (sum of
  *    the k largest p among the kept experts); the lowest wins (ties: lexicographically first).
  * The rewrite drops the pruned experts' tensors, renumbers the kept ones 0..keep-1 in ascending
- * original id and keeps the same rows of blocks.L.moe.gate.weight: the pruned router is exactly
- * the original with the dropped experts' logits at -inf (softmax renormalised over the kept
- * experts). Layers may keep different numbers; metadata num_experts = the largest. */
+ * original id and keeps the same rows of the router (DiT-MoE blocks.L.moe.gate.weight, ProMoE
+ * blocks.L.mlp.cluster_centers): the pruned router is exactly the original with the dropped
+ * experts' logits (ProMoE: cosine scores) at -inf; DiT-MoE's softmax is renormalised over the
+ * kept experts. DiT-MoE layers may keep different numbers (metadata num_experts = the largest);
+ * ProMoE (token choice only) keeps the same number in every MoE layer and its unconditional
+ * expert, renumbered to keep. */
 #define DM_PRUNE_MAX_E 64
 /* kept [keep] ascending and, when cluster is not NULL, cluster [E] (0..keep-1, numbered by the
  * smallest member). coact [E, E]; router [E, D] rows or NULL; weights[e] n floats each or NULL
@@ -737,16 +741,16 @@ double dm_prune_lost_mass(const float *probs, int64_t M, int E, int k, const uin
 double dm_prune_exhaustive(const float *probs, int64_t M, int E, int k, int keep, int *kept);
 
 typedef struct {
-    int layers;                      /* MoE layers (DiT-MoE: depth)                           */
-    int block[DM_TRACE_MAX_LAYERS];  /* [layers] transformer block of each                    */
+    int layers;                      /* MoE layers (dm_config_moe_layers)                     */
+    int block[DM_TRACE_MAX_LAYERS];  /* [layers] transformer block of each (ProMoE: 2l + 1)   */
     int E;                           /* experts per layer before                              */
     int keep[DM_TRACE_MAX_LAYERS];   /* [layers] experts kept (E: layer unchanged)            */
     int kept[DM_TRACE_MAX_LAYERS][DM_PRUNE_MAX_E]; /* [layers][keep[l]] ascending original ids */
 } dm_prune_plan;
 /* Write the pruned model of f (config cfg) to path atomically: tensors per the plan, metadata
  * "ditmoe" = f's with num_experts = max keep and "pruned": {"from_experts", "kept": [[ids] per
- * layer], "method"}, and f's "format" key. DM_ERR_ARG for ProMoE or a plan that does not
- * fit cfg (one line naming it). */
+ * layer], "method"}, and f's "format" key. DM_ERR_ARG for a plan that does not fit cfg or
+ * ProMoE expert choice (one line naming it). */
 dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
                          const char *method, const char *path);
 
