@@ -213,6 +213,29 @@ START_TEST(test_heun_and_batches)
 }
 END_TEST
 
+/* Shapes a small dump may claim but that would need gigabytes, or more than 64 experts: refused
+ * before allocating. */
+START_TEST(test_limits)
+{
+    dm_trace_shape s;
+    shape(&s, 100000, 0);
+    s.layers = 256;
+    dm_route_analysis *a = NULL;
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_ERR_ARG);
+    ck_assert(a == NULL && strstr(dm_last_error(), "layer-steps"));
+    shape(&s, 3, 0);
+    s.num_experts = 65;
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_ERR_ARG);
+    shape(&s, 0, 0); /* steps unknown: the tables grow with the records, within the same bound */
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_OK);
+    dm_trace_record rec = {.step = 1 << 22, .rows = 0};
+    ck_assert_int_eq(dm_route_analysis_add(a, &rec), DM_ERR_FORMAT);
+    rec.step = 5;
+    ck_assert_int_eq(dm_route_analysis_add(a, &rec), DM_OK);
+    dm_route_analysis_free(a);
+}
+END_TEST
+
 /* dm_route_policy_experts on hand-made scores: 2 steps x 2 tokens, E = 4. Step 0 tokens are
  * (0.5, 0.25, 0.125, 0.125): top-p=0.5 keeps 2 (0.5 does not exceed 0.5), 0.75 keeps 3; step 1
  * tokens are all mass on expert 2 (1 expert for any P < 1). */
@@ -242,6 +265,7 @@ int main(void)
     tcase_add_test(tc, test_by_hand);
     tcase_add_test(tc, test_heun_and_batches);
     tcase_add_test(tc, test_policy_experts);
+    tcase_add_test(tc, test_limits);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -7,6 +7,10 @@
 
 static void *zalloc(size_t n, size_t sz) { return calloc(n ? n : 1, sz); }
 
+/* Each [Lm, S] table is refused beyond this many cells (32 MiB), so that a small dump cannot ask
+ * for gigabytes (real models: 40 layers x 1000 steps = 40 k cells). */
+#define STEP_MAX_CELLS (1ll << 22)
+
 void dm_route_analysis_free(dm_route_analysis *a)
 {
     if (!a) return;
@@ -34,10 +38,13 @@ dm_status dm_route_analysis_new(const dm_trace_shape *s, int count_uncond, dm_ro
     a->S = s->steps > 0 ? s->steps : 1;
     a->count_uncond = count_uncond ? 1 : 0;
     a->prev_batch = a->last_batch = -1;
-    if (a->X > 64) {
-        const int X = a->X;
+    if (a->X > 64 || a->X < 1 || s->layers < 1 || s->layers > DM_TRACE_MAX_LAYERS ||
+        (long long)s->layers * a->S > STEP_MAX_CELLS) {
+        const int X = a->X, S = a->S;
         free(a);
-        return dm_fail(DM_ERR_ARG, "routing analysis: %d experts (at most 64)", X);
+        return dm_fail(DM_ERR_ARG, "routing analysis: %d layers x %d experts x %d steps (at most %d "
+                       "x 64 experts, %lld layer-steps)", s->layers, X, S, DM_TRACE_MAX_LAYERS,
+                       STEP_MAX_CELLS);
     }
     const size_t Lm = (size_t)s->layers, X = (size_t)a->X, S = (size_t)a->S;
     a->affinity = zalloc((Lm > 1 ? Lm - 1 : 0) * X * X, sizeof(int64_t));
@@ -76,6 +83,7 @@ static int grow_steps(dm_route_analysis *a, int step)
 {
     if (step < a->S) return 0;
     const int Lm = a->shape.layers, S2 = step + 1 > 2 * a->S ? step + 1 : 2 * a->S;
+    if ((long long)Lm * S2 > STEP_MAX_CELLS) return -2;
     int64_t **tabs[] = {&a->keep_set, &a->keep_top1, &a->compared, &a->picks, &a->tokens};
     for (size_t i = 0; i < sizeof tabs / sizeof *tabs; i++) {
         int64_t *n = zalloc((size_t)Lm * S2, sizeof(int64_t));
@@ -103,7 +111,11 @@ dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec
     const int Lm = s->layers, T = dm_trace_tokens(s), k = s->top_k, X = a->X, E = s->num_experts;
     if (rec->step < 0 || rec->step > (1 << 24) || (s->steps > 0 && rec->step >= s->steps))
         return dm_fail(DM_ERR_FORMAT, "routing analysis: record of step %d (steps %d)", rec->step, s->steps);
-    if (grow_steps(a, rec->step)) return dm_fail(DM_ERR_NOMEM, "routing analysis");
+    const int g = grow_steps(a, rec->step);
+    if (g == -2)
+        return dm_fail(DM_ERR_FORMAT, "routing analysis: record of step %d: more than %lld "
+                       "layer-steps", rec->step, STEP_MAX_CELLS);
+    if (g) return dm_fail(DM_ERR_NOMEM, "routing analysis");
     const size_t RT = (size_t)rec->rows * T;
     a->records++;
     for (int r = 0; r < rec->rows; r++) {
