@@ -107,6 +107,16 @@ typedef struct {
     dm_route_analysis *an; /* --affinity / --persistence, else NULL */
 } gathered_t;
 
+/* The current error message prefixed (dm_fail formats into the buffer dm_last_error reads, so
+ * the old message is copied first). */
+static dm_status prefixed(dm_status st, const char *dump, long record)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", dm_last_error());
+    if (record < 0) return dm_fail(st, "%s: %s", dump, msg);
+    return dm_fail(st, "%s: record %ld: %s", dump, record, msg);
+}
+
 static dm_status gather(const args_t *a, gathered_t *g)
 {
     dm_status st = DM_OK;
@@ -131,7 +141,7 @@ static dm_status gather(const args_t *a, gathered_t *g)
             }
             for (int i = 0; i < S; i++) g->step_t[i] = NAN;
             if ((a->affinity || a->persistence) && (st = dm_route_analysis_new(s, a->uncond, &g->an))) {
-                st = dm_fail(st, "%s: %s", a->dumps.v[d], dm_last_error());
+                st = prefixed(st, a->dumps.v[d], -1);
                 goto fail;
             }
             for (size_t i = 0; i < (size_t)s->layers * S * T; i++) g->ov[i] = -2;
@@ -156,7 +166,7 @@ static dm_status gather(const args_t *a, gathered_t *g)
             if ((st = dm_trace_read_next(r, &rec))) goto fail;
             if (!rec) break;
             if ((st = dm_route_counts_add(&g->c, rec)) || (g->an && (st = dm_route_analysis_add(g->an, rec)))) {
-                st = dm_fail(st, "%s: record %ld: %s", a->dumps.v[d], n, dm_last_error());
+                st = prefixed(st, a->dumps.v[d], n);
                 goto fail;
             }
             if (d == 0 && rec->step < S && isnan(g->step_t[rec->step])) g->step_t[rec->step] = rec->t[0];

@@ -184,11 +184,13 @@ dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec
             return dm_fail(DM_ERR_NOMEM, "routing analysis");
         }
     }
-    memcpy(a->prev_image, rec->image, (size_t)rec->rows * sizeof(int64_t));
-    memcpy(a->prev_unc, rec->uncond, (size_t)rec->rows);
-    for (int l = 0; l < Lm; l++)
-        memcpy(a->prev_ids + (size_t)l * a->prev_cap * T * k, rec->ids + (size_t)l * RT * k,
-               RT * k * sizeof(int32_t));
+    if (rec->rows > 0) { /* a record of no rows may carry NULL arrays (no NULL + 0, no memcpy) */
+        memcpy(a->prev_image, rec->image, (size_t)rec->rows * sizeof(int64_t));
+        memcpy(a->prev_unc, rec->uncond, (size_t)rec->rows);
+        for (int l = 0; l < Lm; l++)
+            memcpy(a->prev_ids + (size_t)l * a->prev_cap * T * k, rec->ids + (size_t)l * RT * k,
+                   RT * k * sizeof(int32_t));
+    }
     a->prev_rows = rec->rows;
     a->prev_batch = rec->batch;
     a->prev_step = rec->step;
