@@ -265,6 +265,7 @@ print(f"  ProMoE: pruned vs masked reference {d:.3g}, original vs reference {d0:
 assert d <= tol and d0 <= tol and dd > 100 * tol
 PYEOF
 
+expect "prune a per-layer pruned model" 2 "blocks.0.moe.gate.weight has 6 experts, not num_experts = 8" "$BIN/ditmoe-prune" "$T/some.safetensors" --keep 4 --probs "$T/p.npy"
 expect "prune keep < k" 2 "--keep 1: must be in \[top_k = 2, E = 8\]" "$BIN/ditmoe-prune" "$MODEL" --keep 1 --probs "$T/p.npy"
 expect "prune keep > E" 2 "--keep 9: must be in" "$BIN/ditmoe-prune" "$MODEL" --keep 9 --probs "$T/p.npy"
 expect "prune no keep" 2 "--keep N is required" "$BIN/ditmoe-prune" "$MODEL" --probs "$T/p.npy"

@@ -174,6 +174,16 @@ int main(int argc, char **argv)
                      DM_TRACE_MAX_LAYERS, DM_PRUNE_MAX_E);
     if (!st && (keep < k || keep > E))
         st = dm_fail(DM_ERR_ARG, "--keep %d: must be in [top_k = %d, E = %d]", keep, k, E);
+    for (int l = 0; !st && l < L; l++) { /* a model pruned per layer: choose from the original */
+        char name[128];
+        snprintf(name, sizeof name, promoe ? "blocks.%d.mlp.cluster_centers" : "blocks.%d.moe.gate.weight",
+                 cfg.moe_interleave ? 2 * l + 1 : l);
+        const dm_st_tensor *t = dm_st_find(f, name);
+        if (t && t->ndim == 2 && t->shape[0] != E)
+            st = dm_fail(DM_ERR_ARG, "%s: %s has %lld experts, not num_experts = %d (a model pruned in "
+                         "some layers): prune the original model instead", model, name,
+                         (long long)t->shape[0], E);
+    }
     if (!st) st = parse_layers(A.layers, cfg.depth, cfg.moe_interleave, sel);
     for (int l = 0; !st && promoe && l < L; l++)
         if (!sel[l])
