@@ -383,7 +383,7 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
     TRY(dm_st_check_shape(f, "pos_embed", 3, s3));
     TRY(check2(f, "y_embedder.embedding_table.weight", c->num_classes + 1, D));
     TRY(check2(f, "final_layer.linear.weight", P * P * c->out_channels, D));
-    int nb = max_block_index(f);
+    int nb = max_block_index(f), full_layers = 0;
     if (nb != c->depth)
         return dm_fail(DM_ERR_FORMAT, "%s: blocks.*: block count %d expected depth %d", p, nb,
                        c->depth);
@@ -413,6 +413,7 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
         if (c->arch != DM_ARCH_DITMOE) continue; /* ProMoE blocks: dm_promoe_check */
         snprintf(k, sizeof k, "blocks.%d.moe.gate.weight", i);
         const int Ei = block_experts(f, k, c);
+        full_layers += Ei == c->num_experts;
         TRY(check2(f, k, Ei, D));
         snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, Ei - 1);
         TRY(check2(f, k, c->expert_hidden, D));
@@ -425,6 +426,10 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
         else if (dm_st_find(f, k))
             return dm_fail(DM_ERR_FORMAT, "%s: %s: present but shared_hidden is 0", p, k);
     }
+    /* num_experts is the largest layer's: some layer must have it (else the metadata and every
+     * router disagree, reported at block 0) */
+    if (c->arch == DM_ARCH_DITMOE && !full_layers)
+        TRY(check2(f, "blocks.0.moe.gate.weight", c->num_experts, D));
     return c->arch == DM_ARCH_PROMOE ? dm_promoe_check(f, c) : DM_OK;
 }
 
