@@ -667,6 +667,94 @@ dm_status dm_batch_pack(const char *dir, int64_t num, const char *out, int label
                         dm_progress_fn progress, void *progress_ctx);
 
 /* ---------------------------------------------------------------------------------------------
+ * MoE lab: analysis and pruning (src/trace/analysis.c, src/router/prune.c; docs/moe-lab.md,
+ * spec docs/spec/moe-inference.md A4, A6, A8). What ditmoe-routes and ditmoe-prune compute.
+ * ------------------------------------------------------------------------------------------- */
+/* Statistics of routing dumps, accumulated record by record (dm_trace_read_next), over the
+ * counted half (conditional rows, or unconditional with count_uncond). X = E, or E + 1 with
+ * ProMoE's unconditional expert (last column); at most 64.
+ *  - ExFlow affinity: per adjacent MoE-layer pair (l, l+1), counts of (expert e picked at l,
+ *    expert f picked at l+1) over every token's picks (a top-2 token adds 4 pairs);
+ *    P(f | e) = count(e, f) / sum_f count(e, f).
+ *  - top-k set persistence: per layer and step s >= 1, the tokens whose SET of experts (order
+ *    ignored) at step s equals step s-1's (first evaluation of each step, same image and
+ *    half), and those with the same top-1.
+ *  - experts per token per layer and step (variable-k dumps: its mean).
+ *  - co-activation per layer: coact[e][f] = tokens that picked both e and f (e != f), the
+ *    diagonal = tokens that picked e; mass[e] = sum of e's gate weights (dumps with weights). */
+typedef struct dm_route_analysis dm_route_analysis;
+dm_status dm_route_analysis_new(const dm_trace_shape *s, int count_uncond, dm_route_analysis **out);
+void dm_route_analysis_free(dm_route_analysis *a); /* NULL ok */
+/* Add one record (records in file order). DM_ERR_FORMAT if it does not fit the shape. */
+dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec);
+int dm_route_analysis_experts(const dm_route_analysis *a); /* X */
+/* Affinity counts of layer pair (l, l+1), [X, X] (row e = expert at l); P(f | e) into p. */
+const int64_t *dm_route_affinity_counts(const dm_route_analysis *a, int l);
+void dm_route_affinity_prob(const dm_route_analysis *a, int l, double *p /* [X, X] */);
+/* Persistence summed over steps [s0, s1] of layer l (l < 0: all layers): returns the tokens
+ * compared; keep_set / keep_top1 (either may be NULL) the tokens that kept them. */
+int64_t dm_route_persist_band(const dm_route_analysis *a, int l, int s0, int s1, int64_t *keep_set,
+                              int64_t *keep_top1);
+/* Mean routed experts per token over steps [s0, s1] of layer l (l < 0: all layers). */
+double dm_route_mean_experts(const dm_route_analysis *a, int l, int s0, int s1);
+const int64_t *dm_route_coact(const dm_route_analysis *a, int l); /* [X, X] */
+const double *dm_route_mass(const dm_route_analysis *a, int l);   /* [X]    */
+/* Everything as one JSON object (malloc'd text; docs/moe-lab.md §6 lists the keys), the
+ * per-step tables also in `bands` equal step bands. */
+dm_status dm_route_analysis_json(const dm_route_analysis *a, int bands, char **json);
+
+/* What routing policy `spec` (the --route syntax: top-k[=K], top-p=P[,max=K][,renorm],
+ * threshold=T[,...], rank2=TAU[,margin=D]) selects on recorded router scores
+ * scores [L, M, E] (M = S steps x tokens, step-major; tools/moe_lab/router_probs.py): the mean
+ * experts per token of each layer in `bands` equal step bands, mean [L, bands]. cosine = 1:
+ * ProMoE cosine scores (rank2 only), else softmax probabilities; top_k = the model's k.
+ * DM_ERR_ARG naming the spec, or --steps when S does not divide M. */
+dm_status dm_route_policy_experts(const char *spec, const float *scores, int L, int64_t M, int E,
+                                  int S, int top_k, int cosine, int bands, double *mean);
+
+/* Structured expert pruning of a DiT-MoE or ProMoE model. Per MoE layer two ways of choosing
+ * experts:
+ *  - STUN: distance(e, f) = -coact(e, f) / its mean over pairs + lambda x |router_e - router_f|
+ *    / its mean, greedy complete-linkage clustering to `keep` clusters, one representative per
+ *    cluster: the member closest to the centroid of the flattened expert weights (ties within
+ *    relative 1e-9, e.g. any 2-member cluster: the larger gate mass, then the lower id).
+ *  - exhaustive: every keep-subset, scored by the objective "lost top-k mass": the mean over
+ *    calibration tokens (full router probabilities p [E]) of (sum of the k largest p) - (sum of
+ *    the k largest p among the kept experts); the lowest wins (ties: lexicographically first).
+ * The rewrite drops the pruned experts' tensors, renumbers the kept ones 0..keep-1 in ascending
+ * original id and keeps the same rows of the router (DiT-MoE blocks.L.moe.gate.weight, ProMoE
+ * blocks.L.mlp.cluster_centers): the pruned router is exactly the original with the dropped
+ * experts' logits (ProMoE: cosine scores) at -inf; DiT-MoE's softmax is renormalised over the
+ * kept experts. DiT-MoE layers may keep different numbers (metadata num_experts = the largest);
+ * ProMoE (token choice only) keeps the same number in every MoE layer and its unconditional
+ * expert, renumbered to keep. */
+#define DM_PRUNE_MAX_E 64
+/* kept [keep] ascending and, when cluster is not NULL, cluster [E] (0..keep-1, numbered by the
+ * smallest member). coact [E, E]; router [E, D] rows or NULL; weights[e] n floats each or NULL
+ * (then the largest mass[e] represents a cluster); mass [E] or NULL. */
+dm_status dm_prune_stun(int E, const int64_t *coact, const float *router, int D, double lambda,
+                        const float *const *weights, size_t n, const double *mass, int keep,
+                        int *kept, int *cluster);
+/* The objective of a keep-set (mask [E], 1 = kept) on M tokens of probs [M, E], top-k. */
+double dm_prune_lost_mass(const float *probs, int64_t M, int E, int k, const uint8_t *mask);
+/* The best `keep` experts by the objective; kept [keep] ascending; returns the objective. */
+double dm_prune_exhaustive(const float *probs, int64_t M, int E, int k, int keep, int *kept);
+
+typedef struct {
+    int layers;                      /* MoE layers (dm_config_moe_layers)                     */
+    int block[DM_TRACE_MAX_LAYERS];  /* [layers] transformer block of each (ProMoE: 2l + 1)   */
+    int E;                           /* experts per layer before                              */
+    int keep[DM_TRACE_MAX_LAYERS];   /* [layers] experts kept (E: layer unchanged)            */
+    int kept[DM_TRACE_MAX_LAYERS][DM_PRUNE_MAX_E]; /* [layers][keep[l]] ascending original ids */
+} dm_prune_plan;
+/* Write the pruned model of f (config cfg) to path atomically: tensors per the plan, metadata
+ * "ditmoe" = f's with num_experts = max keep and "pruned": {"from_experts", "kept": [[ids] per
+ * layer], "method"}, and f's "format" key. DM_ERR_ARG for a plan that does not fit cfg or
+ * ProMoE expert choice (one line naming it). */
+dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
+                         const char *method, const char *path);
+
+/* ---------------------------------------------------------------------------------------------
  * Generation pipeline (src/pipeline): model + VAE opened together and checked against each other
  * -> batches of class-conditional images as uint8 pixels -> the metadata that reproduces each
  * image. What ditmoe-sample and ditmoe-batch share; also the interface for bindings (plain

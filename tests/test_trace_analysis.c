@@ -5,6 +5,8 @@
 #include "trace/analysis.h"
 
 #include <check.h>
+#include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,61 +79,63 @@ static void write_dump(const char *path)
     ck_assert_int_eq(dm_trace_close(tr), DM_OK);
 }
 
-static void analyse(const char *path, int uncond, dm_route_analysis *a)
+static dm_route_analysis *analyse(const char *path, int uncond)
 {
     dm_trace_reader *r;
+    dm_route_analysis *a;
     ck_assert_int_eq(dm_trace_read_open(path, &r), DM_OK);
-    ck_assert_int_eq(dm_route_analysis_init(a, dm_trace_read_shape(r), uncond), DM_OK);
+    ck_assert_int_eq(dm_route_analysis_new(dm_trace_read_shape(r), uncond, &a), DM_OK);
     const dm_trace_record *rec;
     while (dm_trace_read_next(r, &rec) == DM_OK && rec) ck_assert_int_eq(dm_route_analysis_add(a, rec), DM_OK);
     dm_trace_read_close(r);
+    return a;
 }
 
 START_TEST(test_by_hand)
 {
     const char *path = tmp_path("hand.dmr");
     write_dump(path);
-    dm_route_analysis a;
-    analyse(path, 0, &a);
-    ck_assert_int_eq(a.rows, 6); /* 2 conditional rows x 3 steps */
+    dm_route_analysis *a = analyse(path, 0);
+    ck_assert_int_eq(a->rows, 6); /* 2 conditional rows x 3 steps */
     int64_t ks, k1, n;
     /* layer 0: nothing changes; 12 tokens compared at each of steps 1, 2 */
-    n = dm_route_persist_band(&a, 0, 1, 2, &ks, &k1);
+    n = dm_route_persist_band(a, 0, 1, 2, &ks, &k1);
     ck_assert_int_eq(n, 24);
     ck_assert_int_eq(ks, 24);
     ck_assert_int_eq(k1, 24);
     /* layer 1, step 1: tokens 0-2 keep the set but not the top-1, 3-5 the reverse (x2 images) */
-    n = dm_route_persist_band(&a, 1, 1, 1, &ks, &k1);
+    n = dm_route_persist_band(a, 1, 1, 1, &ks, &k1);
     ck_assert_int_eq(n, 12);
     ck_assert_int_eq(ks, 6);
     ck_assert_int_eq(k1, 6);
     /* layer 1, step 2: token 5 lost its second pick */
-    n = dm_route_persist_band(&a, 1, 2, 2, &ks, &k1);
+    n = dm_route_persist_band(a, 1, 2, 2, &ks, &k1);
     ck_assert_int_eq(n, 12);
     ck_assert_int_eq(ks, 10);
     ck_assert_int_eq(k1, 12);
-    ck_assert_int_eq(dm_route_persist_band(&a, -1, 0, 0, &ks, &k1), 0); /* step 0: nothing before */
+    ck_assert_int_eq(dm_route_persist_band(a, -1, 0, 0, &ks, &k1), 0); /* step 0: nothing before */
     /* experts per token */
-    ck_assert(dm_route_mean_experts(&a, 0, 0, 2) == 2.0);
-    ck_assert(dm_route_mean_experts(&a, 1, 2, 2) == 22.0 / 12.0);
-    ck_assert(dm_route_mean_experts(&a, 1, 0, 1) == 2.0);
+    ck_assert(dm_route_mean_experts(a, 0, 0, 2) == 2.0);
+    ck_assert(dm_route_mean_experts(a, 1, 2, 2) == 22.0 / 12.0);
+    ck_assert(dm_route_mean_experts(a, 1, 0, 1) == 2.0);
     /* co-activation, layer 0: 36 tokens all pick {1, 3} */
-    const int64_t *co0 = a.coact;
+    const int64_t *co0 = dm_route_coact(a, 0);
+    ck_assert(co0 == a->coact && dm_route_analysis_experts(a) == E);
     ck_assert_int_eq(co0[1 * E + 3], 36);
     ck_assert_int_eq(co0[3 * E + 1], 36);
     ck_assert_int_eq(co0[1 * E + 1], 36);
     ck_assert_int_eq(co0[0 * E + 0], 0);
     /* layer 1, step 0: sets {0,1},{1,2},{2,3},{3,4},{4,0},{0,1}; step 1: {0,1},{1,2},{2,3},
      * {3,0},{4,1},{0,2}; step 2 as step 1 but token 5 = {0}: pair (0,1) (2+1+1) x 2 images */
-    const int64_t *co1 = a.coact + E * E;
+    const int64_t *co1 = dm_route_coact(a, 1);
     ck_assert_int_eq(co1[0 * E + 1], 8);
     ck_assert_int_eq(co1[1 * E + 0], 8);
     ck_assert_int_eq(co1[0 * E + 0], 2 * (3 + 3 + 3)); /* tokens with expert 0, per step */
     /* mass: weights 0.5 (first) and 0.25 (second) */
-    ck_assert(a.mass[1] == 36 * 0.5 && a.mass[3] == 36 * 0.25);
+    ck_assert(dm_route_mass(a, 0)[1] == 36 * 0.5 && dm_route_mass(a, 0)[3] == 36 * 0.25);
     /* affinity (0 -> 1): every token picks 1 and 3 at layer 0, so rows 1 and 3 are the layer-1
      * pick histogram; its sum is the layer-1 picks: 72 - 2 (token 5 at step 2) */
-    const int64_t *af = a.affinity;
+    const int64_t *af = dm_route_affinity_counts(a, 0);
     int64_t sum1 = 0, hist[E] = {0};
     for (int f = 0; f < E; f++) sum1 += af[1 * E + f];
     ck_assert_int_eq(sum1, 70);
@@ -148,21 +152,32 @@ START_TEST(test_by_hand)
         ck_assert_int_eq(af[0 * E + f], 0);
     }
     double p[E * E];
-    dm_route_affinity_prob(&a, 0, p);
+    dm_route_affinity_prob(a, 0, p);
     ck_assert(p[1 * E + 0] == (double)hist[0] / 70 && p[0] == 0.0);
-    /* JSON writes */
-    FILE *f = tmpfile();
-    ck_assert_int_eq(dm_route_analysis_write_json(&a, 2, f), DM_OK);
-    fclose(f);
-    dm_route_analysis_free(&a);
+    /* JSON: the keys ditmoe-routes merges, with the numbers above */
+    char *js;
+    ck_assert_int_eq(dm_route_analysis_json(a, 2, &js), DM_OK);
+    cJSON *o = cJSON_Parse(js);
+    ck_assert(o != NULL);
+    const char *keys[] = {"affinity", "coactivation", "mass", "persistence_bands", "set_kept_by_step",
+                          "mean_experts_by_step"};
+    for (int i = 0; i < 6; i++) ck_assert_msg(cJSON_GetObjectItem(o, keys[i]) != NULL, "no %s", keys[i]);
+    cJSON *sk = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "set_kept_by_step"), 1); /* layer 1 */
+    ck_assert(cJSON_GetArraySize(sk) == 2 && cJSON_GetArrayItem(sk, 0)->valuedouble == 0.5);
+    ck_assert(fabs(cJSON_GetArrayItem(sk, 1)->valuedouble - 10.0 / 12) < 1e-4);
+    cJSON *a01 = cJSON_GetArrayItem(cJSON_GetArrayItem(cJSON_GetObjectItem(o, "affinity"), 0), 1);
+    ck_assert(fabs(cJSON_GetArrayItem(a01, 0)->valuedouble - (double)hist[0] / 70) < 1e-4);
+    cJSON_Delete(o);
+    free(js);
+    dm_route_analysis_free(a);
 
     /* the unconditional half: (0, 4) everywhere */
-    analyse(path, 1, &a);
-    n = dm_route_persist_band(&a, -1, 1, 2, &ks, &k1);
+    a = analyse(path, 1);
+    n = dm_route_persist_band(a, -1, 1, 2, &ks, &k1);
     ck_assert_int_eq(n, 48);
     ck_assert_int_eq(ks, 48);
-    ck_assert_int_eq(a.coact[0 * E + 4], 36);
-    dm_route_analysis_free(&a);
+    ck_assert_int_eq(dm_route_coact(a, 0)[0 * E + 4], 36);
+    dm_route_analysis_free(a);
     unlink(path);
 }
 END_TEST
@@ -188,14 +203,58 @@ START_TEST(test_heun_and_batches)
         ck_assert_int_eq(dm_trace_write(tr, 1, &t, &y, b ? other : same, NULL, NULL), DM_OK);
     }
     ck_assert_int_eq(dm_trace_close(tr), DM_OK);
-    dm_route_analysis a;
-    analyse(path, 0, &a);
-    int64_t ks, k1, n = dm_route_persist_band(&a, -1, 0, 1, &ks, &k1);
+    dm_route_analysis *a = analyse(path, 0);
+    int64_t ks, k1, n = dm_route_persist_band(a, -1, 0, 1, &ks, &k1);
     ck_assert_int_eq(n, 2 * LM * T); /* one comparison per batch */
     ck_assert_int_eq(ks, n);
-    ck_assert(dm_route_mean_experts(&a, -1, 0, 1) == 2.0);
-    dm_route_analysis_free(&a);
+    ck_assert(dm_route_mean_experts(a, -1, 0, 1) == 2.0);
+    dm_route_analysis_free(a);
     unlink(path);
+}
+END_TEST
+
+/* Shapes a small dump may claim but that would need gigabytes, or more than 64 experts: refused
+ * before allocating. */
+START_TEST(test_limits)
+{
+    dm_trace_shape s;
+    shape(&s, 100000, 0);
+    s.layers = 256;
+    dm_route_analysis *a = NULL;
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_ERR_ARG);
+    ck_assert(a == NULL && strstr(dm_last_error(), "layer-steps"));
+    shape(&s, 3, 0);
+    s.num_experts = 65;
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_ERR_ARG);
+    shape(&s, 0, 0); /* steps unknown: the tables grow with the records, within the same bound */
+    ck_assert_int_eq(dm_route_analysis_new(&s, 0, &a), DM_OK);
+    dm_trace_record rec = {.step = 1 << 22, .rows = 0};
+    ck_assert_int_eq(dm_route_analysis_add(a, &rec), DM_ERR_FORMAT);
+    rec.step = 5;
+    ck_assert_int_eq(dm_route_analysis_add(a, &rec), DM_OK);
+    dm_route_analysis_free(a);
+}
+END_TEST
+
+/* dm_route_policy_experts on hand-made scores: 2 steps x 2 tokens, E = 4. Step 0 tokens are
+ * (0.5, 0.25, 0.125, 0.125): top-p=0.5 keeps 2 (0.5 does not exceed 0.5), 0.75 keeps 3; step 1
+ * tokens are all mass on expert 2 (1 expert for any P < 1). */
+START_TEST(test_policy_experts)
+{
+    const float sc[16] = {0.5f, 0.25f, 0.125f, 0.125f, 0.5f, 0.25f, 0.125f, 0.125f,
+                          0, 0, 1, 0, 0, 0, 1, 0};
+    double m[2];
+    ck_assert_int_eq(dm_route_policy_experts("top-p=0.5", sc, 1, 4, 4, 2, 2, 0, 2, m), DM_OK);
+    ck_assert(m[0] == 2.0 && m[1] == 1.0);
+    ck_assert_int_eq(dm_route_policy_experts("top-p=0.75", sc, 1, 4, 4, 2, 2, 0, 2, m), DM_OK);
+    ck_assert(m[0] == 3.0 && m[1] == 1.0);
+    ck_assert_int_eq(dm_route_policy_experts("top-p=0.75", sc, 1, 4, 4, 2, 2, 0, 1, m), DM_OK);
+    ck_assert(m[0] == 2.0); /* one band: (3 + 3 + 1 + 1) / 4 */
+    ck_assert_int_eq(dm_route_policy_experts("top-k", sc, 1, 4, 4, 2, 2, 0, 2, m), DM_OK);
+    ck_assert(m[0] == 2.0 && m[1] == 2.0);
+    ck_assert_int_eq(dm_route_policy_experts("top-p=2", sc, 1, 4, 4, 2, 2, 0, 2, m), DM_ERR_ARG);
+    ck_assert_int_eq(dm_route_policy_experts("top-k", sc, 1, 4, 4, 3, 2, 0, 1, m), DM_ERR_ARG);
+    ck_assert(strstr(dm_last_error(), "--steps 3"));
 }
 END_TEST
 
@@ -205,6 +264,8 @@ int main(void)
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_by_hand);
     tcase_add_test(tc, test_heun_and_batches);
+    tcase_add_test(tc, test_policy_experts);
+    tcase_add_test(tc, test_limits);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -1,8 +1,14 @@
 /* ditmoe-routes: turn routing dumps (ditmoe-sample --dump-routing) into the DiT-MoE paper's three
  * views per MoE layer — class x expert, token position x expert (on the token grid), step x
  * expert — plus per-layer load statistics, as JSON and heatmap PNGs, and an overlay of one
- * sample's image tinted by the expert each token chose.
- *   ditmoe-routes [-o DIR] [--uncond] [--sample N] [--image PNG] DUMP [DUMP...]
+ * sample's image tinted by the expert each token chose. The MoE lab's statistics on request
+ * (docs/moe-lab.md): --affinity (ExFlow P(expert at l+1 | expert at l), co-activation, gate
+ * mass; affinity.png), --persistence (top-k set persistence between adjacent steps, experts per
+ * token, per layer and step band), and --policies (what routing policies would select on
+ * recorded router probabilities; no dump needed).
+ *   ditmoe-routes [-o DIR] [--uncond] [--sample N] [--image PNG] [--affinity] [--persistence]
+ *                 DUMP [DUMP...]
+ *   ditmoe-routes [-o DIR] --policies P.npy --steps S --route SPEC [--route SPEC...]
  * Exit codes (ditmoe.h dm_exit_code): 0 ok, 2 bad input (flags, missing or malformed dumps),
  * 1 runtime failure (memory, an output that cannot be written). */
 #include "common.h"
@@ -20,9 +26,9 @@
 #define MAX_OV_STEPS 16
 
 typedef struct {
-    dm_cli_list dumps;
-    const char *out, *image, *ov_steps;
-    int uncond, no_png, cell, have_sample;
+    dm_cli_list dumps, specs;
+    const char *out, *image, *ov_steps, *policies;
+    int uncond, no_png, cell, have_sample, affinity, persistence, bands, steps, top_k, cosine;
     uint64_t sample;
     dm_cli_common common;
 } args_t;
@@ -45,12 +51,33 @@ static const dm_cli_opt OPTS[] = {
      "comma list of steps shown in the overlay", NULL},
     {'\0', "cell", DM_OPT_INT, &A.cell, 2, 64, "N", "14", "heatmap cell size in pixels", NULL},
     {'\0', "no-png", DM_OPT_SET, &A.no_png, 1, 0, NULL, "off", "JSON only", NULL},
+    {'\0', "affinity", DM_OPT_SET, &A.affinity, 1, 0, NULL, "off",
+     "add ExFlow affinity P(expert at l+1 | expert at l) per layer pair, co-activation and gate\n"
+     "mass to routes.json, and affinity.png", NULL},
+    {'\0', "persistence", DM_OPT_SET, &A.persistence, 1, 0, NULL, "off",
+     "add top-k set persistence between adjacent steps and experts per token (per layer, per\n"
+     "step and per step band) to routes.json", NULL},
+    {'\0', "bands", DM_OPT_INT, &A.bands, 1, 1000, "N", "5",
+     "step bands of --persistence and --policies", NULL},
+    {'\0', "policies", DM_OPT_STR, &A.policies, 0, 0, "P.npy", "none",
+     "router probabilities [L, S*B*T, E] float32 (tools/moe_lab/router_probs.py): write\n"
+     "policies.json, the experts per token each --route would select", NULL},
+    {'\0', "steps", DM_OPT_INT, &A.steps, 1, 100000, "S", "- (required by --policies)",
+     "sampler steps recorded in --policies", NULL},
+    {'\0', "route", DM_OPT_LIST, &A.specs, 0, 0, "SPEC", "none",
+     "routing policy for --policies (repeatable): top-k[=K], top-p=P[,max=K][,renorm],\n"
+     "threshold=T[,max=K][,renorm], rank2=TAU[,margin=D] (with --cosine)", NULL},
+    {'\0', "top-k", DM_OPT_INT, &A.top_k, 1, 64, "K", "2 (1 with --cosine)",
+     "the model's trained k, for --policies", NULL},
+    {'\0', "cosine", DM_OPT_SET, &A.cosine, 1, 0, NULL, "off",
+     "--policies holds ProMoE cosine scores (tools/moe_lab/promoe_scores.py)", NULL},
     DM_CLI_LOG_OPTS(A.common),
     DM_CLI_HELP_OPTS,
     DM_CLI_END};
 
 static const dm_cli_prog PROGRAM = {
-    PROG, "[options] DUMP [DUMP...]",
+    PROG, "[options] DUMP [DUMP...]\n"
+    "       " PROG " [-o DIR] --policies P.npy --steps S --route SPEC [--route SPEC...]",
     "Routing dumps (ditmoe-sample/ditmoe-batch --dump-routing) -> the DiT-MoE paper's views per\n"
     "MoE layer (class x expert, token position x expert, step x expert), load statistics as\n"
     "JSON and heatmap PNGs, and an overlay of one sample tinted by the expert each token chose.",
@@ -77,7 +104,18 @@ typedef struct {
     const char *ov_dump;/* dump holding the overlay sample */
     uint64_t sample;
     int have_sample;
+    dm_route_analysis *an; /* --affinity / --persistence, else NULL */
 } gathered_t;
+
+/* The current error message prefixed (dm_fail formats into the buffer dm_last_error reads, so
+ * the old message is copied first). */
+static dm_status prefixed(dm_status st, const char *dump, long record)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", dm_last_error());
+    if (record < 0) return dm_fail(st, "%s: %s", dump, msg);
+    return dm_fail(st, "%s: record %ld: %s", dump, record, msg);
+}
 
 static dm_status gather(const args_t *a, gathered_t *g)
 {
@@ -102,6 +140,10 @@ static dm_status gather(const args_t *a, gathered_t *g)
                 goto fail;
             }
             for (int i = 0; i < S; i++) g->step_t[i] = NAN;
+            if ((a->affinity || a->persistence) && (st = dm_route_analysis_new(s, a->uncond, &g->an))) {
+                st = prefixed(st, a->dumps.v[d], -1);
+                goto fail;
+            }
             for (size_t i = 0; i < (size_t)s->layers * S * T; i++) g->ov[i] = -2;
             if (s->steps <= 0) {
                 st = dm_fail(DM_ERR_FORMAT, "%s: the dump does not record the number of sampler "
@@ -123,8 +165,8 @@ static dm_status gather(const args_t *a, gathered_t *g)
             const dm_trace_record *rec;
             if ((st = dm_trace_read_next(r, &rec))) goto fail;
             if (!rec) break;
-            if ((st = dm_route_counts_add(&g->c, rec))) {
-                st = dm_fail(st, "%s: record %ld: %s", a->dumps.v[d], n, dm_last_error());
+            if ((st = dm_route_counts_add(&g->c, rec)) || (g->an && (st = dm_route_analysis_add(g->an, rec)))) {
+                st = prefixed(st, a->dumps.v[d], n);
                 goto fail;
             }
             if (d == 0 && rec->step < S && isnan(g->step_t[rec->step])) g->step_t[rec->step] = rec->t[0];
@@ -283,6 +325,28 @@ static dm_status write_json(const args_t *a, const gathered_t *g, int Xc, const 
         cJSON_AddItemToArray(st, table_json(c->by_step + (size_t)l * S * X, S, X));
         cJSON_AddItemToArray(ld, layer_stats(c, l, Xc));
     }
+    if (g->an) {
+        /* the lab's statistics, under the keys docs/moe-lab.md lists */
+        char *text = NULL;
+        dm_status st2 = dm_route_analysis_json(g->an, a->bands, &text);
+        cJSON *lab = st2 ? NULL : cJSON_Parse(text);
+        free(text);
+        if (!lab) {
+            cJSON_Delete(o);
+            return st2 ? st2 : dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+        }
+        static const char *const aff[] = {"affinity", "coactivation", "mass", NULL};
+        static const char *const per[] = {"persistence_bands", "set_kept_by_step", "mean_experts_by_step", NULL};
+        for (int grp = 0; grp < 2; grp++) {
+            if (!(grp ? a->persistence : a->affinity)) continue;
+            for (const char *const *k = grp ? per : aff; *k; k++) {
+                cJSON *it = cJSON_DetachItemFromObjectCaseSensitive(lab, *k);
+                if (it) cJSON_AddItemToObject(o, *k, it);
+            }
+        }
+        if (a->persistence) cJSON_AddNumberToObject(o, "bands", a->bands);
+        cJSON_Delete(lab);
+    }
     cJSON *ov = cJSON_AddObjectToObject(o, "overlay");
     cJSON_AddNumberToObject(ov, "image_index", (double)g->sample);
     cJSON_AddNumberToObject(ov, "class", (double)g->ov_class);
@@ -366,30 +430,34 @@ static dm_status save(const dm_canvas *cv, const char *dir, const char *name, co
     return st;
 }
 
-/* One panel per layer of a [rows, X] table; row labels every `every` rows (label(i) text). */
+/* One panel per layer (pair = 1: per adjacent layer pair, Lm - 1 panels) of a [rows, X] table;
+ * row labels every `every` rows (label(i) text). */
 static dm_status table_figure(const args_t *a, const gathered_t *g, int Xc, const int64_t *tab,
-                              int rows, const char *row_title, const char *name,
+                              int rows, int pair, const char *what, const char *name,
                               const char *caption, const char *(*label)(const gathered_t *, int,
                                                                         char *, size_t))
 {
     const dm_route_counts *c = &g->c;
-    const int Lm = c->shape.layers, X = c->X;
+    const int Lm = c->shape.layers - (pair ? 1 : 0), X = c->X;
     const int cw = a->cell, ch = rows * a->cell <= 420 ? a->cell : (420 / rows > 0 ? 420 / rows : 1);
     const int every = ch >= 9 ? 1 : (9 + ch - 1) / ch <= 5 ? 5 : (9 + ch - 1) / ch <= 10 ? 10 : 50;
     const int lab_w = 6 * 14 + 6, pw = lab_w + X * cw + 16, ph = 14 + rows * ch + 22;
     const int cols = Lm < 6 ? Lm : 6, prow = (Lm + cols - 1) / cols;
     dm_canvas cv;
-    const int W = cols * pw + 20 > 520 ? cols * pw + 20 : 520;
+    char title[200];
+    snprintf(title, sizeof title, "%s, %s HALF", what, a->uncond ? "UNCONDITIONAL" : "CONDITIONAL");
+    int W = cols * pw + 20 > 520 ? cols * pw + 20 : 520;
+    if (W < dm_text_width(title, 2) + 20) W = dm_text_width(title, 2) + 20;
     dm_status st = dm_canvas_init(&cv, W, 28 + prow * ph + 40);
     if (st) return st;
-    char title[200];
-    snprintf(title, sizeof title, "%s X EXPERT, %s HALF", row_title, a->uncond ? "UNCONDITIONAL"
-                                                                                : "CONDITIONAL");
     dm_canvas_text(&cv, 10, 8, 2, title, BLACK);
     for (int l = 0; l < Lm; l++) {
         const int x0 = 10 + (l % cols) * pw, y0 = 32 + (l / cols) * ph;
         char t[64];
-        snprintf(t, sizeof t, "LAYER %d", c->shape.moe_layers[l]);
+        if (pair)
+            snprintf(t, sizeof t, "LAYER %d -> %d", c->shape.moe_layers[l], c->shape.moe_layers[l + 1]);
+        else
+            snprintf(t, sizeof t, "LAYER %d", c->shape.moe_layers[l]);
         dm_canvas_text(&cv, x0 + lab_w, y0, 1, t, BLACK);
         const int64_t *T0 = tab + (size_t)l * rows * X;
         for (int i = 0; i < rows; i++) {
@@ -618,19 +686,89 @@ static dm_status overlay_figure(const args_t *a, const gathered_t *g)
     return st;
 }
 
+/* --policies: policies.json with the mean experts per token each --route selects on the
+ * recorded router scores, per layer and step band. */
+static dm_status policies(const args_t *a, const char *path)
+{
+    dm_npy x = {0};
+    dm_status st = dm_npy_read_expect(a->policies, DM_F32, 3, &x);
+    if (st) return st;
+    const int L = (int)x.shape[0], E = (int)x.shape[2], bands = a->bands;
+    const int k = a->top_k ? a->top_k : a->cosine ? 1 : 2;
+    double *mean = malloc((size_t)(L ? L : 1) * bands * sizeof(double));
+    cJSON *o = cJSON_CreateObject();
+    if (!mean || !o) st = dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+    if (!st) {
+        cJSON_AddStringToObject(o, "probs", a->policies);
+        cJSON_AddNumberToObject(o, "layers", L);
+        cJSON_AddNumberToObject(o, "experts", E);
+        cJSON_AddNumberToObject(o, "steps", a->steps);
+        cJSON_AddNumberToObject(o, "top_k", k);
+        cJSON_AddStringToObject(o, "scores", a->cosine ? "cosine" : "softmax");
+        cJSON_AddNumberToObject(o, "bands", bands);
+    }
+    cJSON *pol = st ? NULL : cJSON_AddArrayToObject(o, "policies");
+    for (int i = 0; !st && i < a->specs.n; i++) {
+        st = dm_route_policy_experts(a->specs.v[i], x.data, L, x.shape[1], E, a->steps, k,
+                                     a->cosine, bands, mean);
+        if (st) break;
+        cJSON *it = cJSON_CreateObject();
+        cJSON_AddItemToArray(pol, it);
+        cJSON_AddStringToObject(it, "route", a->specs.v[i]);
+        cJSON *m = cJSON_AddArrayToObject(it, "mean_experts"); /* [L][bands] */
+        for (int l = 0; l < L; l++) {
+            cJSON *row = cJSON_CreateArray();
+            for (int b = 0; b < bands; b++)
+                cJSON_AddItemToArray(row, cJSON_CreateNumber(mean[(size_t)l * bands + b]));
+            cJSON_AddItemToArray(m, row);
+        }
+        dm_log(DM_LOG_VERBOSE, "--route %s: %.4f experts per token", a->specs.v[i],
+               L ? mean[0] : 0.0);
+    }
+    char *text = st ? NULL : cJSON_PrintUnformatted(o);
+    if (!st && !text) st = dm_fail(DM_ERR_NOMEM, "out of memory for %s", path);
+    if (!st) {
+        const size_t len = strlen(text);
+        text[len] = '\n'; /* cJSON's buffer holds the terminator: write len + 1 bytes */
+        st = dm_write_file_atomic(path, text, len + 1);
+        if (!st) dm_log(DM_LOG_INFO, "wrote %s", path);
+    }
+    free(text);
+    cJSON_Delete(o);
+    free(mean);
+    dm_npy_free(&x);
+    return st;
+}
+
 int main(int argc, char **argv)
 {
     A.out = "routes";
     A.cell = 14;
+    A.bands = 5;
     dm_cli_common_init(&A.common);
     int done_now = 0;
     dm_status st = dm_cli_parse(&PROGRAM, argc, argv, &done_now);
     if (st || done_now) return dm_cli_exit(PROG, st);
-    if (!A.dumps.n) return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "no dump given (see --help)"));
+    if (!A.dumps.n && !A.policies)
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "no dump given (see --help)"));
+    if (A.policies && !A.specs.n)
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "--policies needs at least one --route SPEC"));
+    if (A.policies && !A.steps)
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "--policies needs --steps S (the sampler steps it records)"));
+    if (!A.policies && (A.specs.n || A.steps || A.cosine || A.top_k))
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "--route, --steps, --top-k and --cosine go with --policies P.npy"));
     dm_cli_common_apply(&A.common, -1);
     const args_t a = A;
     gathered_t g;
     memset(&g, 0, sizeof g);
+    char path[PATH_MAX];
+    if (!a.dumps.n) { /* --policies only */
+        if (mkdir(a.out, 0777) != 0 && errno != EEXIST)
+            return dm_cli_exit(PROG, dm_fail(DM_ERR_WRITE, "-o %s: cannot create the directory: %s",
+                                             a.out, strerror(errno)));
+        snprintf(path, sizeof path, "%s/policies.json", a.out);
+        return dm_cli_exit(PROG, policies(&a, path));
+    }
     const double t0 = dm_time_sec();
     if ((st = gather(&a, &g))) goto done; /* read every dump before creating anything */
     if (a.have_sample && !g.ov_dump && !a.no_png) {
@@ -650,21 +788,31 @@ int main(int argc, char **argv)
         st = dm_fail(DM_ERR_WRITE, "-o %s: cannot create the directory: %s", a.out, strerror(errno));
         goto done;
     }
-    char path[PATH_MAX];
+    if (a.policies) {
+        snprintf(path, sizeof path, "%s/policies.json", a.out);
+        if ((st = policies(&a, path))) goto done;
+    }
     snprintf(path, sizeof path, "%s/routes.json", a.out);
     if ((st = write_json(&a, &g, Xc, path))) goto done;
     dm_log(DM_LOG_INFO, "wrote %s", path);
     if (a.no_png) goto done;
-    if ((st = table_figure(&a, &g, Xc, g.c.by_class, s->num_classes, "CLASS", "class_expert.png",
-                           "P(EXPERT | CLASS) X E", class_label)))
+    if ((st = table_figure(&a, &g, Xc, g.c.by_class, s->num_classes, 0, "CLASS X EXPERT",
+                           "class_expert.png", "P(EXPERT | CLASS) X E", class_label)))
         goto done;
     if ((st = position_figure(&a, &g, Xc))) goto done;
-    if ((st = table_figure(&a, &g, Xc, g.c.by_step, g.c.S, "STEP (0 = NOISE)", "step_expert.png",
-                           "P(EXPERT | STEP) X E", step_label)))
+    if ((st = table_figure(&a, &g, Xc, g.c.by_step, g.c.S, 0, "STEP (0 = NOISE) X EXPERT",
+                           "step_expert.png", "P(EXPERT | STEP) X E", step_label)))
+        goto done;
+    /* rows: expert at layer l, columns: expert at l+1; the [Lm-1, X, X] counts are contiguous */
+    if (g.an && a.affinity && s->layers > 1 &&
+        (st = table_figure(&a, &g, Xc, dm_route_affinity_counts(g.an, 0), g.c.X, 1,
+                           "AFFINITY: EXPERT AT L (ROWS) X AT L+1", "affinity.png",
+                           "P(EXPERT AT L+1 | EXPERT AT L) X E", step_label)))
         goto done;
     st = overlay_figure(&a, &g);
 done:
     dm_route_counts_free(&g.c);
+    dm_route_analysis_free(g.an);
     cJSON_Delete(g.head0);
     free(g.step_t);
     free(g.ov);

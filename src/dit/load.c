@@ -183,10 +183,31 @@ static dm_status alloc_experts(dm_model *m, dm_block_w *b)
     return DM_OK;
 }
 
+/* Routed experts of DiT-MoE block i: the rows of its router, so a model pruned in some layers
+ * only (ditmoe-prune --layers) loads; in [top_k, num_experts] (the config's value is the
+ * largest layer's). A missing or mis-shaped router is left to loadp, whose error names it. */
+static dm_status ditmoe_block_experts(const dm_model *m, const dm_st_file *f, int i, int *E)
+{
+    const dm_config *c = &m->cfg;
+    char name[128];
+    snprintf(name, sizeof name, "blocks.%d.moe.gate.weight", i);
+    const dm_st_tensor *t = dm_st_find(f, name);
+    *E = c->num_experts;
+    if (!t || t->ndim != 2 || t->shape[0] == c->num_experts) return DM_OK;
+    if (t->shape[0] < c->top_k || t->shape[0] > c->num_experts)
+        return dm_fail(DM_ERR_FORMAT, "%s: %s: shape [%lld,%lld]: %lld experts, expected %d..%d "
+                       "(top_k..num_experts)", m->path, name, (long long)t->shape[0],
+                       (long long)t->shape[1], (long long)t->shape[0], c->top_k, c->num_experts);
+    *E = (int)t->shape[0];
+    return DM_OK;
+}
+
 static dm_status load_ditmoe_ffn(dm_model *m, const dm_st_file *f, int i, dm_block_w *b)
 {
     const dm_config *c = &m->cfg;
-    const int D = c->hidden, E = c->num_experts;
+    const int D = c->hidden;
+    int E;
+    TRY(ditmoe_block_experts(m, f, i, &E));
     char prefix[128];
     b->ffn = (dm_ffn_layer){.d = {.kind = DM_ROUTE_SOFTMAX_TOPK, .E = E, .k = c->top_k, .D = D,
                                   .n_experts = E}};

@@ -354,6 +354,17 @@ static const dm_st_tensor *need(const dm_st_file *f, const char *name, int ndim,
     return t;
 }
 
+/* Routed experts of DiT-MoE block i given its router `gate`: the router's rows when they lie in
+ * [top_k, num_experts) (a model pruned in some layers only, ditmoe-prune --layers; num_experts is
+ * the largest layer's), else num_experts (whose shape check then names the tensor). */
+static int block_experts(const dm_st_file *f, const char *gate, const dm_config *c)
+{
+    const dm_st_tensor *t = dm_st_find(f, gate);
+    if (t && t->ndim == 2 && t->shape[0] >= c->top_k && t->shape[0] < c->num_experts)
+        return (int)t->shape[0];
+    return c->num_experts;
+}
+
 static dm_status check2(const dm_st_file *f, const char *name, int64_t a, int64_t b)
 {
     int64_t s[2] = {a, b};
@@ -372,7 +383,7 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
     TRY(dm_st_check_shape(f, "pos_embed", 3, s3));
     TRY(check2(f, "y_embedder.embedding_table.weight", c->num_classes + 1, D));
     TRY(check2(f, "final_layer.linear.weight", P * P * c->out_channels, D));
-    int nb = max_block_index(f);
+    int nb = max_block_index(f), full_layers = 0;
     if (nb != c->depth)
         return dm_fail(DM_ERR_FORMAT, "%s: blocks.*: block count %d expected depth %d", p, nb,
                        c->depth);
@@ -401,18 +412,24 @@ static dm_status cross_check(const dm_st_file *f, const dm_config *c)
         }
         if (c->arch != DM_ARCH_DITMOE) continue; /* ProMoE blocks: dm_promoe_check */
         snprintf(k, sizeof k, "blocks.%d.moe.gate.weight", i);
-        TRY(check2(f, k, c->num_experts, D));
-        snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, c->num_experts - 1);
+        const int Ei = block_experts(f, k, c);
+        full_layers += Ei == c->num_experts;
+        TRY(check2(f, k, Ei, D));
+        snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, Ei - 1);
         TRY(check2(f, k, c->expert_hidden, D));
-        snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, c->num_experts);
+        snprintf(k, sizeof k, "blocks.%d.moe.experts.%d.gate_proj.weight", i, Ei);
         if (dm_st_find(f, k))
-            return dm_fail(DM_ERR_FORMAT, "%s: %s: present but num_experts is %d", p, k,
-                           c->num_experts);
+            return dm_fail(DM_ERR_FORMAT, "%s: %s: present but the layer's router has %d rows", p,
+                           k, Ei);
         snprintf(k, sizeof k, "blocks.%d.moe.shared_experts.gate_proj.weight", i);
         if (c->shared_hidden > 0) TRY(check2(f, k, c->shared_hidden, D));
         else if (dm_st_find(f, k))
             return dm_fail(DM_ERR_FORMAT, "%s: %s: present but shared_hidden is 0", p, k);
     }
+    /* num_experts is the largest layer's: some layer must have it (else the metadata and every
+     * router disagree, reported at block 0) */
+    if (c->arch == DM_ARCH_DITMOE && !full_layers)
+        TRY(check2(f, "blocks.0.moe.gate.weight", c->num_experts, D));
     return c->arch == DM_ARCH_PROMOE ? dm_promoe_check(f, c) : DM_OK;
 }
 

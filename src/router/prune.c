@@ -128,6 +128,23 @@ void dm_prune_representatives(int E, const int *cluster, int keep, const float *
         }
 }
 
+dm_status dm_prune_stun(int E, const int64_t *coact, const float *router, int D, double lambda,
+                        const float *const *weights, size_t n, const double *mass, int keep,
+                        int *kept, int *cluster)
+{
+    if (E < 1 || E > DM_PRUNE_MAX_E || keep < 1 || keep > E)
+        return dm_fail(DM_ERR_ARG, "STUN: keep %d of %d experts (at most %d)", keep, E, DM_PRUNE_MAX_E);
+    double *dist = malloc((size_t)E * E * sizeof(double));
+    if (!dist) return dm_fail(DM_ERR_NOMEM, "STUN: distance");
+    int cl[DM_PRUNE_MAX_E];
+    dm_prune_distance(E, coact, router, D, lambda, dist);
+    dm_prune_cluster(E, dist, keep, cl);
+    dm_prune_representatives(E, cl, keep, weights, n, mass, kept);
+    free(dist);
+    if (cluster) memcpy(cluster, cl, (size_t)E * sizeof(int));
+    return DM_OK;
+}
+
 /* Sum of the k largest p[e] with mask[e] (mask NULL = all). */
 static double topk_sum(const float *p, int E, int k, const uint8_t *mask)
 {
@@ -178,24 +195,44 @@ double dm_prune_exhaustive(const float *probs, int64_t M, int E, int k, int keep
 
 /* ---- rewrite ---------------------------------------------------------------------------------- */
 
+/* Transformer block of MoE layer l: every block (DiT-MoE), the odd ones (ProMoE). */
+static int moe_block(const dm_config *cfg, int l) { return cfg->moe_interleave ? 2 * l + 1 : l; }
+
 static dm_status check_plan(const dm_config *cfg, const dm_prune_plan *p, const char *path)
 {
-    if (cfg->arch != DM_ARCH_DITMOE)
-        return dm_fail(DM_ERR_ARG, "%s: pruning is implemented for DiT-MoE only (ProMoE would drop "
-                       "prototype rows the same way; not done)", path);
-    if (p->E != cfg->num_experts || p->layers != cfg->depth)
+    const int promoe = cfg->arch == DM_ARCH_PROMOE;
+    if (cfg->arch != DM_ARCH_DITMOE && !promoe)
+        return dm_fail(DM_ERR_ARG, "%s: pruning needs a DiT-MoE or ProMoE model", path);
+    if (promoe && cfg->promoe_ec)
+        return dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice is not pruned (its capacity depends on "
+                       "the expert count, so dropping prototypes is not the original with their "
+                       "scores at -inf); token choice is", path);
+    if (p->E != cfg->num_experts || p->layers != dm_config_moe_layers(cfg) || p->E > DM_PRUNE_MAX_E)
         return dm_fail(DM_ERR_ARG, "%s: prune plan for %d experts x %d layers, model has %d x %d",
-                       path, p->E, p->layers, cfg->num_experts, cfg->depth);
-    if (p->keep < cfg->top_k || p->keep > p->E)
-        return dm_fail(DM_ERR_ARG, "%s: --keep %d: must be in [top_k = %d, %d]", path, p->keep,
-                       cfg->top_k, p->E);
+                       path, p->E, p->layers, cfg->num_experts, dm_config_moe_layers(cfg));
     for (int l = 0; l < p->layers; l++) {
-        if (p->block[l] != l) return dm_fail(DM_ERR_ARG, "%s: plan layer %d is block %d", path, l, p->block[l]);
-        for (int j = 0; j < p->keep; j++)
+        if (p->block[l] != moe_block(cfg, l))
+            return dm_fail(DM_ERR_ARG, "%s: plan layer %d is block %d, expected %d", path, l,
+                           p->block[l], moe_block(cfg, l));
+        if (p->keep[l] < cfg->top_k || p->keep[l] > p->E)
+            return dm_fail(DM_ERR_ARG, "%s: --keep %d: must be in [top_k = %d, %d]", path, p->keep[l],
+                           cfg->top_k, p->E);
+        if (promoe && p->keep[l] != p->keep[0])
+            return dm_fail(DM_ERR_ARG, "%s: ProMoE layers must keep the same number of experts (the "
+                           "unconditional expert's id is the expert count, one for the model)", path);
+        for (int j = 0; j < p->keep[l]; j++)
             if (p->kept[l][j] < 0 || p->kept[l][j] >= p->E || (j && p->kept[l][j] <= p->kept[l][j - 1]))
                 return dm_fail(DM_ERR_ARG, "%s: plan layer %d: kept ids must ascend in [0, %d)", path, l, p->E);
     }
     return DM_OK;
+}
+
+/* Plan layer of transformer block b, or -1. */
+static int plan_layer(const dm_prune_plan *p, int b)
+{
+    for (int l = 0; l < p->layers; l++)
+        if (p->block[l] == b) return l;
+    return -1;
 }
 
 dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
@@ -204,6 +241,14 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
     const char *path = dm_st_path(f);
     dm_status st = check_plan(cfg, p, path);
     if (st) return st;
+    /* DiT-MoE: blocks.B.moe.experts.E.*, router blocks.B.moe.gate.weight; ProMoE:
+     * blocks.B.mlp.experts.E.* (E = num_experts: the unconditional expert, kept and renumbered
+     * to keep), prototypes blocks.B.mlp.cluster_centers */
+    const int promoe = cfg->arch == DM_ARCH_PROMOE;
+    const char *exp_fmt = promoe ? "blocks.%d.mlp.experts.%d.%n" : "blocks.%d.moe.experts.%d.%n";
+    const char *out_fmt = promoe ? "blocks.%d.mlp.experts.%d.%s" : "blocks.%d.moe.experts.%d.%s";
+    const char *rt_fmt = promoe ? "blocks.%d.mlp.cluster_center%n" : "blocks.%d.moe.gate.weigh%n";
+    const char *rt_end = promoe ? "s" : "t";
     const int n = dm_st_count(f);
     dm_prune_op *o = calloc((size_t)(n ? n : 1), sizeof *o);
     if (!o) return dm_fail(DM_ERR_NOMEM, "%s: prune ops", path);
@@ -217,31 +262,30 @@ dm_status dm_prune_ops(const dm_st_file *f, const dm_config *cfg, const dm_prune
         strcpy(op->src, t->name);
         strcpy(op->dst, t->name);
         op->op = DM_PRUNE_COPY;
-        int b, e, used = 0;
-        if (sscanf(t->name, "blocks.%d.moe.experts.%d.%n", &b, &e, &used) == 2 && used > 0) {
-            if (b < 0 || b >= p->layers || e < 0 || e >= p->E) {
+        int b, e, used = 0, l;
+        if (sscanf(t->name, exp_fmt, &b, &e, &used) == 2 && used > 0) {
+            if ((l = plan_layer(p, b)) < 0 || e < 0 || e > p->E || (e == p->E && !promoe)) {
                 free(o);
                 return dm_fail(DM_ERR_FORMAT, "%s: %s: block or expert out of range", path, t->name);
             }
-            int to = -1;
-            for (int j = 0; j < p->keep; j++)
-                if (p->kept[b][j] == e) to = j;
+            int to = e == p->E ? p->keep[l] : -1; /* the unconditional expert follows the kept */
+            for (int j = 0; j < p->keep[l]; j++)
+                if (p->kept[l][j] == e) to = j;
             if (to < 0) {
                 op->op = DM_PRUNE_DROP;
                 op->dst[0] = 0;
             } else {
-                snprintf(op->dst, sizeof op->dst, "blocks.%d.moe.experts.%d.%s", b, to, t->name + used);
+                snprintf(op->dst, sizeof op->dst, out_fmt, b, to, t->name + used);
                 op->op = to == e ? DM_PRUNE_COPY : DM_PRUNE_RENAME;
             }
-        } else if (sscanf(t->name, "blocks.%d.moe.gate.weigh%n", &b, &used) == 1 && used > 0 &&
-                   !strcmp(t->name + used, "t")) {
-            if (b < 0 || b >= p->layers || t->ndim != 2 || t->shape[0] != p->E) {
+        } else if (sscanf(t->name, rt_fmt, &b, &used) == 1 && used > 0 && !strcmp(t->name + used, rt_end)) {
+            if ((l = plan_layer(p, b)) < 0 || t->ndim != 2 || t->shape[0] != p->E) {
                 free(o);
-                return dm_fail(DM_ERR_FORMAT, "%s: %s: expected [%d, D]", path, t->name, p->E);
+                return dm_fail(DM_ERR_FORMAT, "%s: %s: expected [%d, D] in a MoE block", path, t->name, p->E);
             }
-            op->op = DM_PRUNE_ROWS;
-            op->n_rows = p->keep;
-            for (int j = 0; j < p->keep; j++) op->rows[j] = p->kept[b][j];
+            op->op = p->keep[l] == p->E ? DM_PRUNE_COPY : DM_PRUNE_ROWS;
+            op->n_rows = p->keep[l];
+            for (int j = 0; j < p->keep[l]; j++) op->rows[j] = p->kept[l][j];
         }
     }
     *ops = o;
@@ -308,9 +352,11 @@ dm_status dm_prune_metadata(const dm_st_file *f, const dm_prune_plan *p, const c
     cJSON_DeleteItemFromObject(root, "num_experts");
     cJSON_DeleteItemFromObject(root, "pruned");
     cJSON *pr = cJSON_CreateObject(), *kept = cJSON_CreateArray();
-    int ok = cJSON_AddNumberToObject(root, "num_experts", p->keep) && pr && kept;
+    int most = 0;
+    for (int l = 0; l < p->layers; l++) most = p->keep[l] > most ? p->keep[l] : most;
+    int ok = cJSON_AddNumberToObject(root, "num_experts", most) && pr && kept;
     for (int l = 0; ok && l < p->layers; l++) {
-        cJSON *a = cJSON_CreateIntArray(p->kept[l], p->keep);
+        cJSON *a = cJSON_CreateIntArray(p->kept[l], p->keep[l]);
         ok &= a && cJSON_AddItemToArray(kept, a);
     }
     ok = ok && cJSON_AddNumberToObject(pr, "from_experts", p->E) && cJSON_AddItemToObject(pr, "kept", kept);
@@ -324,4 +370,24 @@ dm_status dm_prune_metadata(const dm_st_file *f, const dm_prune_plan *p, const c
     if (!s) return dm_fail(DM_ERR_NOMEM, "pruned metadata");
     *json = s;
     return DM_OK;
+}
+
+dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
+                         const char *method, const char *path)
+{
+    dm_prune_op *ops = NULL;
+    dm_st_tensor *t = NULL;
+    void *owned = NULL;
+    char *meta = NULL;
+    int n_ops = 0, nt = 0;
+    dm_status st = dm_prune_ops(f, cfg, p, &ops, &n_ops);
+    if (!st) st = dm_prune_apply(f, ops, n_ops, &t, &nt, &owned);
+    if (!st) st = dm_prune_metadata(f, p, method, &meta);
+    const char *fmt = dm_st_meta(f, "format");
+    const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
+    if (!st) st = dm_st_write(path, nt, t, kv);
+    free(meta);
+    if (t) dm_prune_tensors_free(t, nt, owned);
+    free(ops);
+    return st;
 }

@@ -7,15 +7,45 @@
 
 static void *zalloc(size_t n, size_t sz) { return calloc(n ? n : 1, sz); }
 
-dm_status dm_route_analysis_init(dm_route_analysis *a, const dm_trace_shape *s, int count_uncond)
+/* Each [Lm, S] table is refused beyond this many cells (32 MiB), so that a small dump cannot ask
+ * for gigabytes (real models: 40 layers x 1000 steps = 40 k cells). */
+#define STEP_MAX_CELLS (1ll << 22)
+
+void dm_route_analysis_free(dm_route_analysis *a)
 {
-    memset(a, 0, sizeof *a);
+    if (!a) return;
+    free(a->affinity);
+    free(a->coact);
+    free(a->mass);
+    free(a->keep_set);
+    free(a->keep_top1);
+    free(a->compared);
+    free(a->picks);
+    free(a->tokens);
+    free(a->prev_image);
+    free(a->prev_unc);
+    free(a->prev_ids);
+    free(a);
+}
+
+dm_status dm_route_analysis_new(const dm_trace_shape *s, int count_uncond, dm_route_analysis **out)
+{
+    *out = NULL;
+    dm_route_analysis *a = calloc(1, sizeof *a);
+    if (!a) return dm_fail(DM_ERR_NOMEM, "routing analysis");
     a->shape = *s;
     a->X = s->uncond_expert >= 0 ? s->uncond_expert + 1 : s->num_experts;
     a->S = s->steps > 0 ? s->steps : 1;
     a->count_uncond = count_uncond ? 1 : 0;
     a->prev_batch = a->last_batch = -1;
-    if (a->X > 64) return dm_fail(DM_ERR_ARG, "routing analysis: %d experts (at most 64)", a->X);
+    if (a->X > 64 || a->X < 1 || s->layers < 1 || s->layers > DM_TRACE_MAX_LAYERS ||
+        (long long)s->layers * a->S > STEP_MAX_CELLS) {
+        const int X = a->X, S = a->S;
+        free(a);
+        return dm_fail(DM_ERR_ARG, "routing analysis: %d layers x %d experts x %d steps (at most %d "
+                       "x 64 experts, %lld layer-steps)", s->layers, X, S, DM_TRACE_MAX_LAYERS,
+                       STEP_MAX_CELLS);
+    }
     const size_t Lm = (size_t)s->layers, X = (size_t)a->X, S = (size_t)a->S;
     a->affinity = zalloc((Lm > 1 ? Lm - 1 : 0) * X * X, sizeof(int64_t));
     a->coact = zalloc(Lm * X * X, sizeof(int64_t));
@@ -30,30 +60,30 @@ dm_status dm_route_analysis_init(dm_route_analysis *a, const dm_trace_shape *s, 
         dm_route_analysis_free(a);
         return dm_fail(DM_ERR_NOMEM, "routing analysis");
     }
+    *out = a;
     return DM_OK;
 }
 
-void dm_route_analysis_free(dm_route_analysis *a)
+int dm_route_analysis_experts(const dm_route_analysis *a) { return a->X; }
+
+const int64_t *dm_route_affinity_counts(const dm_route_analysis *a, int l)
 {
-    free(a->affinity);
-    free(a->coact);
-    free(a->mass);
-    free(a->keep_set);
-    free(a->keep_top1);
-    free(a->compared);
-    free(a->picks);
-    free(a->tokens);
-    free(a->prev_image);
-    free(a->prev_unc);
-    free(a->prev_ids);
-    memset(a, 0, sizeof *a);
+    return a->affinity + (size_t)l * a->X * a->X;
 }
+
+const int64_t *dm_route_coact(const dm_route_analysis *a, int l)
+{
+    return a->coact + (size_t)l * a->X * a->X;
+}
+
+const double *dm_route_mass(const dm_route_analysis *a, int l) { return a->mass + (size_t)l * a->X; }
 
 /* Grow the [Lm, S] tables to hold step `step`. */
 static int grow_steps(dm_route_analysis *a, int step)
 {
     if (step < a->S) return 0;
     const int Lm = a->shape.layers, S2 = step + 1 > 2 * a->S ? step + 1 : 2 * a->S;
+    if ((long long)Lm * S2 > STEP_MAX_CELLS) return -2;
     int64_t **tabs[] = {&a->keep_set, &a->keep_top1, &a->compared, &a->picks, &a->tokens};
     for (size_t i = 0; i < sizeof tabs / sizeof *tabs; i++) {
         int64_t *n = zalloc((size_t)Lm * S2, sizeof(int64_t));
@@ -81,7 +111,11 @@ dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec
     const int Lm = s->layers, T = dm_trace_tokens(s), k = s->top_k, X = a->X, E = s->num_experts;
     if (rec->step < 0 || rec->step > (1 << 24) || (s->steps > 0 && rec->step >= s->steps))
         return dm_fail(DM_ERR_FORMAT, "routing analysis: record of step %d (steps %d)", rec->step, s->steps);
-    if (grow_steps(a, rec->step)) return dm_fail(DM_ERR_NOMEM, "routing analysis");
+    const int g = grow_steps(a, rec->step);
+    if (g == -2)
+        return dm_fail(DM_ERR_FORMAT, "routing analysis: record of step %d: more than %lld "
+                       "layer-steps", rec->step, STEP_MAX_CELLS);
+    if (g) return dm_fail(DM_ERR_NOMEM, "routing analysis");
     const size_t RT = (size_t)rec->rows * T;
     a->records++;
     for (int r = 0; r < rec->rows; r++) {
@@ -150,11 +184,13 @@ dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec
             return dm_fail(DM_ERR_NOMEM, "routing analysis");
         }
     }
-    memcpy(a->prev_image, rec->image, (size_t)rec->rows * sizeof(int64_t));
-    memcpy(a->prev_unc, rec->uncond, (size_t)rec->rows);
-    for (int l = 0; l < Lm; l++)
-        memcpy(a->prev_ids + (size_t)l * a->prev_cap * T * k, rec->ids + (size_t)l * RT * k,
-               RT * k * sizeof(int32_t));
+    if (rec->rows > 0) { /* a record of no rows may carry NULL arrays (no NULL + 0, no memcpy) */
+        memcpy(a->prev_image, rec->image, (size_t)rec->rows * sizeof(int64_t));
+        memcpy(a->prev_unc, rec->uncond, (size_t)rec->rows);
+        for (int l = 0; l < Lm; l++)
+            memcpy(a->prev_ids + (size_t)l * a->prev_cap * T * k, rec->ids + (size_t)l * RT * k,
+                   RT * k * sizeof(int32_t));
+    }
     a->prev_rows = rec->rows;
     a->prev_batch = rec->batch;
     a->prev_step = rec->step;
@@ -281,4 +317,21 @@ dm_status dm_route_analysis_write_json(const dm_route_analysis *a, int bands, FI
     fprintf(f, "]}\n");
     free(p);
     return ferror(f) ? dm_fail(DM_ERR_WRITE, "routing analysis: write failed") : DM_OK;
+}
+
+dm_status dm_route_analysis_json(const dm_route_analysis *a, int bands, char **json)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    *json = NULL;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return dm_fail(DM_ERR_NOMEM, "routing analysis");
+    dm_status st = dm_route_analysis_write_json(a, bands, f);
+    if (fclose(f) && !st) st = dm_fail(DM_ERR_NOMEM, "routing analysis");
+    if (st) {
+        free(buf);
+        return st;
+    }
+    *json = buf;
+    return DM_OK;
 }

@@ -10,7 +10,8 @@
  *      variable-k dumps give their mean.
  *  (d) co-activation: per layer, coact[e][f] = tokens that picked both e and f (e != f), the
  *      diagonal = tokens that picked e; mass[e] = sum of e's gate weights (dumps with weights).
- * Only the counted half (conditional rows, or unconditional with count_uncond) is used. */
+ * Only the counted half (conditional rows, or unconditional with count_uncond) is used.
+ * The API is in ditmoe.h; this header adds the struct's fields (for tests). */
 #ifndef DM_TRACE_ANALYSIS_H
 #define DM_TRACE_ANALYSIS_H
 
@@ -18,7 +19,8 @@
 
 #include <stdio.h>
 
-typedef struct {
+/* The opaque type of ditmoe.h ("MoE lab: analysis and pruning"); its fields, for the tests. */
+struct dm_route_analysis {
     dm_trace_shape shape;
     int X;             /* expert columns: E, or E + 1 with ProMoE's uncond expert (last)      */
     int S;             /* steps (shape.steps, or grown as steps are seen)                     */
@@ -39,21 +41,9 @@ typedef struct {
     int32_t *prev_ids;   /* [Lm, cap*T, k] */
     int prev_cap;
     int last_batch, last_step;
-} dm_route_analysis;
+};
 
-dm_status dm_route_analysis_init(dm_route_analysis *a, const dm_trace_shape *s, int count_uncond);
-/* Add one record (records in file order). DM_ERR_FORMAT if it does not fit the shape. */
-dm_status dm_route_analysis_add(dm_route_analysis *a, const dm_trace_record *rec);
-void dm_route_analysis_free(dm_route_analysis *a);
-
-/* P(f | e) for layer pair (l, l+1) into p [X, X] (rows without picks are 0). */
-void dm_route_affinity_prob(const dm_route_analysis *a, int l, double *p);
-/* Sums of (b) over steps [s0, s1] of layer l (l < 0: all layers); returns compared tokens. */
-int64_t dm_route_persist_band(const dm_route_analysis *a, int l, int s0, int s1, int64_t *keep_set,
-                              int64_t *keep_top1);
-/* Mean routed experts per token over steps [s0, s1] of layer l (l < 0: all layers). */
-double dm_route_mean_experts(const dm_route_analysis *a, int l, int s0, int s1);
-/* Everything as one JSON object (bands: `bands` equal step bands). */
+/* The JSON of dm_route_analysis_json written to f. */
 dm_status dm_route_analysis_write_json(const dm_route_analysis *a, int bands, FILE *f);
 
 #endif

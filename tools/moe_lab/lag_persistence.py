@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Top-k set persistence at a lag: the fraction of tokens whose top-k expert set at step s equals
 the set at step s - lag, per layer, from full router probabilities (tools/moe_lab/router_probs.py
-.npz). Lag 1 is what ditmoe-routestats reports from dumps; larger lags bound how long a cached
+.npz). Lag 1 is what ditmoe-routes --persistence reports from dumps; larger lags bound how long a cached
 expert output (router/expert_cache.h, refresh=route) can stay valid. Also the L1 drift
 sum_e |p_s(e) - p_{s-lag}(e)| (the refresh=delta statistic), mean and 90th percentile.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Router cosine scores of the shipped ProMoE along its own sampling trajectories (reference
 sampler tests/ref/promoe_ref.py::euler_cfg, the file's sampling defaults), conditional pass only,
-for the rank2 policy statistics of docs/moe-lab.md (ditmoe-routestats --probs --cosine).
+for the rank2 policy statistics of docs/moe-lab.md (ditmoe-routes --policies --cosine).
 
     /usr/bin/python3 tools/moe_lab/promoe_scores.py -n 10 --seed 2024 -o /tmp/lab/pscores.npy
 
