@@ -223,7 +223,7 @@ static void fake_init(fake_t *f, int rf)
 
 static dm_denoiser fake_denoiser(fake_t *f)
 {
-    dm_denoiser d = {fake_fn, f, f->C, f->Cout, 3, 5, f->ncls, 1.0f};
+    dm_denoiser d = {fake_fn, f, f->C, f->Cout, 3, 5, f->ncls, 1.0f, NULL, NULL};
     return d;
 }
 
