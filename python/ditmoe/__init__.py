@@ -22,7 +22,7 @@ import numpy as np
 from . import _lib
 from ._lib import lib
 
-__all__ = ["Error", "Model", "Pipeline", "default_asset", "__version__"]
+__all__ = ["Error", "Model", "Pipeline", "default_asset", "read_routes", "__version__"]
 __version__ = "0.1.0"
 
 _STATUS = {1: "ARG", 2: "IO", 3: "FORMAT", 4: "NOMEM", 5: "NUMERIC", 6: "WRITE", 7: "BACKEND"}
@@ -321,6 +321,20 @@ class Pipeline:
                 os.remove(tmp)
 
 
+def read_routes(path):
+    """A routing dump (docs/routing.md) as (header dict, records): one dict per evaluation with
+    batch, eval, step, image [R], label [R], t [R], kind [R] (0 cond, 1 uncond, 2 self-contrast
+    weak), ids [Lm, R, T, k] (-1 = none), weights or None, token_flags [Lm, R, T] or None."""
+    import json
+    r = ctypes.c_void_p()
+    _check(lib.dm_trace_read_open(os.fsencode(path), ctypes.byref(r)))
+    try:
+        head = json.loads(lib.dm_trace_read_header(r).decode())
+    finally:
+        lib.dm_trace_read_close(r)
+    return head, _read_routes(os.fsdecode(path))
+
+
 def _read_routes(path):
     r = ctypes.c_void_p()
     _check(lib.dm_trace_read_open(path.encode(), ctypes.byref(r)))
@@ -344,6 +358,9 @@ def _read_routes(path):
                         "label": arr(e.label, (R,), np.int64),
                         "t": arr(e.t, (R,), np.float32),
                         "ids": arr(e.ids, (L, R, T, k), np.int32),
-                        "weights": arr(e.weights, (L, R, T, k), np.float32) if e.weights else None})
+                        "weights": arr(e.weights, (L, R, T, k), np.float32) if e.weights else None,
+                        "kind": arr(e.uncond, (R,), np.uint8),   # 0 cond, 1 uncond, 2 weak
+                        "token_flags": (arr(e.token_flags, (L, R, T), np.uint8)
+                                        if e.token_flags else None)})
     finally:
         lib.dm_trace_read_close(r)

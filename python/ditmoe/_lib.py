@@ -151,6 +151,7 @@ _sig("dm_self_contrast_set", c_int, P(SampleParams), c_char_p)
 _sig("dm_trace_abort", None, c_void_p)
 _sig("dm_trace_read_open", c_int, c_char_p, P(c_void_p))
 _sig("dm_trace_read_shape", P(TraceShape), c_void_p)
+_sig("dm_trace_read_header", c_char_p, c_void_p)
 _sig("dm_trace_read_next", c_int, c_void_p, P(P(TraceRecord)))
 _sig("dm_trace_read_close", None, c_void_p)
 if HAVE_PIPELINE:
