@@ -484,7 +484,7 @@ static void run_split(ctx_t *c, const tcase *t, res_t *r)
     float *sc = xmalloc(sizeof(float) * N * E), *sref = xmalloc(sizeof(float) * N * E);
     float *dh = dev(c, h, ND), *dout = dev(c, NULL, ND);
     /* router scores, both ways */
-    if (c->st == DM_OK) note(c, OPS(c)->router_scores(CTX(c), &L, dh, N, sc));
+    if (c->st == DM_OK) note(c, OPS(c)->router_scores(CTX(c), &L, dh, N, NULL, sc));
     dm_linear_ref(h, N, D, gate, NULL, E, sref);
     for (int n = 0; n < N; n++) dm_moe_token_scores(&d, h + (size_t)n * D, sref + (size_t)n * E);
     if (which == 0) {

@@ -203,9 +203,11 @@ typedef struct dm_backend_ops {
      * skipped routed experts, the expert cache and weak routing. NULL = unsupported (the model
      * refuses lab options on this backend with one line). Token choice layers only. -- */
     /* scores [N, E] HOST = the router's scores of h [N, D]: softmax probabilities (DiT-MoE) or
-     * activated prototype cosines (ProMoE), as dm_moe_token_scores. */
+     * activated prototype cosines (ProMoE), as dm_moe_token_scores. drop: NULL, or HOST [E] with
+     * 1 = that expert's logit is -inf before the activation (a pruned model's router, softmax
+     * over the kept experts: docs/moe-lab.md §5). */
     dm_status (*router_scores)(void *ctx, const dm_ffn_layer *L, const float *h, int N,
-                               float *scores);
+                               const uint8_t *drop, float *scores);
     /* out [N, D] = sum over the grouped picks of row_w * Expert_e(h[row]) (0 for tokens without
      * picks): the routed part only. Grouping HOST: exp_off [n_experts+1], rows / row_w
      * [exp_off[n_experts]] expert-major with tokens ascending; combined per token in ascending

@@ -31,6 +31,7 @@ static void lab_free_state(dm_lab *L)
     free(L->is_weak);
     free(L->keep);
     free(L->recompute);
+    free(L->drop);
     memset(L, 0, sizeof *L);
 }
 
@@ -172,6 +173,29 @@ static dm_status reserve(dm_model *m, int N)
     return DM_OK;
 }
 
+dm_status dm_lab_set_drop(dm_model *m, int layer, const uint8_t *drop)
+{
+    dm_lab *L = &m->lab;
+    const int E = m->cfg.num_experts, Lm = dm_config_moe_layers(&m->cfg);
+    if (layer < 0 || layer >= Lm)
+        return dm_fail(DM_ERR_ARG, "%s: MoE layer %d does not exist (0..%d)", m->path, layer, Lm - 1);
+    if (!L->drop) {
+        L->drop = calloc((size_t)Lm * E, 1);
+        if (!L->drop) return dm_fail(DM_ERR_NOMEM, "out of memory");
+    }
+    int kept = 0;
+    for (int e = 0; e < E; e++) {
+        L->drop[(size_t)layer * E + e] = (uint8_t)(drop && drop[e]);
+        kept += !(drop && drop[e]);
+    }
+    if (kept < m->cfg.top_k)
+        return dm_fail(DM_ERR_ARG, "%s: layer %d keeps %d experts, fewer than k = %d", m->path,
+                       layer, kept, m->cfg.top_k);
+    if (m->lab.slots < 1) m->lab.slots = m->cfg.top_k;
+    L->on = 1;
+    return DM_OK;
+}
+
 int dm_lab_wants_split(const dm_model *m, const dm_forward_rows *rows, int B)
 {
     if (m->lab.on) return 1;
@@ -216,7 +240,8 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         return dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice has no weak or run-time routing",
                        m->path);
     TRY(reserve(m, N));
-    TRY(op->router_scores(ctx, F, h, N, L->scores));
+    TRY(op->router_scores(ctx, F, h, N, L->drop ? L->drop + (size_t)moe_layer * E : NULL,
+                          L->scores));
     int any_uncond = 0, any_weak = 0;
     for (int n = 0; n < N; n++) {
         L->uncond[n] = (uint8_t)dm_moe_is_uncond(d, y, c->num_classes, n, T);

@@ -58,6 +58,7 @@ typedef struct {
     float *scores;               /* [N, E] router scores (host)                              */
     float *routed;               /* [N, D] routed part (host, for the cache)                 */
     uint8_t *uncond, *is_weak, *keep, *recompute; /* [N] each                                */
+    uint8_t *drop;               /* [L_moe, E] 1 = router logit at -inf (pruning check), or NULL */
 } dm_lab;
 
 struct dm_model {
@@ -84,6 +85,10 @@ struct dm_model {
  * on, or self-contrast weak rows), the expert cache's begin for the evaluation, and one layer
  * (out [N, D] backend memory; records go to routes at dm_model_route_slots slots). */
 int dm_lab_wants_split(const dm_model *m, const dm_forward_rows *rows, int B);
+/* Mask experts out of MoE layer `layer`'s router (drop [E], 1 = logit at -inf before the
+ * softmax; NULL clears the layer): the original model with those experts' logits at -inf, which
+ * is what a ditmoe-prune output computes (docs/moe-lab.md §5). Turns the split path on. */
+dm_status dm_lab_set_drop(dm_model *m, int layer, const uint8_t *drop);
 dm_status dm_lab_begin_eval(dm_model *m, int B, const dm_forward_rows *rows, int *use_cache);
 dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer, int B,
                      const int64_t *y, const dm_forward_rows *rows, int use_cache,

@@ -3,6 +3,7 @@
 #include "backend/cpu/cpu.h"
 #include "router/moe.h"
 
+#include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -303,14 +304,21 @@ static int ffn_f_max(const dm_ffn_layer *L)
 }
 
 static dm_status cpu_router_scores(void *ctx, const dm_ffn_layer *L, const float *h, int N,
-                                   float *scores)
+                                   const uint8_t *drop, float *scores)
 {
     (void)ctx;
     const dm_moe_desc *d = &L->d;
-    if (!L->gate || d->E < 1) return dm_fail(DM_ERR_ARG, "cpu: router_scores: layer has no router");
+    const int E = d->E;
+    if (!L->gate || E < 1) return dm_fail(DM_ERR_ARG, "cpu: router_scores: layer has no router");
     dm_linear_packed(h, N, &L->gate->pm, NULL, scores);
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) dm_moe_token_scores(d, h + (size_t)n * d->D, scores + (size_t)n * d->E);
+    for (int n = 0; n < N; n++) {
+        float *s = scores + (size_t)n * E;
+        if (drop)
+            for (int e = 0; e < E; e++)
+                if (drop[e]) s[e] = -INFINITY;
+        dm_moe_token_scores(d, h + (size_t)n * d->D, s);
+    }
     return DM_OK;
 }
 
