@@ -200,6 +200,32 @@ def test_batch_manifest():
     check(rc == 0, f"resume with the same policy: exit {rc}")
 
 
+def test_python():
+    with ditmoe.Pipeline(route="top-p=0.5,max=3", expert_cache="2", threads=1) as pl:
+        a = pl.generate([3, 8], n=2, steps=6, seed=5, batch=4, self_contrast="1.5")
+        b, recs = pl.generate([3, 8], n=2, steps=6, seed=5, batch=1, self_contrast="1.5",
+                              routing=True)
+    with ditmoe.Pipeline(threads=1) as pl:
+        c = pl.generate([3, 8], n=2, steps=6, seed=5, batch=4)
+    check(np.array_equal(a, b) and not np.array_equal(a, c),
+          "Python Pipeline(route, expert_cache) + generate(self_contrast): batch 4 == batch 1, "
+          "differs from the defaults")
+    check(recs[0]["ids"].shape[-1] == 3 and list(recs[0]["kind"]) == [0, 1, 2],
+          "Python routing record: 3 slots (max=3), rows cond / uncond / weak")
+    m = ditmoe.Model(MODEL, route="top-p=0.9")
+    cfg = m.config
+    x = np.random.RandomState(1).randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    out, (ids, w) = m.forward(x.astype(np.float32), np.array([0.5, 0.9], np.float32),
+                              np.array([1, 2]), routes=True)
+    m.close()
+    check(ids.shape[-1] == 8 and (ids >= 0).sum(-1).max() > 2, "Python Model(route=top-p=0.9): 8 slots")
+    try:
+        ditmoe.Model(MODEL, route="top-p=2")
+        check(False, "Python Model(route=top-p=2) raises")
+    except ditmoe.Error as e:
+        check("--route" in str(e), f"Python Model(route=top-p=2) raises: {e}")
+
+
 def expect(prog, args, pattern):
     rc, err = run(prog, args)
     lines = [l for l in err.splitlines() if l.strip()]
@@ -246,6 +272,7 @@ if __name__ == "__main__":
         test_sample()
         test_dump_and_metadata()
         test_batch_manifest()
+        test_python()
         test_bad_values()
     finally:
         shutil.rmtree(T, ignore_errors=True)
