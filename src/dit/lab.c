@@ -271,26 +271,27 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         L->keep[n] = (uint8_t)!skip;
         any_skip |= skip;
     }
-    if (use_cache) {
+    if (use_cache) { /* skipped tokens: left alone by the cache (DM_CACHE_LEAVE) */
         dm_expert_cache_decide(L->cache, moe_layer, L->scores, L->recompute);
-        for (int n = 0; n < N; n++) L->recompute[n] &= L->keep[n];
+        for (int n = 0; n < N; n++) {
+            if (!L->keep[n]) L->recompute[n] = DM_CACHE_LEAVE;
+            L->keep[n] = L->recompute[n] == 1; /* computed now */
+        }
     }
     const dm_route_csr *cv = rec;
-    if (use_cache || any_skip) {
-        dm_route_csr_filter(rec, use_cache ? L->recompute : L->keep, &L->comp);
+    if (use_cache || any_skip) { /* the compute view: picks of the tokens computed now */
+        dm_route_csr_filter(rec, L->keep, &L->comp);
         cv = &L->comp;
     }
     TRY(op->moe_grouped(ctx, F, h, N, cv->exp_off, cv->rows, cv->row_w, out));
     if (use_cache) {
         TRY(op->download(ctx, L->routed, out, (size_t)N * D * sizeof(float)));
         dm_expert_cache_update(L->cache, moe_layer, L->scores, L->recompute, L->routed);
-        for (int n = 0; n < N; n++)
-            if (!L->keep[n]) memset(L->routed + (size_t)n * D, 0, (size_t)D * sizeof(float));
         TRY(op->upload(ctx, out, L->routed, (size_t)N * D * sizeof(float)));
         if (rows && rows->token_flags) {
             uint8_t *fl = rows->token_flags + (size_t)moe_layer * N;
             for (int n = 0; n < N; n++)
-                fl[n] |= (uint8_t)(L->keep[n] && !L->recompute[n] ? DM_TRACE_TOK_CACHED : 0);
+                fl[n] |= (uint8_t)(L->recompute[n] == 0 ? DM_TRACE_TOK_CACHED : 0);
         }
     }
     if (F->shared.F > 0) TRY(op->mlp_add(ctx, &F->shared, h, N, out));

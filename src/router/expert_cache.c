@@ -245,9 +245,10 @@ void dm_expert_cache_update(dm_expert_cache *c, int layer, const float *probs,
     const int T = c->T, D = c->D, E = c->E, n = c->R * T;
     for (int i = 0; i < n; i++) {
         if (!c->slots) {
-            c->st.computed++;
+            c->st.computed += recompute[i] != DM_CACHE_LEAVE;
             continue;
         }
+        if (recompute[i] == DM_CACHE_LEAVE) continue; /* neither stored nor served */
         const int r = i / T, t = i % T;
         const size_t cell = ((size_t)c->row_slot[r] * c->layers + layer) * T + t;
         float *o = c->out + cell * D, *x = routed + (size_t)i * D;

@@ -63,7 +63,10 @@ dm_status dm_expert_cache_begin(dm_expert_cache *c, int R, const int64_t *image,
 int dm_expert_cache_decide(dm_expert_cache *c, int layer, const float *probs, uint8_t *recompute);
 /* After the grouped GEMMs ran on the recompute tokens: routed [R*T, D] holds their fresh routed
  * outputs (other tokens' values are ignored); stores them and fills the other tokens from the
- * cache. probs as in decide. */
+ * cache. probs as in decide. A token whose recompute is DM_CACHE_LEAVE (2; the caller skipped its
+ * routed part, --skip-routed) is neither stored nor served: its entry stays as it was and does
+ * not age, and routed keeps the caller's value. */
+#define DM_CACHE_LEAVE 2
 void dm_expert_cache_update(dm_expert_cache *c, int layer, const float *probs,
                             const uint8_t *recompute, float *routed);
 
