@@ -214,7 +214,8 @@ class Pipeline:
         if self._ov is not None:
             o.cfg = ctypes.pointer(self._ov)
         o.precision, o.quant_experts = _precision(precision, quant_experts)
-        o.lab = _lab_opts(route, skip_routed, expert_cache)
+        self._labopts = _lab_opts(route, skip_routed, expert_cache)  # keeps the strings alive
+        o.lab = self._labopts
         self._p = ctypes.c_void_p()
         _check(lib.dm_pipeline_open(ctypes.byref(o), ctypes.byref(self._p)))
         self._cfg = lib.dm_pipeline_config(self._p).contents
