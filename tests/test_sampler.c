@@ -265,7 +265,7 @@ static void run_point_mass(dm_sampler_kind k, int steps, float cfg, int cfg_chan
 
 /* Velocity per branch, constant in time: cond 3, uncond 1, weak 2 (per channel c: + c). */
 typedef struct {
-    int calls, begin_rows, bad, weak;
+    int calls, begin_rows, bad, weak, ddpm;
     int rows[64];
     char why[160];
 } rows_fake_t;
@@ -280,7 +280,8 @@ static dm_status rows_fn(void *ctx, int B, const float *x, const float *t, const
     for (int r = 0; r < B; r++) {
         const int br = rows->branch[r];
         const int want_null = br == DM_BRANCH_UNCOND;
-        if ((y[r] == 10) != want_null || rows->image[r] != 40 + r % 2 || rows->t01[r] != t[r] ||
+        if ((y[r] == 10) != want_null || rows->image[r] != 40 + r % 2 ||
+            rows->t01[r] != (f->ddpm ? (float)((double)t[r] / 999.0) : t[r]) ||
             (int)rows->weak != f->weak) {
             f->bad = 1;
             snprintf(f->why, sizeof f->why, "call %d row %d: branch %d label %lld image %lld t01 %g t %g",
@@ -355,6 +356,21 @@ START_TEST(test_self_contrast_rows)
     run_sc("2,weak=rank3", 2.0f, 0.5f, 0.75f, 1 + 2 * 2 + 1 * 1, 3);
     /* no self-contrast: CFG through fn_rows, rows [cond; uncond]: 1 + 2 (3 - 1) = 5 */
     run_sc(NULL, 2.0f, 0.0f, 1.0f, 5.0, 2);
+    /* DDIM: t01 = timestep / 999 on every row */
+    rows_fake_t f = {.weak = DM_WEAK_RANK3, .ddpm = 1};
+    dm_denoiser d = {rows_plain_fn, &f, 4, 4, 3, 5, 10, 1.0f, rows_fn, rows_begin};
+    dm_sample_params p;
+    dm_sample_params_init(&p, NULL);
+    p.sampler = DM_SAMPLER_DDIM;
+    p.steps = 10;
+    p.cfg_scale = 2.0f;
+    ck_assert_int_eq(dm_self_contrast_set(&p, "1.5,weak=rank3"), DM_OK);
+    int64_t y[2] = {1, 6};
+    uint64_t idx[2] = {40, 41};
+    float z[2 * 60];
+    ck_assert_int_eq(dm_sample(&d, &p, 2, y, idx, NULL, z, NULL, NULL), DM_OK);
+    ck_assert_msg(!f.bad, "ddim: %s", f.why);
+    ck_assert_int_eq(f.calls, 10);
 }
 END_TEST
 
