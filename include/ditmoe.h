@@ -496,6 +496,10 @@ dm_status dm_model_forward_rows(dm_model *m, int B, const float *x, const float 
  * (DM_ERR_ARG with one line); and its canonical string ("" when off). */
 dm_status dm_self_contrast_set(dm_sample_params *p, const char *spec);
 void dm_self_contrast_string(const dm_sample_params *p, char *buf, size_t n);
+/* Records of these options: dm_gen_text_init adds "route" (always) and "skip-routed",
+ * "expert-cache", "self-contrast" (when on); the tracing denoiser adds "route", "skip_routed",
+ * "expert_cache" (and the sampler object "self_contrast") to a dump's header, whose shape.top_k
+ * must be dm_model_route_slots; ditmoe-batch appends them to params.engine. */
 /* Write one evaluation with explicit row kinds (0 cond, 1 uncond, 2 weak) into a dump. */
 typedef struct dm_trace dm_trace;
 dm_status dm_trace_write_rows(dm_trace *tr, int R, const float *t, const int64_t *y,
