@@ -242,15 +242,14 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
     TRY(reserve(m, N));
     TRY(op->router_scores(ctx, F, h, N, L->drop ? L->drop + (size_t)moe_layer * E : NULL,
                           L->scores));
-    int any_uncond = 0, any_weak = 0;
+    int any_weak = 0;
     for (int n = 0; n < N; n++) {
         L->uncond[n] = (uint8_t)dm_moe_is_uncond(d, y, c->num_classes, n, T);
-        any_uncond |= L->uncond[n];
         L->is_weak[n] = rows && rows->branch && rows->branch[n / T] == DM_BRANCH_WEAK;
         any_weak |= L->is_weak[n];
     }
+    /* ProMoE: null-class tokens go to the unconditional expert E whatever the policy */
     const uint8_t *unc = d->n_experts > E ? L->uncond : NULL;
-    (void)any_uncond;
     dm_route_select(&L->policy, L->scores, N, E, c->top_k, unc, E, &L->csr);
     const dm_route_csr *rec = &L->csr;
     if (any_weak) {
