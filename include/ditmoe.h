@@ -477,8 +477,10 @@ typedef enum { DM_WEAK_RANK2 = 0, DM_WEAK_RANK3, DM_WEAK_TOP1, DM_WEAK_SHARED } 
 #define DM_BRANCH_COND 0
 #define DM_BRANCH_UNCOND 1
 #define DM_BRANCH_WEAK 2
-/* Token flag of routing dumps: the routed output came from the expert cache. */
+/* Token flags of routing dumps: the routed output came from the expert cache; the routed
+ * experts were skipped (--skip-routed). The ids keep the router's picks either way. */
 #define DM_TRACE_TOK_CACHED 4u
+#define DM_TRACE_TOK_SKIPPED 8u
 
 /* Per-row facts of one evaluation (the sampler fills them; every pointer may be NULL). */
 typedef struct dm_forward_rows {
@@ -486,7 +488,7 @@ typedef struct dm_forward_rows {
     const uint8_t *branch; /* [B] DM_BRANCH_*; NULL = all conditional/unconditional by label */
     const float *t01;      /* [B] normalised time, 1 = noise (--skip-routed); NULL = no skip    */
     dm_weak_kind weak;     /* routing of DM_BRANCH_WEAK rows                                   */
-    uint8_t *token_flags;  /* out [L_moe, B*T]: DM_TRACE_TOK_CACHED bits, or NULL              */
+    uint8_t *token_flags;  /* out [L_moe, B*T]: DM_TRACE_TOK_CACHED / _SKIPPED bits, or NULL   */
 } dm_forward_rows;
 /* dm_model_forward with per-row facts (rows may be NULL: then exactly dm_model_forward). */
 dm_status dm_model_forward_rows(dm_model *m, int B, const float *x, const float *t,

@@ -169,6 +169,16 @@ def test_dump_and_metadata():
     check(flags[0] is not None and not (flags[0] & 4).any() and (flags[1] & 4).all()
           and not (flags[3] & 4).any(),
           "dump: K=3 -> eval 0 computes, eval 1 reuses every token (flag 4), eval 3 recomputes")
+    d2 = path("skip.dmr")
+    sample("dumpskip", "--skip-routed", "1,3@0-0.5", cls="3", n=1, steps=6, extra=["--dump-routing", d2])
+    _, recs = ditmoe.read_routes(d2)
+    ok = len(recs) == 6
+    for r in recs:   # Euler 6: t = 1, 5/6, ..., 1/6; layers 1, 3 flagged 8 where t <= 0.5
+        f = r["token_flags"]
+        on = r["t"][0] <= 0.5
+        ok = ok and f is not None and ((f[[1, 3]] == 8).all() if on else not f[[1, 3]].any()) \
+            and not f[[0, 2]].any()
+    check(ok, "dump: --skip-routed 1,3@0-0.5 flags layers 1 and 3 with 8 where t <= 0.5")
     # PNG metadata
     o = path("meta.png")
     rc, err = run("ditmoe-sample", ["--model", MODEL, "--class", "2", "--steps", "3", "--seed", "1",

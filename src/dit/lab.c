@@ -264,11 +264,13 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
     }
     /* tokens whose routed part is computed now */
     int any_skip = 0;
+    uint8_t *fl = rows && rows->token_flags ? rows->token_flags + (size_t)moe_layer * N : NULL;
     for (int n = 0; n < N; n++) {
         const int skip = rows && rows->t01 && L->skip.n > 0 &&
                          dm_skip_routed_active(&L->skip, block, rows->t01[n / T]);
         L->keep[n] = (uint8_t)!skip;
         any_skip |= skip;
+        if (fl && skip) fl[n] |= (uint8_t)DM_TRACE_TOK_SKIPPED;
     }
     if (use_cache) { /* skipped tokens: left alone by the cache (DM_CACHE_LEAVE) */
         dm_expert_cache_decide(L->cache, moe_layer, L->scores, L->recompute);
@@ -287,11 +289,9 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         TRY(op->download(ctx, L->routed, out, (size_t)N * D * sizeof(float)));
         dm_expert_cache_update(L->cache, moe_layer, L->scores, L->recompute, L->routed);
         TRY(op->upload(ctx, out, L->routed, (size_t)N * D * sizeof(float)));
-        if (rows && rows->token_flags) {
-            uint8_t *fl = rows->token_flags + (size_t)moe_layer * N;
+        if (fl)
             for (int n = 0; n < N; n++)
                 fl[n] |= (uint8_t)(L->recompute[n] == 0 ? DM_TRACE_TOK_CACHED : 0);
-        }
     }
     if (F->shared.F > 0) TRY(op->mlp_add(ctx, &F->shared, h, N, out));
     return DM_OK;

@@ -430,8 +430,9 @@ static dm_status trace_rows_fn(void *ctx, int B, const float *x, const float *t,
         }
     }
     dm_routes r = {tr->rids, s->weights ? tr->rw : NULL}; /* [L_moe, B*T, k] */
-    /* token flags only when the expert cache can mark tokens (DM_TRACE_TOK_CACHED) */
-    const int flags = *dm_model_lab_string(tr->m, "expert_cache") != '\0';
+    /* token flags only when the expert cache or a skip rule can mark tokens */
+    const int flags = *dm_model_lab_string(tr->m, "expert_cache") != '\0' ||
+                      *dm_model_lab_string(tr->m, "skip_routed") != '\0';
     dm_forward_rows fr = {0};
     if (rows) fr = *rows;
     fr.token_flags = flags ? tr->rflags : NULL;
