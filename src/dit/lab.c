@@ -26,6 +26,7 @@ static void lab_free_state(dm_lab *L)
     dm_route_csr_free(&L->mix);
     dm_route_csr_free(&L->comp);
     free(L->scores);
+    free(L->pscores);
     free(L->routed);
     free(L->uncond);
     free(L->is_weak);
@@ -157,16 +158,17 @@ static dm_status reserve(dm_model *m, int N)
     TRY(dm_route_csr_reserve(&L->mix, N, K, nE));
     TRY(dm_route_csr_reserve(&L->comp, N, K, nE));
     if (N <= L->cap_N) return DM_OK;
-    free(L->scores), free(L->routed), free(L->uncond), free(L->is_weak), free(L->keep),
+    free(L->scores), free(L->pscores), free(L->routed), free(L->uncond), free(L->is_weak), free(L->keep),
         free(L->recompute);
     L->scores = malloc((size_t)N * E * sizeof(float));
+    L->pscores = malloc((size_t)N * E * sizeof(float));
     L->routed = malloc((size_t)N * c->hidden * sizeof(float));
     L->uncond = malloc((size_t)N);
     L->is_weak = malloc((size_t)N);
     L->keep = malloc((size_t)N);
     L->recompute = malloc((size_t)N);
     L->cap_N = N;
-    if (!L->scores || !L->routed || !L->uncond || !L->is_weak || !L->keep || !L->recompute) {
+    if (!L->scores || !L->pscores || !L->routed || !L->uncond || !L->is_weak || !L->keep || !L->recompute) {
         L->cap_N = 0;
         return dm_fail(DM_ERR_NOMEM, "%s: out of memory for the routing of %d tokens", m->path, N);
     }
@@ -240,8 +242,19 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         return dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice has no weak or run-time routing",
                        m->path);
     TRY(reserve(m, N));
-    TRY(op->router_scores(ctx, F, h, N, L->drop ? L->drop + (size_t)moe_layer * E : NULL,
+    /* per-layer expert counts (a model pruned in some layers only): E <= Emax, the cache and
+     * the drop table use the model-wide stride Emax */
+    const int Emax = c->num_experts;
+    TRY(op->router_scores(ctx, F, h, N, L->drop ? L->drop + (size_t)moe_layer * Emax : NULL,
                           L->scores));
+    const float *cprobs = L->scores; /* [N, Emax] for the cache: zero padded when E < Emax */
+    if (use_cache && E < Emax) {
+        for (int n = 0; n < N; n++) {
+            memcpy(L->pscores + (size_t)n * Emax, L->scores + (size_t)n * E, (size_t)E * sizeof(float));
+            memset(L->pscores + (size_t)n * Emax + E, 0, (size_t)(Emax - E) * sizeof(float));
+        }
+        cprobs = L->pscores;
+    }
     int any_weak = 0;
     for (int n = 0; n < N; n++) {
         L->uncond[n] = (uint8_t)dm_moe_is_uncond(d, y, c->num_classes, n, T);
@@ -273,7 +286,7 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         if (fl && skip) fl[n] |= (uint8_t)DM_TRACE_TOK_SKIPPED;
     }
     if (use_cache) { /* skipped tokens: left alone by the cache (DM_CACHE_LEAVE) */
-        dm_expert_cache_decide(L->cache, moe_layer, L->scores, L->recompute);
+        dm_expert_cache_decide(L->cache, moe_layer, cprobs, L->recompute);
         for (int n = 0; n < N; n++) {
             if (!L->keep[n]) L->recompute[n] = DM_CACHE_LEAVE;
             L->keep[n] = L->recompute[n] == 1; /* computed now */
@@ -287,7 +300,7 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
     TRY(op->moe_grouped(ctx, F, h, N, cv->exp_off, cv->rows, cv->row_w, out));
     if (use_cache) {
         TRY(op->download(ctx, L->routed, out, (size_t)N * D * sizeof(float)));
-        dm_expert_cache_update(L->cache, moe_layer, L->scores, L->recompute, L->routed);
+        dm_expert_cache_update(L->cache, moe_layer, cprobs, L->recompute, L->routed);
         TRY(op->upload(ctx, out, L->routed, (size_t)N * D * sizeof(float)));
         if (fl)
             for (int n = 0; n < N; n++)

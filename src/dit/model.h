@@ -55,7 +55,8 @@ typedef struct {
     char route_s[96], skip_s[512], cache_s[96];
     int cap_N;                   /* tokens the scratch holds                                 */
     dm_route_csr csr, weak, mix, comp; /* policy picks, weak picks, per-row mix, compute view */
-    float *scores;               /* [N, E] router scores (host)                              */
+    float *scores;               /* [N, E] router scores (host; E of the layer)              */
+    float *pscores;              /* [N, Emax] the same zero padded to the model's E (cache)  */
     float *routed;               /* [N, D] routed part (host, for the cache)                 */
     uint8_t *uncond, *is_weak, *keep, *recompute; /* [N] each                                */
     uint8_t *drop;               /* [L_moe, E] 1 = router logit at -inf (pruning check), or NULL */
