@@ -1,75 +1,62 @@
-/* Model-level pruning check (docs/moe-lab.md §5, §7.9): the forward of a pruned DiT-MoE file
- * (dm_prune_ops / dm_prune_apply / dm_st_write, as ditmoe-prune writes it) equals the ORIGINAL
+/* Model-level pruning check (docs/moe-lab.md §5, §7.7): the forward of a pruned DiT-MoE file
+ * (written by the ditmoe-prune program, 6 of 8 experts per layer) equals the ORIGINAL
  * model run with the dropped experts' router logits at -inf (dm_lab_set_drop: softmax over the
  * kept experts, the split MoE path), bit for bit, for conditional and null-class rows at several
  * timesteps; and differs from the unmasked original (so the check can fail). */
 #include "ditmoe.h"
 #include "dit/model.h"
-#include "router/prune.h"
 
 #include <check.h>
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-static char g_model[4096];
+static char g_model[4096], g_bin[4096];
 
-/* Drop experts {l, 7 - l} of MoE layer l (E = 8): a different pair in every layer. */
-static void drops_of(int l, int E, uint8_t *drop)
+/* Prune the shipped model with the ditmoe-prune program (STUN, co-activation from a short dump
+ * of ditmoe-sample), into dir/p.safetensors; drop [L][8] from its "pruned" metadata. */
+static void write_pruned(const char *dir, const char *out, uint8_t drop[][8], int L)
 {
-    memset(drop, 0, (size_t)E);
-    drop[l % E] = 1;
-    drop[(E - 1 - l) % E] = 1;
-}
-
-static void write_pruned(const char *out)
-{
+    char cmd[16384];
+    snprintf(cmd, sizeof cmd, "'%s/ditmoe-sample' --model '%s' --class 0,7 -n 2 --steps 6 --seed 3 "
+             "--latent-only --save-latent '%s/z.npy' --dump-routing '%s/r.dmr' -q", g_bin, g_model,
+             dir, dir);
+    ck_assert_int_eq(system(cmd), 0);
+    snprintf(cmd, sizeof cmd, "'%s/ditmoe-prune' '%s' --keep 6 --method stun --routes '%s/r.dmr' "
+             "-o '%s' -q", g_bin, g_model, dir, out);
+    ck_assert_int_eq(system(cmd), 0);
     dm_st_file *f = NULL;
-    dm_config cfg = {0};
-    ck_assert_int_eq(dm_st_open(g_model, &f), DM_OK);
-    ck_assert_int_eq(dm_config_from_file(f, &cfg), DM_OK);
-    ck_assert_int_eq(cfg.num_experts, 8);
-    dm_prune_plan *plan = calloc(1, sizeof *plan);
-    ck_assert_ptr_nonnull(plan);
-    plan->layers = cfg.depth;
-    plan->E = cfg.num_experts;
-    plan->keep = 6;
-    for (int l = 0; l < cfg.depth; l++) {
-        uint8_t drop[8];
-        drops_of(l, 8, drop);
-        plan->block[l] = l;
-        for (int e = 0, j = 0; e < 8; e++)
-            if (!drop[e]) plan->kept[l][j++] = e;
+    ck_assert_int_eq(dm_st_open(out, &f), DM_OK);
+    const char *meta = dm_st_meta(f, "ditmoe");
+    ck_assert_ptr_nonnull(meta);
+    cJSON *root = cJSON_Parse(meta);
+    const cJSON *kept = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "pruned"), "kept");
+    ck_assert_int_eq(cJSON_GetArraySize(kept), L);
+    for (int l = 0; l < L; l++) {
+        memset(drop[l], 1, 8);
+        const cJSON *row = cJSON_GetArrayItem(kept, l), *id;
+        ck_assert_int_eq(cJSON_GetArraySize(row), 6);
+        cJSON_ArrayForEach(id, row) drop[l][id->valueint] = 0;
     }
-    dm_prune_op *ops = NULL;
-    dm_st_tensor *t = NULL;
-    void *owned = NULL;
-    char *meta = NULL;
-    int n_ops = 0, nt = 0;
-    ck_assert_int_eq(dm_prune_ops(f, &cfg, plan, &ops, &n_ops), DM_OK);
-    ck_assert_int_eq(dm_prune_apply(f, ops, n_ops, &t, &nt, &owned), DM_OK);
-    ck_assert_int_eq(dm_prune_metadata(f, plan, "test", &meta), DM_OK);
-    const char *fmt = dm_st_meta(f, "format");
-    const char *kv[] = {"ditmoe", meta, fmt ? "format" : NULL, fmt, NULL};
-    ck_assert_int_eq(dm_st_write(out, nt, t, kv), DM_OK);
-    free(meta);
-    dm_prune_tensors_free(t, nt, owned);
-    free(ops);
-    free(plan);
-    dm_config_free(&cfg);
+    cJSON_Delete(root);
     dm_st_close(f);
 }
 
 START_TEST(test_pruned_equals_masked)
 {
-    char out[64];
-    snprintf(out, sizeof out, "/tmp/ditmoe-lab-prune-%d.safetensors", (int)getpid());
-    write_pruned(out);
+    char dir[] = "/tmp/ditmoe-lab-prune-XXXXXX", out[64];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(out, sizeof out, "%s/p.safetensors", dir);
+    uint8_t drop[4][8];
+    write_pruned(dir, out, drop, 4);
     dm_model *orig = NULL, *pruned = NULL;
     ck_assert_int_eq(dm_model_load(g_model, &orig), DM_OK);
     ck_assert_int_eq(dm_model_load(out, &pruned), DM_OK);
-    unlink(out);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
     const dm_config *c = dm_model_config(orig);
     ck_assert_int_eq(dm_model_config(pruned)->num_experts, 6);
     const int B = 6, n = c->in_channels * c->input_size * c->input_size;
@@ -84,11 +71,8 @@ START_TEST(test_pruned_equals_masked)
         x[i] = (float)((double)(r >> 11) / 9007199254740992.0 * 4.0 - 2.0);
     }
     ck_assert_int_eq(dm_model_forward(orig, B, x, t, y, u, NULL), DM_OK); /* unmasked */
-    for (int l = 0; l < dm_config_moe_layers(c); l++) {
-        uint8_t drop[8];
-        drops_of(l, 8, drop);
-        ck_assert_int_eq(dm_lab_set_drop(orig, l, drop), DM_OK);
-    }
+    for (int l = 0; l < dm_config_moe_layers(c); l++)
+        ck_assert_int_eq(dm_lab_set_drop(orig, l, drop[l]), DM_OK);
     ck_assert_int_eq(dm_model_forward(pruned, B, x, t, y, a, NULL), DM_OK);
     ck_assert_int_eq(dm_model_forward(orig, B, x, t, y, b, NULL), DM_OK);
     int first = -1;
@@ -113,8 +97,9 @@ END_TEST
 
 int main(void)
 {
-    const char *src = getenv("DITMOE_SRC");
+    const char *src = getenv("DITMOE_SRC"), *bin = getenv("DITMOE_BIN");
     snprintf(g_model, sizeof g_model, "%s/assets/ditmoe-fmnist.safetensors", src ? src : "..");
+    snprintf(g_bin, sizeof g_bin, "%s", bin ? bin : "bin");
     dm_set_log_level(DM_LOG_QUIET);
     Suite *s = suite_create("lab_prune");
     TCase *tc = tcase_create("core");
