@@ -254,7 +254,14 @@ START_TEST(test_memory_and_parse)
     dm_expert_cache_free(c);
 
     ck_assert_int_eq(dm_expert_cache_parse("3,refresh=delta:0.1", &o), DM_OK);
-    ck_assert(o.refresh == DM_CACHE_DELTA && fabsf(o.eps - 0.1f) < 1e-7f);
+    ck_assert(o.refresh == DM_CACHE_DELTA && fabsf(o.eps - 0.1f) < 1e-7f && !o.whole);
+    char str[64];
+    dm_expert_cache_str(&o, str, sizeof str); /* canonical: the shortest float that reads back */
+    ck_assert_str_eq(str, "3,refresh=delta:0.1");
+    ck_assert_int_eq(dm_expert_cache_parse("2,ffn,mem=8", &o), DM_OK);
+    ck_assert(o.whole && o.K == 2 && o.refresh == DM_CACHE_FIXED);
+    dm_expert_cache_str(&o, str, sizeof str);
+    ck_assert_str_eq(str, "2,refresh=fixed,ffn");
     const char *bad[] = {"0", "-1", "x", "", "2,refresh=foo", "2,refresh=delta:5", "2,mem=0", "2,what"};
     const char *why[] = {"K must be", "K must be", "K must be", "empty", "refresh='foo'", "EPS in",
                          "mem=MiB", "unexpected field 'what'"};

@@ -131,16 +131,22 @@ def test_sample():
     check(sample("c1", "--expert-cache", "1") == base, "sample --expert-cache 1 == no cache (bits)")
     check(sample("sc1", "--self-contrast", "1") == base, "sample --self-contrast 1 (add) == CFG")
     check(sample("c2", "--expert-cache", "2") != base, "sample --expert-cache 2 changes the latents")
+    check(sample("c1f", "--expert-cache", "1,ffn") == base, "sample --expert-cache 1,ffn == no cache (bits)")
+    c2f = sample("c2f", "--expert-cache", "2,ffn")
+    check(c2f != base and c2f != sample("c2b", "--expert-cache", "2"),
+          "sample --expert-cache 2,ffn differs from no cache and from the routed-only cache")
     # t01: Euler 50 evaluates t = 1, 0.98, ..., 0.02
     check(sample("sk0", "--skip-routed", "all@0-0.0199") == base,
           "--skip-routed all@0-0.0199 never fires (Euler 50: t >= 0.02)")
     check(sample("sk1", "--skip-routed", "all@0-0.02") != base,
           "--skip-routed all@0-0.02 fires on the last step")
-    lab = ["--route", "top-p=0.6,max=3", "--expert-cache", "2,refresh=delta:0.05",
-           "--self-contrast", "1.5", "--skip-routed", "0@0.9-1"]
-    a = sample("inv1", *lab, batch=1)
-    b = sample("inv3", *lab, batch=3, threads=2)
-    check(a == b and a != base, "every option together: batch 1 / 1 thread == batch 3 / 2 threads")
+    for cache in ("2,refresh=delta:0.05", "3,refresh=route,ffn"):
+        lab = ["--route", "top-p=0.6,max=3", "--expert-cache", cache,
+               "--self-contrast", "1.5", "--skip-routed", "0@0.9-1"]
+        a = sample("inv1", *lab, batch=1)
+        b = sample("inv3", *lab, batch=3, threads=2)
+        check(a == b and a != base, f"every option together (cache {cache}): batch 1 / 1 thread == "
+              "batch 3 / 2 threads")
     sr = sample("scr", "--self-contrast", "2,weak=shared,mode=replace")
     check(sr != base, "--self-contrast 2,weak=shared,mode=replace runs and changes the latents")
     pm = sample("pm0", model=PROMOE, cls="2", n=1, steps=10)

@@ -285,8 +285,10 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         any_skip |= skip;
         if (fl && skip) fl[n] |= (uint8_t)DM_TRACE_TOK_SKIPPED;
     }
+    int ncomp = N;
+    const int whole = use_cache && L->cache_opts.whole; /* the cache holds routed + shared */
     if (use_cache) { /* skipped tokens: left alone by the cache (DM_CACHE_LEAVE) */
-        dm_expert_cache_decide(L->cache, moe_layer, cprobs, L->recompute);
+        ncomp = dm_expert_cache_decide(L->cache, moe_layer, cprobs, L->recompute);
         for (int n = 0; n < N; n++) {
             if (!L->keep[n]) L->recompute[n] = DM_CACHE_LEAVE;
             L->keep[n] = L->recompute[n] == 1; /* computed now */
@@ -298,6 +300,9 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
         cv = &L->comp;
     }
     TRY(op->moe_grouped(ctx, F, h, N, cv->exp_off, cv->rows, cv->row_w, out));
+    /* ",ffn": the shared expert before the cache (skipped when every token is served) */
+    if (whole && F->shared.F > 0 && (ncomp > 0 || any_skip))
+        TRY(op->mlp_add(ctx, &F->shared, h, N, out));
     if (use_cache) {
         TRY(op->download(ctx, L->routed, out, (size_t)N * D * sizeof(float)));
         dm_expert_cache_update(L->cache, moe_layer, cprobs, L->recompute, L->routed);
@@ -306,6 +311,6 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
             for (int n = 0; n < N; n++)
                 fl[n] |= (uint8_t)(L->recompute[n] == 0 ? DM_TRACE_TOK_CACHED : 0);
     }
-    if (F->shared.F > 0) TRY(op->mlp_add(ctx, &F->shared, h, N, out));
+    if (F->shared.F > 0 && !whole) TRY(op->mlp_add(ctx, &F->shared, h, N, out));
     return DM_OK;
 }
