@@ -205,9 +205,9 @@ typedef struct {
     {'\0', "skip-routed", DM_OPT_LIST, &(f).skip, 0, 0, "L@T0-T1", "none",                       \
      "skip the routed experts of blocks L (e.g. 2,3 or all) while\n"                             \
      "T0 <= t <= T1 (t: flow time or timestep/999); repeatable", NULL},                          \
-    {'\0', "expert-cache", DM_OPT_STR, &(f).expert_cache, 0, 0, "K[,refresh=R][,mem=MiB]", "off",\
-     "reuse routed-expert outputs for K evaluations; R = fixed |\n"                              \
-     "route | delta:EPS", NULL},                                                                 \
+    {'\0', "expert-cache", DM_OPT_STR, &(f).expert_cache, 0, 0, "K[,refresh=R][,mem=MiB][,ffn]", \
+     "off", "reuse routed-expert outputs for K evaluations; R = fixed |\n"                       \
+     "route | delta:EPS; ffn: cache routed + shared", NULL},                                     \
     {'\0', "self-contrast", DM_OPT_STR, &(f).self_contrast, 0, 0, "W[,weak=..][,mode=..]", "off", \
      "weak-routing guidance: weak = rank2|rank3|top1|shared,\n"                                  \
      "mode = add (with CFG) | replace (instead of the uncond pass)", NULL}
