@@ -367,6 +367,7 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
 void dm_model_free(dm_model *m)
 {
     if (!m) return;
+    dm_model_lab_free(m);
     const dm_backend_ops *ops = m->be->ops;
     for (int i = 0; i < m->n_owned; i++) ops->weight_free(m->be->ctx, m->owned[i]);
     free(m->owned);
