@@ -9,8 +9,12 @@
 #include "backend/cpu/vae_kernels.h"
 #include "ditmoe.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -77,24 +81,31 @@ static void pack_panel(const float *x, int Cin, int H, int W, int k, int n0, flo
 /* ---- 3x3 by Winograd F(2x2, 3x3) ------------------------------------------------------------
  * out tile 2x2 = A^T [ (G g G^T) .* (B^T d B) ] A per channel pair, summed over Cin: 16 products
  * per 2x2 outputs instead of 36. The 16 element-wise products summed over Cin are 16 GEMMs
- * U_xi [Cout, Cin] · V_xi [Cin, tiles], run through dm_gemm_panel_ap on 32 tiles at a time per
- * thread (V block 16 x Cin x 32, M block 16 x Cout x 32). Each output value comes from one
+ * U_xi [Cout, Cin] · V_xi [Cin, tiles] (wino_gemm below), on blocks of up to WP_MAX panels of 32
+ * tiles per thread (V block P x 16 x Cin x 32, M block P x 16 x Cp x 32). Each output value comes from one
  * thread in an order fixed by the shapes, so the result is thread invariant; it differs from the
  * direct convolution in the last bits (the transforms round differently).
  *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
  *   A^T = [1 1 1 0; 0 1 -1 -1] */
 #define WT 32 /* tiles per block (one GEMM panel) */
 
-/* Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. */
+/* Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. Walked
+ * in the packed order (row tile, ci, row in tile) so each of the 16 outputs is written in runs
+ * of 8 contiguous floats. */
 static void wino_weights(const float *w, int Cin, int Cout, float *Up)
 {
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
     const size_t xs = (size_t)mt * DM_GEMM_MR * Cin; /* floats per xi */
 #pragma omp parallel for schedule(static)
-    for (int co = 0; co < mt * DM_GEMM_MR; co++)
+    for (int i = 0; i < mt; i++)
         for (int ci = 0; ci < Cin; ci++) {
-            float u[16] = {0};
-            if (co < Cout) {
+            float u[16][DM_GEMM_MR];
+            for (int r = 0; r < DM_GEMM_MR; r++) {
+                const int co = i * DM_GEMM_MR + r;
+                if (co >= Cout) {
+                    for (int xi = 0; xi < 16; xi++) u[xi][r] = 0.0f;
+                    continue;
+                }
                 const float *g = w + ((size_t)co * Cin + ci) * 9;
                 float t[4][3]; /* G g */
                 for (int j = 0; j < 3; j++) {
@@ -103,15 +114,15 @@ static void wino_weights(const float *w, int Cin, int Cout, float *Up)
                     t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
                     t[3][j] = g[6 + j];
                 }
-                for (int i = 0; i < 4; i++) { /* (G g) G^T */
-                    u[i * 4 + 0] = t[i][0];
-                    u[i * 4 + 1] = 0.5f * (t[i][0] + t[i][1] + t[i][2]);
-                    u[i * 4 + 2] = 0.5f * (t[i][0] - t[i][1] + t[i][2]);
-                    u[i * 4 + 3] = t[i][2];
+                for (int q = 0; q < 4; q++) { /* (G g) G^T */
+                    u[q * 4 + 0][r] = t[q][0];
+                    u[q * 4 + 1][r] = 0.5f * (t[q][0] + t[q][1] + t[q][2]);
+                    u[q * 4 + 2][r] = 0.5f * (t[q][0] - t[q][1] + t[q][2]);
+                    u[q * 4 + 3][r] = t[q][2];
                 }
             }
-            const size_t at = ((size_t)(co / DM_GEMM_MR) * Cin + ci) * DM_GEMM_MR + co % DM_GEMM_MR;
-            for (int xi = 0; xi < 16; xi++) Up[xi * xs + at] = u[xi];
+            const size_t at = ((size_t)i * Cin + ci) * DM_GEMM_MR;
+            for (int xi = 0; xi < 16; xi++) memcpy(Up + xi * xs + at, u[xi], sizeof u[xi]);
         }
 }
 
@@ -169,11 +180,11 @@ static void wino_input(const float *x, int Cin, int H, int W, int tw, int t0, in
     }
 }
 
-/* out tiles t0 .. t0+nt-1 = A^T m A (+ b), or out += that, from M [16][Cout][32]. */
-static void wino_output(const float *Mb, int Cout, int H, int W, int tw, int t0, int nt,
+/* out tiles t0 .. t0+nt-1 = A^T m A (+ b), or out += that, from M [16][Cp][32] (Cp >= Cout). */
+static void wino_output(const float *Mb, int Cp, int Cout, int H, int W, int tw, int t0, int nt,
                         const float *b, int acc, float *out)
 {
-    const size_t HW = (size_t)H * W, xs = (size_t)Cout * WT;
+    const size_t HW = (size_t)H * W, xs = (size_t)Cp * WT;
     for (int co = 0; co < Cout; co++) {
         const float bias = b ? b[co] : 0.0f;
         float *oc = out + (size_t)co * HW;
@@ -218,24 +229,82 @@ static void wino_output(const float *Mb, int Cout, int H, int W, int tw, int t0,
     }
 }
 
+/* ---- the 16 products, blocked over several panels --------------------------------------------
+ * M_p,xi [Cp][32] = U_xi (packed [Cp/8][Cin][8]) · V_p,xi [Cin][32] for the P panels p of a
+ * block: the 8-row A micro-panel (8 x Cin, in L1) is used on all P panels (Cin x 32 each, in L2)
+ * before the next one is loaded, so U is streamed from memory once per P panels instead of once
+ * per panel. Every value is one FMA chain over ci = 0 .. Cin-1 from 0, whatever P or the thread
+ * count. (Cutting k into L1-sized blocks, as dm_gemm_panel_ap does, was slower here: perf.md.) */
+#define WP_MAX 8 /* panels per block at most */
+
+#ifdef __AVX512F__
+/* c [8][32] = a [K][8] · b [K][32], each value acc = fma(a, b, acc) over k from 0. */
+static inline void wtile(const float *a, const float *b, int K, float *c)
+{
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m512 b0 = _mm512_loadu_ps(b + (size_t)k * 32), b1 = _mm512_loadu_ps(b + (size_t)k * 32 + 16);
+        const float *ak = a + (size_t)k * 8;
+        for (int r = 0; r < 8; r++) {
+            const __m512 ar = _mm512_set1_ps(ak[r]);
+            acc[r][0] = _mm512_fmadd_ps(ar, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(ar, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 8; r++) {
+        _mm512_storeu_ps(c + r * 32, acc[r][0]);
+        _mm512_storeu_ps(c + r * 32 + 16, acc[r][1]);
+    }
+}
+#else
+static inline void wtile(const float *a, const float *b, int K, float *c)
+{
+    float acc[8][32] = {{0}};
+    for (int k = 0; k < K; k++)
+        for (int r = 0; r < 8; r++)
+            for (int j = 0; j < 32; j++) acc[r][j] = fmaf(a[(size_t)k * 8 + r], b[(size_t)k * 32 + j], acc[r][j]);
+    memcpy(c, acc, sizeof acc);
+}
+#endif
+
+/* For p < P: C + p*cstep [Cp][32] = A [Cp/8][K][8] · (B + p*bstep) [K][32]. */
+static void wino_gemm(const float *A, int Cp, int K, const float *B, size_t bstep, int P, float *C,
+                      size_t cstep)
+{
+    for (int i = 0; i < Cp / 8; i++)
+        for (int p = 0; p < P; p++)
+            wtile(A + (size_t)i * K * 8, B + p * bstep, K, C + p * cstep + (size_t)i * 8 * 32);
+}
+
 /* 0, or -1 when the scratch cannot be allocated (the caller then runs the direct path). */
 static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *w, const float *b,
                             int Cout, float *out, int acc)
 {
-    const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, nb = (T + WT - 1) / WT;
-    const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
-    const size_t xs = (size_t)mt * DM_GEMM_MR * Cin;
+    const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, np = (T + WT - 1) / WT;
+    const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR, Cp = mt * DM_GEMM_MR;
+    const size_t xs = (size_t)Cp * Cin;
+    int nthr = 1;
+#ifdef _OPENMP
+    nthr = omp_get_max_threads();
+#endif
+    /* panels per block: enough blocks for every thread, at most WP_MAX (the bits do not depend
+     * on it) */
+    int P = (np + nthr - 1) / nthr;
+    if (P > WP_MAX) P = WP_MAX;
+    if (P < 1) P = 1;
+    const int nb = (np + P - 1) / P;
+    const size_t vstep = (size_t)16 * Cin * WT, mstep = (size_t)16 * Cp * WT; /* per panel */
     float *Up = malloc(sizeof(float) * 16 * xs);
     if (!Up) return -1;
     wino_weights(w, Cin, Cout, Up);
     int failed = 0; /* shared: any thread without scratch stops them all before any work */
 #pragma omp parallel
     {
-        float *V = malloc(sizeof(float) * 16 * (size_t)Cin * WT);
-        float *Mb = malloc(sizeof(float) * 16 * (size_t)Cout * WT);
-        float *part = malloc(sizeof(float) * (size_t)mt * DM_GEMM_MR * WT);
+        float *V = malloc(sizeof(float) * P * vstep);
+        float *Mb = malloc(sizeof(float) * P * mstep);
         float *rp = malloc(sizeof(float) * (2 * WT + 4));
-        if (!V || !Mb || !part || !rp) {
+        if (!V || !Mb || !rp) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -246,15 +315,21 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
         if (!stop) {
 #pragma omp for schedule(dynamic, 1)
             for (int blk = 0; blk < nb; blk++) {
-                const int t0 = blk * WT, nt = T - t0 < WT ? T - t0 : WT;
-                wino_input(x, Cin, H, W, tw, t0, nt, V, rp);
+                const int p0 = blk * P, pn = np - p0 < P ? np - p0 : P;
+                for (int p = 0; p < pn; p++) {
+                    const int t0 = (p0 + p) * WT, nt = T - t0 < WT ? T - t0 : WT;
+                    wino_input(x, Cin, H, W, tw, t0, nt, V + p * vstep, rp);
+                }
                 for (int xi = 0; xi < 16; xi++)
-                    dm_gemm_panel_ap(Up + xi * xs, Cout, Cin, V + (size_t)xi * Cin * WT, 0, WT,
-                                     Mb + (size_t)xi * Cout * WT, WT, NULL, part);
-                wino_output(Mb, Cout, H, W, tw, t0, nt, b, acc, out);
+                    wino_gemm(Up + xi * xs, Cp, Cin, V + (size_t)xi * Cin * WT, vstep, pn,
+                              Mb + (size_t)xi * Cp * WT, mstep);
+                for (int p = 0; p < pn; p++) {
+                    const int t0 = (p0 + p) * WT, nt = T - t0 < WT ? T - t0 : WT;
+                    wino_output(Mb + p * mstep, Cp, Cout, H, W, tw, t0, nt, b, acc, out);
+                }
             }
         }
-        free(V), free(Mb), free(part), free(rp);
+        free(V), free(Mb), free(rp);
     }
     free(Up);
     return failed ? -1 : 0;
