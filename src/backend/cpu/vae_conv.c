@@ -10,6 +10,7 @@
 #include "ditmoe.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
@@ -92,11 +93,11 @@ static void pack_panel(const float *x, int Cin, int H, int W, int k, int n0, flo
 /* Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. Walked
  * in the packed order (row tile, ci, row in tile) so each of the 16 outputs is written in runs
  * of 8 contiguous floats. */
-static void wino_weights(const float *w, int Cin, int Cout, float *Up)
+static void wino_weights(const float *w, int Cin, int Cout, float *Up, int par)
 {
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
     const size_t xs = (size_t)mt * DM_GEMM_MR * Cin; /* floats per xi */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
     for (int i = 0; i < mt; i++)
         for (int ci = 0; ci < Cin; ci++) {
             float u[16][DM_GEMM_MR];
@@ -277,6 +278,58 @@ static void wino_gemm(const float *A, int Cp, int K, const float *B, size_t bste
             wtile(A + (size_t)i * K * 8, B + p * bstep, K, C + p * cstep + (size_t)i * 8 * 32);
 }
 
+/* ---- per-thread scratch kept between calls ---------------------------------------------------
+ * A small VAE (the shipped Fashion-MNIST one) makes thousands of convolutions of a few hundred KiB
+ * of scratch each; malloc/free of that size went to mmap/munmap and a page fault per fresh page
+ * (~10 % of the decode). Buffers up to SCR_KEEP bytes are kept per thread (freed at thread exit
+ * by a pthread key destructor); larger ones are allocated per call (their convolutions are big
+ * enough not to notice), so an SD decode does not keep tens of MiB after it. */
+#define SCR_KEEP ((size_t)4 << 20)
+enum { SCR_U, SCR_V, SCR_M, SCR_R, SCR_N };
+typedef struct {
+    float *p[SCR_N];
+    size_t cap[SCR_N]; /* bytes */
+} scratch_t;
+static pthread_key_t scr_key;
+static int scr_key_ok;
+static pthread_once_t scr_once = PTHREAD_ONCE_INIT;
+
+static void scr_free(void *q)
+{
+    scratch_t *t = q;
+    for (int i = 0; i < SCR_N; i++) free(t->p[i]);
+    free(t);
+}
+static void scr_init(void) { scr_key_ok = pthread_key_create(&scr_key, scr_free) == 0; }
+
+/* n floats in this thread's slot (kept), or a fresh allocation (too big / no key); NULL: no
+ * memory. Give it back with scr_put. */
+static float *scr_get(int slot, size_t n)
+{
+    const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    pthread_once(&scr_once, scr_init);
+    scratch_t *t = scr_key_ok ? pthread_getspecific(scr_key) : NULL;
+    if (!t && scr_key_ok && bytes <= SCR_KEEP) {
+        t = calloc(1, sizeof *t);
+        if (t && pthread_setspecific(scr_key, t) != 0) {
+            free(t);
+            t = NULL;
+        }
+    }
+    if (!t || bytes > SCR_KEEP) return aligned_alloc(64, bytes);
+    if (t->cap[slot] < bytes) {
+        free(t->p[slot]);
+        t->p[slot] = aligned_alloc(64, bytes);
+        t->cap[slot] = t->p[slot] ? bytes : 0;
+    }
+    return t->p[slot];
+}
+static void scr_put(int slot, float *p)
+{
+    scratch_t *t = scr_key_ok ? pthread_getspecific(scr_key) : NULL;
+    if (!t || t->p[slot] != p) free(p);
+}
+
 /* 0, or -1 when the scratch cannot be allocated (the caller then runs the direct path). */
 static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *w, const float *b,
                             int Cout, float *out, int acc)
@@ -284,9 +337,10 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
     const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, np = (T + WT - 1) / WT;
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR, Cp = mt * DM_GEMM_MR;
     const size_t xs = (size_t)Cp * Cin;
+    const int par = (double)Cin * Cout * 9 * H * W >= DM_VAE_PAR_MACS;
     int nthr = 1;
 #ifdef _OPENMP
-    nthr = omp_get_max_threads();
+    if (par) nthr = omp_get_max_threads();
 #endif
     /* panels per block: enough blocks for every thread, at most WP_MAX (the bits do not depend
      * on it) */
@@ -295,15 +349,14 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
     if (P < 1) P = 1;
     const int nb = (np + P - 1) / P;
     const size_t vstep = (size_t)16 * Cin * WT, mstep = (size_t)16 * Cp * WT; /* per panel */
-    float *Up = malloc(sizeof(float) * 16 * xs);
+    float *Up = scr_get(SCR_U, 16 * xs);
     if (!Up) return -1;
-    wino_weights(w, Cin, Cout, Up);
+    wino_weights(w, Cin, Cout, Up, par);
     int failed = 0; /* shared: any thread without scratch stops them all before any work */
-#pragma omp parallel
+#pragma omp parallel num_threads(nb < nthr ? nb : nthr)
     {
-        float *V = malloc(sizeof(float) * P * vstep);
-        float *Mb = malloc(sizeof(float) * P * mstep);
-        float *rp = malloc(sizeof(float) * (2 * WT + 4));
+        float *V = scr_get(SCR_V, P * vstep), *Mb = scr_get(SCR_M, P * mstep);
+        float *rp = scr_get(SCR_R, 2 * WT + 4);
         if (!V || !Mb || !rp) {
 #pragma omp atomic write
             failed = 1;
@@ -329,9 +382,9 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
                 }
             }
         }
-        free(V), free(Mb), free(rp);
+        scr_put(SCR_V, V), scr_put(SCR_M, Mb), scr_put(SCR_R, rp);
     }
-    free(Up);
+    scr_put(SCR_U, Up);
     return failed ? -1 : 0;
 }
 
@@ -342,8 +395,9 @@ static void conv2d(const float *x, int Cin, int H, int W, const float *w, const 
     dm_gemm_epi e = DM_GEMM_EPI_INIT;
     e.row_bias = b;
     e.accumulate = acc;
+    const int par = (double)Cin * Cout * k * k * HW >= DM_VAE_PAR_MACS;
     if (k == 1) {
-        dm_gemm(w, (size_t)Cin, Cout, Cin, (dm_gemm_b){x, (size_t)HW}, HW, out, (size_t)HW, &e, 1);
+        dm_gemm(w, (size_t)Cin, Cout, Cin, (dm_gemm_b){x, (size_t)HW}, HW, out, (size_t)HW, &e, par);
         return;
     }
     if (k == 3) {
@@ -355,7 +409,7 @@ static void conv2d(const float *x, int Cin, int H, int W, const float *w, const 
     const int K = Cin * k * k, np = (HW + DM_GEMM_NR - 1) / DM_GEMM_NR;
     int nt = 1;
 #ifdef _OPENMP
-    nt = omp_get_max_threads();
+    if (par) nt = omp_get_max_threads();
 #endif
     if (nt > CONV_SLOTS) nt = CONV_SLOTS;
     if (nt > np) nt = np;

@@ -13,6 +13,18 @@
 #define DM_VAE_EPS 1e-6f
 #endif
 
+/* Work (multiply-adds, or elements for the element-wise kernels) below which a kernel runs on
+ * the calling thread alone: waking a team and meeting at its barrier costs more than the work
+ * there, and on a loaded machine a spinning idle thread doubles the CPU time (the shipped
+ * Fashion-MNIST VAE, 8x8 to 32x32 maps of 16-64 channels, is all below it; every SD-VAE conv is
+ * above). Only the speed depends on it: the bits do not depend on the thread count. */
+#ifndef DM_VAE_PAR_MACS
+#define DM_VAE_PAR_MACS 8e6
+#endif
+#ifndef DM_VAE_PAR_ELEMS
+#define DM_VAE_PAR_ELEMS 65536
+#endif
+
 /* VAE mid-block attention weights (also used by the reference in src/vae/vae_ref.c). */
 #ifndef DM_VAE_ATTN_W_DEFINED
 #define DM_VAE_ATTN_W_DEFINED
