@@ -90,41 +90,39 @@ static void pack_panel(const float *x, int Cin, int H, int W, int k, int n0, flo
  *   A^T = [1 1 1 0; 0 1 -1 -1] */
 #define WT 32 /* tiles per block (one GEMM panel) */
 
-/* Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. Walked
+/* Row tile i of Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. Walked
  * in the packed order (row tile, ci, row in tile) so each of the 16 outputs is written in runs
  * of 8 contiguous floats. */
-static void wino_weights(const float *w, int Cin, int Cout, float *Up, int par)
+static void wino_weights(const float *w, int Cin, int Cout, float *Up, int i)
 {
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
     const size_t xs = (size_t)mt * DM_GEMM_MR * Cin; /* floats per xi */
-#pragma omp parallel for schedule(static) if (par)
-    for (int i = 0; i < mt; i++)
-        for (int ci = 0; ci < Cin; ci++) {
-            float u[16][DM_GEMM_MR];
-            for (int r = 0; r < DM_GEMM_MR; r++) {
-                const int co = i * DM_GEMM_MR + r;
-                if (co >= Cout) {
-                    for (int xi = 0; xi < 16; xi++) u[xi][r] = 0.0f;
-                    continue;
-                }
-                const float *g = w + ((size_t)co * Cin + ci) * 9;
-                float t[4][3]; /* G g */
-                for (int j = 0; j < 3; j++) {
-                    t[0][j] = g[j];
-                    t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
-                    t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
-                    t[3][j] = g[6 + j];
-                }
-                for (int q = 0; q < 4; q++) { /* (G g) G^T */
-                    u[q * 4 + 0][r] = t[q][0];
-                    u[q * 4 + 1][r] = 0.5f * (t[q][0] + t[q][1] + t[q][2]);
-                    u[q * 4 + 2][r] = 0.5f * (t[q][0] - t[q][1] + t[q][2]);
-                    u[q * 4 + 3][r] = t[q][2];
-                }
+    for (int ci = 0; ci < Cin; ci++) {
+        float u[16][DM_GEMM_MR];
+        for (int r = 0; r < DM_GEMM_MR; r++) {
+            const int co = i * DM_GEMM_MR + r;
+            if (co >= Cout) {
+                for (int xi = 0; xi < 16; xi++) u[xi][r] = 0.0f;
+                continue;
             }
-            const size_t at = ((size_t)i * Cin + ci) * DM_GEMM_MR;
-            for (int xi = 0; xi < 16; xi++) memcpy(Up + xi * xs + at, u[xi], sizeof u[xi]);
+            const float *g = w + ((size_t)co * Cin + ci) * 9;
+            float t[4][3]; /* G g */
+            for (int j = 0; j < 3; j++) {
+                t[0][j] = g[j];
+                t[1][j] = 0.5f * (g[j] + g[3 + j] + g[6 + j]);
+                t[2][j] = 0.5f * (g[j] - g[3 + j] + g[6 + j]);
+                t[3][j] = g[6 + j];
+            }
+            for (int q = 0; q < 4; q++) { /* (G g) G^T */
+                u[q * 4 + 0][r] = t[q][0];
+                u[q * 4 + 1][r] = 0.5f * (t[q][0] + t[q][1] + t[q][2]);
+                u[q * 4 + 2][r] = 0.5f * (t[q][0] - t[q][1] + t[q][2]);
+                u[q * 4 + 3][r] = t[q][2];
+            }
         }
+        const size_t at = ((size_t)i * Cin + ci) * DM_GEMM_MR;
+        for (int xi = 0; xi < 16; xi++) memcpy(Up + xi * xs + at, u[xi], sizeof u[xi]);
+    }
 }
 
 /* V [16][Cin][32] = B^T d B for tiles t0 .. t0+nt-1 (zeros for the unused columns). The block
@@ -284,7 +282,7 @@ static void wino_gemm(const float *A, int Cp, int K, const float *B, size_t bste
  * (~10 % of the decode). Buffers up to SCR_KEEP bytes are kept per thread (freed at thread exit
  * by a pthread key destructor); larger ones are allocated per call (their convolutions are big
  * enough not to notice), so an SD decode does not keep tens of MiB after it. */
-#define SCR_KEEP ((size_t)4 << 20)
+#define SCR_KEEP ((size_t)32 << 20)
 enum { SCR_U, SCR_V, SCR_M, SCR_R, SCR_N };
 typedef struct {
     float *p[SCR_N];
@@ -337,10 +335,9 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
     const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, np = (T + WT - 1) / WT;
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR, Cp = mt * DM_GEMM_MR;
     const size_t xs = (size_t)Cp * Cin;
-    const int par = (double)Cin * Cout * 9 * H * W >= DM_VAE_PAR_MACS;
     int nthr = 1;
 #ifdef _OPENMP
-    if (par) nthr = omp_get_max_threads();
+    if ((double)Cin * Cout * 9 * H * W >= DM_VAE_PAR_MACS) nthr = omp_get_max_threads();
 #endif
     /* panels per block: enough blocks for every thread, at most WP_MAX (the bits do not depend
      * on it) */
@@ -351,8 +348,9 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
     const size_t vstep = (size_t)16 * Cin * WT, mstep = (size_t)16 * Cp * WT; /* per panel */
     float *Up = scr_get(SCR_U, 16 * xs);
     if (!Up) return -1;
-    wino_weights(w, Cin, Cout, Up, par);
     int failed = 0; /* shared: any thread without scratch stops them all before any work */
+    /* One team for the weight transform and the blocks (each barrier costs, on a loaded machine,
+     * up to a time slice of the thread that is not running). */
 #pragma omp parallel num_threads(nb < nthr ? nb : nthr)
     {
         float *V = scr_get(SCR_V, P * vstep), *Mb = scr_get(SCR_M, P * mstep);
@@ -361,7 +359,8 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp barrier
+#pragma omp for schedule(static) /* its implicit barrier also publishes `failed` */
+        for (int i = 0; i < mt; i++) wino_weights(w, Cin, Cout, Up, i);
         int stop;
 #pragma omp atomic read
         stop = failed;
