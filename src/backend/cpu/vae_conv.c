@@ -228,6 +228,206 @@ static void wino_output(const float *Mb, int Cp, int Cout, int H, int W, int tw,
     }
 }
 
+/* ---- 3x3 by Winograd F(4x4, 3x3) on large maps ---------------------------------------------
+ * 36 products per 4x4 outputs (2.25 per output instead of 4): 36 GEMMs U_xi [Cout, Cin] ·
+ * V_xi [Cin, tiles], the same blocks and GEMM as F(2x2). Interpolation points 0, 1, -1, 2, -1/2
+ * (and infinity): of the sets tried ({0,±1,±2}, {0,±1,±1/2}, {0,±1,1/2,-2}, {0,±1,2,-1/2}) the
+ * one with the smallest float32 error (max 1.5e-5 x RMS per layer in a numpy model of one
+ * 256-channel layer, vs 4.5e-5 for the usual ±2; F(2x2) 2.3e-6). Used on maps of at least
+ * DM_VAE_F4_MIN_HW pixels whose sides are multiples of 4 (no partial tiles), where most of the
+ * FLOPs are; the error budget is in docs/perf.md. Matrices (y = A^T [(G g G^T) .* (B^T d B)] A):
+ *   B^T rows: [1 3/2 -2 -3/2 1 0] [0 -1 -5/2 -1/2 1 0] [0 1 1/2 -5/2 1 0]
+ *             [0 -1/2 -1 1/2 1 0] [0 2 -1 -2 1 0]     [0 1 3/2 -2 -3/2 1]
+ *   G rows:   [1 0 0] [-1/3 -1/3 -1/3] [1/3 -1/3 1/3] [1/15 2/15 4/15] [-16/15 8/15 -4/15] [0 0 1]
+ *   A^T rows: [1 1 1 1 1 0] [0 1 -1 2 -1/2 0] [0 1 1 4 1/4 0] [0 1 -1 8 -1/8 1] */
+#ifndef DM_VAE_F4_MIN_HW
+#define DM_VAE_F4_MIN_HW (128 * 128)
+#endif
+
+/* The 1-D transforms, written out (the sums in this order; no multiply by 0 or +-1), as macros
+ * so the same expressions run on floats and on 16-lane vectors (same bits per lane). */
+#define BT6(d, o)                                                           \
+    do {                                                                    \
+        (o)[0] = (d)[0] + 1.5f * (d)[1] - 2.0f * (d)[2] - 1.5f * (d)[3] + (d)[4]; \
+        (o)[1] = -(d)[1] - 2.5f * (d)[2] - 0.5f * (d)[3] + (d)[4];          \
+        (o)[2] = (d)[1] + 0.5f * (d)[2] - 2.5f * (d)[3] + (d)[4];           \
+        (o)[3] = -0.5f * (d)[1] - (d)[2] + 0.5f * (d)[3] + (d)[4];          \
+        (o)[4] = 2.0f * (d)[1] - (d)[2] - 2.0f * (d)[3] + (d)[4];           \
+        (o)[5] = (d)[1] + 1.5f * (d)[2] - 2.0f * (d)[3] - 1.5f * (d)[4] + (d)[5]; \
+    } while (0)
+#define AT4(m, o)                                                           \
+    do {                                                                    \
+        (o)[0] = (m)[0] + (m)[1] + (m)[2] + (m)[3] + (m)[4];                \
+        (o)[1] = (m)[1] - (m)[2] + 2.0f * (m)[3] - 0.5f * (m)[4];           \
+        (o)[2] = (m)[1] + (m)[2] + 4.0f * (m)[3] + 0.25f * (m)[4];          \
+        (o)[3] = (m)[1] - (m)[2] + 8.0f * (m)[3] - 0.125f * (m)[4] + (m)[5]; \
+    } while (0)
+static inline void g6(const float g[3], float o[6])
+{
+    o[0] = g[0];
+    o[1] = -(g[0] + g[1] + g[2]) / 3.0f;
+    o[2] = (g[0] - g[1] + g[2]) / 3.0f;
+    o[3] = (g[0] + 2.0f * g[1] + 4.0f * g[2]) / 15.0f;
+    o[4] = (-16.0f * g[0] + 8.0f * g[1] - 4.0f * g[2]) / 15.0f;
+    o[5] = g[2];
+}
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+static inline v16f ld16(const float *p)
+{
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void st16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+
+/* Row tile i of Up [36][ceil(Cout/8)][Cin][8] = G g G^T. */
+static void wino4_weights(const float *w, int Cin, int Cout, float *Up, int i)
+{
+    const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR;
+    const size_t xs = (size_t)mt * DM_GEMM_MR * Cin;
+    for (int ci = 0; ci < Cin; ci++) {
+        float u[36][DM_GEMM_MR];
+        for (int r = 0; r < DM_GEMM_MR; r++) {
+            const int co = i * DM_GEMM_MR + r;
+            if (co >= Cout) {
+                for (int xi = 0; xi < 36; xi++) u[xi][r] = 0.0f;
+                continue;
+            }
+            const float *g = w + ((size_t)co * Cin + ci) * 9;
+            float t[6][3], col[3], row[6]; /* t = G g */
+            for (int j = 0; j < 3; j++) {
+                col[0] = g[j], col[1] = g[3 + j], col[2] = g[6 + j];
+                g6(col, row);
+                for (int q = 0; q < 6; q++) t[q][j] = row[q];
+            }
+            for (int q = 0; q < 6; q++) { /* (G g) G^T */
+                g6(t[q], row);
+                for (int s = 0; s < 6; s++) u[q * 6 + s][r] = row[s];
+            }
+        }
+        const size_t at = ((size_t)i * Cin + ci) * DM_GEMM_MR;
+        for (int xi = 0; xi < 36; xi++) memcpy(Up + xi * xs + at, u[xi], sizeof u[xi]);
+    }
+}
+
+/* V [36][Cin][32] = B^T d B for tiles t0 .. t0+nt-1 (zeros for unused columns); tiles are 4x4
+ * with H, W multiples of 4. rp: [4*32 + 2] row segment with its zero padding. */
+static void wino4_input(const float *x, int Cin, int H, int W, int tw, int t0, int nt, float *V,
+                        float *rp)
+{
+    const size_t HW = (size_t)H * W, cs = (size_t)Cin * WT;
+    if (nt < WT)
+        for (int xi = 0; xi < 36; xi++)
+            for (int ci = 0; ci < Cin; ci++)
+                memset(V + xi * cs + (size_t)ci * WT + nt, 0, sizeof(float) * (WT - nt));
+    for (int c0 = 0; c0 < nt;) {
+        const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
+        const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
+        for (int ci = 0; ci < Cin; ci++) {
+            const float *xc = x + (size_t)ci * HW;
+            float e[6][6][WT]; /* e[r][q][c]: row r of tile c's patch times B */
+            for (int r = 0; r < 6; r++) {
+                const int iy = 4 * ty - 1 + r, ix0 = 4 * tx0 - 1, n = 4 * run + 2;
+                const float *b = rp;
+                if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) {
+                    b = xc + (size_t)iy * W + ix0;
+                } else if (iy < 0 || iy >= H) {
+                    memset(rp, 0, sizeof(float) * n);
+                } else {
+                    const float *rowp = xc + (size_t)iy * W;
+                    const int lo = ix0 < 0 ? -ix0 : 0, hi = ix0 + n > W ? W - ix0 : n;
+                    for (int k = 0; k < lo; k++) rp[k] = 0.0f;
+                    memcpy(rp + lo, rowp + ix0 + lo, sizeof(float) * (hi - lo));
+                    for (int k = hi; k < n; k++) rp[k] = 0.0f;
+                }
+                int c = 0;
+                for (; c + 16 <= run; c += 16) { /* d_s[c] = b[4c + s]: deinterleave by 4 */
+                    const float *bc = b + 4 * c;
+                    const v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+                    const v16i od = ev + 1;
+                    const v16f l0 = ld16(bc), l1 = ld16(bc + 16), l2 = ld16(bc + 32), l3 = ld16(bc + 48);
+                    const v16f e01 = __builtin_shuffle(l0, l1, ev), o01 = __builtin_shuffle(l0, l1, od);
+                    const v16f e23 = __builtin_shuffle(l2, l3, ev), o23 = __builtin_shuffle(l2, l3, od);
+                    v16f d[6], o[6];
+                    d[0] = __builtin_shuffle(e01, e23, ev);
+                    d[2] = __builtin_shuffle(e01, e23, od);
+                    d[1] = __builtin_shuffle(o01, o23, ev);
+                    d[3] = __builtin_shuffle(o01, o23, od);
+                    const v16i sh = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+                    d[4] = __builtin_shuffle(d[0], (v16f){bc[64]}, sh);
+                    d[5] = __builtin_shuffle(d[1], (v16f){bc[65]}, sh);
+                    BT6(d, o);
+                    for (int q = 0; q < 6; q++) st16(e[r][q] + c, o[q]);
+                }
+                for (; c < run; c++) {
+                    float o[6];
+                    BT6(b + 4 * c, o);
+                    for (int q = 0; q < 6; q++) e[r][q][c] = o[q];
+                }
+            }
+            float *vc = V + (size_t)ci * WT + c0;
+            for (int q = 0; q < 6; q++) {
+                int c = 0;
+                for (; c + 16 <= run; c += 16) {
+                    v16f d[6], o[6];
+                    for (int r = 0; r < 6; r++) d[r] = ld16(e[r][q] + c);
+                    BT6(d, o);
+                    for (int p = 0; p < 6; p++) st16(vc + (p * 6 + q) * cs + c, o[p]);
+                }
+                for (; c < run; c++) {
+                    float d[6], o[6];
+                    for (int r = 0; r < 6; r++) d[r] = e[r][q][c];
+                    BT6(d, o);
+                    for (int p = 0; p < 6; p++) vc[(p * 6 + q) * cs + c] = o[p];
+                }
+            }
+        }
+        c0 += run;
+    }
+}
+
+/* out tiles t0 .. t0+nt-1 (4x4) = A^T m A (+ b), or out += that, from M [36][Cp][32]. */
+static void wino4_output(const float *Mb, int Cp, int Cout, int H, int W, int tw, int t0, int nt,
+                         const float *b, int acc, float *out)
+{
+    const size_t HW = (size_t)H * W, xs = (size_t)Cp * WT;
+    for (int co = 0; co < Cout; co++) {
+        const float bias = b ? b[co] : 0.0f;
+        float *oc = out + (size_t)co * HW;
+        const float *mc = Mb + (size_t)co * WT;
+        float y[4][4][WT];
+        for (int c = 0; c < nt; c += 16) { /* all 32 columns of M exist (zeros past nt) */
+            v16f t[4][6]; /* A^T m */
+            for (int j = 0; j < 6; j++) {
+                v16f m6[6], o[4];
+                for (int i = 0; i < 6; i++) m6[i] = ld16(mc + (i * 6 + j) * xs + c);
+                AT4(m6, o);
+                for (int i = 0; i < 4; i++) t[i][j] = o[i];
+            }
+            for (int i = 0; i < 4; i++) {
+                v16f o[4];
+                AT4(t[i], o);
+                for (int j = 0; j < 4; j++) st16(y[i][j] + c, o[j] + bias);
+            }
+        }
+        for (int c0 = 0; c0 < nt;) {
+            const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
+            const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
+            for (int i = 0; i < 4; i++) {
+                float *o = oc + (size_t)(4 * ty + i) * W + 4 * tx0;
+                if (acc)
+                    for (int c = 0; c < run; c++)
+                        for (int j = 0; j < 4; j++) o[4 * c + j] = o[4 * c + j] + y[i][j][c0 + c];
+                else
+                    for (int c = 0; c < run; c++)
+                        for (int j = 0; j < 4; j++) o[4 * c + j] = y[i][j][c0 + c];
+            }
+            c0 += run;
+        }
+    }
+}
+
 /* ---- the 16 products, blocked over several panels --------------------------------------------
  * M_p,xi [Cp][32] = U_xi (packed [Cp/8][Cin][8]) · V_p,xi [Cin][32] for the P panels p of a
  * block: the 8-row A micro-panel (8 x Cin, in L1) is used on all P panels (Cin x 32 each, in L2)
@@ -332,7 +532,9 @@ static void scr_put(int slot, float *p)
 static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *w, const float *b,
                             int Cout, float *out, int acc)
 {
-    const int th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, np = (T + WT - 1) / WT;
+    const int f4 = H % 4 == 0 && W % 4 == 0 && (double)H * W >= DM_VAE_F4_MIN_HW;
+    const int NX = f4 ? 36 : 16, ts = f4 ? 4 : 2; /* products, tile side */
+    const int th = (H + ts - 1) / ts, tw = (W + ts - 1) / ts, T = th * tw, np = (T + WT - 1) / WT;
     const int mt = (Cout + DM_GEMM_MR - 1) / DM_GEMM_MR, Cp = mt * DM_GEMM_MR;
     const size_t xs = (size_t)Cp * Cin;
     int nthr = 1;
@@ -345,8 +547,8 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
     if (P > WP_MAX) P = WP_MAX;
     if (P < 1) P = 1;
     const int nb = (np + P - 1) / P;
-    const size_t vstep = (size_t)16 * Cin * WT, mstep = (size_t)16 * Cp * WT; /* per panel */
-    float *Up = scr_get(SCR_U, 16 * xs);
+    const size_t vstep = (size_t)NX * Cin * WT, mstep = (size_t)NX * Cp * WT; /* per panel */
+    float *Up = scr_get(SCR_U, NX * xs);
     if (!Up) return -1;
     int failed = 0; /* shared: any thread without scratch stops them all before any work */
     /* One team for the weight transform and the blocks (each barrier costs, on a loaded machine,
@@ -354,13 +556,18 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
 #pragma omp parallel num_threads(nb < nthr ? nb : nthr)
     {
         float *V = scr_get(SCR_V, P * vstep), *Mb = scr_get(SCR_M, P * mstep);
-        float *rp = scr_get(SCR_R, 2 * WT + 4);
+        float *rp = scr_get(SCR_R, 4 * WT + 4);
         if (!V || !Mb || !rp) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static) /* its implicit barrier also publishes `failed` */
-        for (int i = 0; i < mt; i++) wino_weights(w, Cin, Cout, Up, i);
+        for (int i = 0; i < mt; i++) {
+            if (f4)
+                wino4_weights(w, Cin, Cout, Up, i);
+            else
+                wino_weights(w, Cin, Cout, Up, i);
+        }
         int stop;
 #pragma omp atomic read
         stop = failed;
@@ -370,14 +577,20 @@ static int conv3x3_winograd(const float *x, int Cin, int H, int W, const float *
                 const int p0 = blk * P, pn = np - p0 < P ? np - p0 : P;
                 for (int p = 0; p < pn; p++) {
                     const int t0 = (p0 + p) * WT, nt = T - t0 < WT ? T - t0 : WT;
-                    wino_input(x, Cin, H, W, tw, t0, nt, V + p * vstep, rp);
+                    if (f4)
+                        wino4_input(x, Cin, H, W, tw, t0, nt, V + p * vstep, rp);
+                    else
+                        wino_input(x, Cin, H, W, tw, t0, nt, V + p * vstep, rp);
                 }
-                for (int xi = 0; xi < 16; xi++)
+                for (int xi = 0; xi < NX; xi++)
                     wino_gemm(Up + xi * xs, Cp, Cin, V + (size_t)xi * Cin * WT, vstep, pn,
                               Mb + (size_t)xi * Cp * WT, mstep);
                 for (int p = 0; p < pn; p++) {
                     const int t0 = (p0 + p) * WT, nt = T - t0 < WT ? T - t0 : WT;
-                    wino_output(Mb + p * mstep, Cp, Cout, H, W, tw, t0, nt, b, acc, out);
+                    if (f4)
+                        wino4_output(Mb + p * mstep, Cp, Cout, H, W, tw, t0, nt, b, acc, out);
+                    else
+                        wino_output(Mb + p * mstep, Cp, Cout, H, W, tw, t0, nt, b, acc, out);
                 }
             }
         }
