@@ -241,7 +241,7 @@ static void wino_output(const float *Mb, int Cp, int Cout, int H, int W, int tw,
  *   G rows:   [1 0 0] [-1/3 -1/3 -1/3] [1/3 -1/3 1/3] [1/15 2/15 4/15] [-16/15 8/15 -4/15] [0 0 1]
  *   A^T rows: [1 1 1 1 1 0] [0 1 -1 2 -1/2 0] [0 1 1 4 1/4 0] [0 1 -1 8 -1/8 1] */
 #ifndef DM_VAE_F4_MIN_HW
-#define DM_VAE_F4_MIN_HW (128 * 128)
+#define DM_VAE_F4_MIN_HW (64 * 64)
 #endif
 
 /* The 1-D transforms, written out (the sums in this order; no multiply by 0 or +-1), as macros
@@ -482,7 +482,9 @@ static void wino_gemm(const float *A, int Cp, int K, const float *B, size_t bste
  * (~10 % of the decode). Buffers up to SCR_KEEP bytes are kept per thread (freed at thread exit
  * by a pthread key destructor); larger ones are allocated per call (their convolutions are big
  * enough not to notice), so an SD decode does not keep tens of MiB after it. */
-#define SCR_KEEP ((size_t)32 << 20)
+#ifndef SCR_KEEP
+#define SCR_KEEP ((size_t)40 << 20)
+#endif
 enum { SCR_U, SCR_V, SCR_M, SCR_R, SCR_N };
 typedef struct {
     float *p[SCR_N];
