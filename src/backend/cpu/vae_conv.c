@@ -271,15 +271,11 @@ static inline void g6(const float g[3], float o[6])
     o[4] = (-16.0f * g[0] + 8.0f * g[1] - 4.0f * g[2]) / 15.0f;
     o[5] = g[2];
 }
+/* 16 floats as one value (GCC/clang vector extension: lane-wise, no contraction into FMA).
+ * Loads and stores are macros: a function passing it by value changes ABI with the target. */
 typedef float v16f __attribute__((vector_size(64)));
-typedef int v16i __attribute__((vector_size(64)));
-static inline v16f ld16(const float *p)
-{
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void st16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+#define LD16(v, p) memcpy(&(v), (p), sizeof(v16f))
+#define ST16(p, v) memcpy((p), &(v), sizeof(v16f))
 
 /* Row tile i of Up [36][ceil(Cout/8)][Cin][8] = G g G^T. */
 static void wino4_weights(const float *w, int Cin, int Cout, float *Up, int i)
@@ -344,21 +340,31 @@ static void wino4_input(const float *x, int Cin, int H, int W, int tw, int t0, i
                 int c = 0;
                 for (; c + 16 <= run; c += 16) { /* d_s[c] = b[4c + s]: deinterleave by 4 */
                     const float *bc = b + 4 * c;
-                    const v16i ev = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-                    const v16i od = ev + 1;
-                    const v16f l0 = ld16(bc), l1 = ld16(bc + 16), l2 = ld16(bc + 32), l3 = ld16(bc + 48);
-                    const v16f e01 = __builtin_shuffle(l0, l1, ev), o01 = __builtin_shuffle(l0, l1, od);
-                    const v16f e23 = __builtin_shuffle(l2, l3, ev), o23 = __builtin_shuffle(l2, l3, od);
                     v16f d[6], o[6];
-                    d[0] = __builtin_shuffle(e01, e23, ev);
-                    d[2] = __builtin_shuffle(e01, e23, od);
-                    d[1] = __builtin_shuffle(o01, o23, ev);
-                    d[3] = __builtin_shuffle(o01, o23, od);
-                    const v16i sh = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
-                    d[4] = __builtin_shuffle(d[0], (v16f){bc[64]}, sh);
-                    d[5] = __builtin_shuffle(d[1], (v16f){bc[65]}, sh);
+#ifdef __AVX512F__
+                    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                                         24, 26, 28, 30);
+                    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+                    const __m512i sh = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                        9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(1));
+                    const __m512 l0 = _mm512_loadu_ps(bc), l1 = _mm512_loadu_ps(bc + 16);
+                    const __m512 l2 = _mm512_loadu_ps(bc + 32), l3 = _mm512_loadu_ps(bc + 48);
+                    const __m512 e01 = _mm512_permutex2var_ps(l0, ev, l1), o01 = _mm512_permutex2var_ps(l0, od, l1);
+                    const __m512 e23 = _mm512_permutex2var_ps(l2, ev, l3), o23 = _mm512_permutex2var_ps(l2, od, l3);
+                    const __m512 q0 = _mm512_permutex2var_ps(e01, ev, e23), q1 = _mm512_permutex2var_ps(o01, ev, o23);
+                    const __m512 q2 = _mm512_permutex2var_ps(e01, od, e23), q3 = _mm512_permutex2var_ps(o01, od, o23);
+                    const __m512 q4 = _mm512_permutex2var_ps(q0, sh, _mm512_set1_ps(bc[64]));
+                    const __m512 q5 = _mm512_permutex2var_ps(q1, sh, _mm512_set1_ps(bc[65]));
+                    memcpy(&d[0], &q0, 64), memcpy(&d[1], &q1, 64), memcpy(&d[2], &q2, 64);
+                    memcpy(&d[3], &q3, 64), memcpy(&d[4], &q4, 64), memcpy(&d[5], &q5, 64);
+#else
+                    float t[6][16];
+                    for (int l = 0; l < 16; l++)
+                        for (int q = 0; q < 6; q++) t[q][l] = bc[4 * l + q];
+                    for (int q = 0; q < 6; q++) LD16(d[q], t[q]);
+#endif
                     BT6(d, o);
-                    for (int q = 0; q < 6; q++) st16(e[r][q] + c, o[q]);
+                    for (int q = 0; q < 6; q++) ST16(e[r][q] + c, o[q]);
                 }
                 for (; c < run; c++) {
                     float o[6];
@@ -371,9 +377,9 @@ static void wino4_input(const float *x, int Cin, int H, int W, int tw, int t0, i
                 int c = 0;
                 for (; c + 16 <= run; c += 16) {
                     v16f d[6], o[6];
-                    for (int r = 0; r < 6; r++) d[r] = ld16(e[r][q] + c);
+                    for (int r = 0; r < 6; r++) LD16(d[r], e[r][q] + c);
                     BT6(d, o);
-                    for (int p = 0; p < 6; p++) st16(vc + (p * 6 + q) * cs + c, o[p]);
+                    for (int p = 0; p < 6; p++) ST16(vc + (p * 6 + q) * cs + c, o[p]);
                 }
                 for (; c < run; c++) {
                     float d[6], o[6];
@@ -401,14 +407,17 @@ static void wino4_output(const float *Mb, int Cp, int Cout, int H, int W, int tw
             v16f t[4][6]; /* A^T m */
             for (int j = 0; j < 6; j++) {
                 v16f m6[6], o[4];
-                for (int i = 0; i < 6; i++) m6[i] = ld16(mc + (i * 6 + j) * xs + c);
+                for (int i = 0; i < 6; i++) LD16(m6[i], mc + (i * 6 + j) * xs + c);
                 AT4(m6, o);
                 for (int i = 0; i < 4; i++) t[i][j] = o[i];
             }
             for (int i = 0; i < 4; i++) {
                 v16f o[4];
                 AT4(t[i], o);
-                for (int j = 0; j < 4; j++) st16(y[i][j] + c, o[j] + bias);
+                for (int j = 0; j < 4; j++) {
+                    const v16f yb = o[j] + bias;
+                    ST16(y[i][j] + c, yb);
+                }
             }
         }
         for (int c0 = 0; c0 < nt;) {
