@@ -1,10 +1,12 @@
-/* VAE convolutions through our fixed-order GEMM (gemm.h).
+/* VAE convolutions, every product a fixed-order FMA chain (gemm.h or the Winograd GEMM below).
  *
- * k x k (k > 1): implicit im2col. The unrolled input is never built whole: each thread packs one
- * 32-pixel panel of it ([Cin*k*k][32], zero padding outside the image) into its own slot of
- * `col` and multiplies the weights [Cout, Cin*k*k] by it while the panel is hot in its cache.
- * 1 x 1: out = w [Cout, Cin] · x [Cin, HW], x read in place. Each output value is one sum over
- * (ci, ky, kx) in that order, whatever the thread count. */
+ * 3 x 3: Winograd, F(4x4, 3x3) on maps >= DM_VAE_F4_MIN_HW pixels with sides multiples of 4,
+ * else F(2x2, 3x3); the element-wise products summed over Cin are GEMMs on blocks of panels of
+ * 32 tiles per thread. Other k > 1: implicit im2col: each thread packs one 32-pixel panel of the
+ * unrolled input ([Cin*k*k][32], zero padding outside the image) into its own slot of `col` and
+ * multiplies the weights [Cout, Cin*k*k] by it while the panel is hot in its cache.
+ * 1 x 1: out = w [Cout, Cin] · x [Cin, HW], x read in place. Each output value is computed by one
+ * thread in an order fixed by the shapes, whatever the thread count. */
 #include "backend/cpu/gemm.h"
 #include "backend/cpu/vae_kernels.h"
 #include "ditmoe.h"

@@ -36,8 +36,9 @@ typedef struct {
 #endif
 
 /* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
- * zero padding (k-1)/2, k odd. k > 1: implicit im2col, one 32-pixel panel of the unrolled input
- * at a time per thread, multiplied by the weights with gemm.h; col is scratch of at least
+ * zero padding (k-1)/2, k odd. k == 3: Winograd F(4x4) or F(2x2) (vae_conv.c); other k > 1:
+ * implicit im2col, one 32-pixel panel of the unrolled input at a time per thread, multiplied by
+ * the weights with gemm.h; col is scratch of at least
  * dm_vae_conv_col_size(Cin, H, W, k) floats (may be NULL for k == 1, which reads x in place).
  * `out` must not alias `x`. */
 size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);
