@@ -81,6 +81,10 @@ START_TEST(conv_large)
     conv_case(19, 9, 7, 45, 3, 1);
     conv_case(40, 33, 12, 40, 1, 1);
     conv_case(3, 4, 3, 96, 5, 1);
+    /* maps of >= 128x128 with sides multiples of 4: Winograd F(4x4, 3x3) (vae_conv.c); a
+     * 132-wide map puts panels across tile rows and leaves a partial last panel */
+    conv_case(8, 12, 128, 132, 3, 1);
+    conv_case(5, 9, 128, 128, 3, 0);
 }
 END_TEST
 
@@ -112,10 +116,12 @@ static void conv_threads(int Cin, int Cout, int H, int W, int k, int acc)
 
 START_TEST(thread_invariance)
 {
-    conv_threads(16, 24, 16, 64, 3, 0);
-    conv_threads(16, 24, 16, 64, 3, 1);
+    /* above DM_VAE_PAR_MACS (below it a kernel runs on one thread whatever the count) */
+    conv_threads(16, 24, 64, 64, 3, 0);
+    conv_threads(16, 24, 64, 64, 3, 1);
+    conv_threads(8, 12, 128, 132, 3, 1); /* F(4x4, 3x3) */
     conv_threads(7, 9, 11, 13, 3, 0);
-    conv_threads(32, 16, 8, 40, 1, 1);
+    conv_threads(64, 64, 48, 48, 1, 1);
     /* group norm (+SiLU) */
     const int C = 32, HW = 300, G = 8;
     float *x = rand_buf((size_t)C * HW, 2.0f), *g = rand_buf(C, 1.0f), *bb = rand_buf(C, 1.0f);

@@ -213,6 +213,40 @@ def full_sd_list(tmp):
             check(np.array_equal(first, img), f"SD list [{sname}]: identical to diffusers naming")
 
 
+def batch_invariance(tmp):
+    """Small images of a batch are decoded side by side, one per thread, each by its own copy of
+    the decoder (src/vae/vae.c image_workers): every image must have the bits it has when decoded
+    alone on one thread, for 2 and 3 threads (the shipped VAE and a random one with mid attention
+    and widths that are not multiples of 32)."""
+    cfg = V.VAEConfig(ch=24, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, out_ch=3, norm_groups=8)
+    dec = V.randomize_(V.Decoder(cfg), seed=4)
+    vr = os.path.join(tmp, "bi_vae.safetensors")
+    V.write_safetensors(vr, dec.state_dict(), V.vae_metadata(cfg))
+    shipped = os.path.join(SRC, "assets", "vae-fmnist.safetensors")
+    g = torch.Generator().manual_seed(9)
+    for name, vp in (("shipped Fashion-MNIST VAE", shipped), ("random VAE", vr)):
+        if not os.path.exists(vp):
+            check(False, f"batch invariance: {vp} exists")
+            continue
+        z = (torch.randn(5, 4, 8, 8, generator=g) * 0.5).numpy()
+        zp, z1p = os.path.join(tmp, "bi_z.npy"), os.path.join(tmp, "bi_z1.npy")
+        np.save(zp, z)
+        np.save(z1p, z[3:4])
+        alone = os.path.join(tmp, "bi_alone.npy")
+        p = subprocess.run([TOOL, "-q", "--threads", "1", "--vae", vp, "--z", z1p, "--out", alone],
+                           capture_output=True, text=True)
+        check(p.returncode == 0, f"batch invariance [{name}]: image 3 alone, 1 thread: exit "
+              f"{p.returncode} {p.stderr.strip()[:200]}")
+        for t in (2, 3):
+            op = os.path.join(tmp, f"bi_t{t}.npy")
+            p = subprocess.run([TOOL, "-q", "--threads", str(t), "--vae", vp, "--z", zp, "--out", op],
+                               capture_output=True, text=True)
+            ok = p.returncode == 0 and os.path.exists(alone)
+            same = ok and np.load(op)[3:4].tobytes() == np.load(alone).tobytes()
+            check(same, f"batch invariance [{name}]: image 3 of 5 at --threads {t} == alone at "
+                  f"--threads 1, bitwise (exit {p.returncode})")
+
+
 def main():
     if not os.path.exists(TOOL):
         print("missing", TOOL)
@@ -234,6 +268,7 @@ def main():
         png_check(tmp, "B", z, ref)
         bad_inputs(tmp)
         full_sd_list(tmp)
+        batch_invariance(tmp)
     if failures:
         print(f"{len(failures)} failure(s)")
         sys.exit(1)

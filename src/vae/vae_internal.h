@@ -67,6 +67,12 @@ struct dm_vae {
     dm_buf zbuf;   /* [z_channels, h, w] the scaled latent */
     dm_buf obuf;   /* [out_ch, h*f, w*f] the decoded image */
     double prof_t[4], prof_flops; /* per-op wall time of the last decode (reported with -v) */
+    /* Small images of a batch are decoded side by side, one per thread, each by its own copy of
+     * the decoder (own backend instance, weights and workspace; vae.c image_workers). */
+    dm_load_opts opts;          /* as loaded (cfg NULL), to open the copies */
+    long long file_size, file_mtime; /* of `path` at load: a copy is only made from the same file */
+    int n_copies;
+    struct dm_vae **copies;     /* [n_copies] */
 };
 
 /* Load + infer config (vae_load.c); v->be must be open. */

@@ -24,9 +24,9 @@ size_t dm_vae_attn_ws_size(int C, int N)
 }
 
 /* dst [cols, rows] = src [rows, cols]^T */
-static void transpose(const float *src, int rows, int cols, float *dst)
+static void transpose(const float *src, int rows, int cols, float *dst, int par)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
     for (int c0 = 0; c0 < cols; c0 += 32)
         for (int r = 0; r < rows; r++)
             for (int c = c0; c < c0 + 32 && c < cols; c++)
@@ -34,11 +34,11 @@ static void transpose(const float *src, int rows, int cols, float *dst)
 }
 
 /* y [C, N] = W [C, C] · h [C, N] + b */
-static void proj(const float *W, const float *b, const float *h, int C, int N, float *y)
+static void proj(const float *W, const float *b, const float *h, int C, int N, float *y, int par)
 {
     dm_gemm_epi e = DM_GEMM_EPI_INIT;
     e.row_bias = b;
-    dm_gemm(W, (size_t)C, C, C, (dm_gemm_b){h, (size_t)N}, N, y, (size_t)N, &e, 1);
+    dm_gemm(W, (size_t)C, C, C, (dm_gemm_b){h, (size_t)N}, N, y, (size_t)N, &e, par);
 }
 
 void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, float *ws)
@@ -49,13 +49,14 @@ void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, fl
     float *v = k + (size_t)C * N; /* [C, N]; then o^T [N, C] */
     float *qt = v + (size_t)C * N; /* [N, C] */
     float *S = qt + (size_t)C * N; /* [nb, N] score block */
+    const int par = (double)C * N * (4.0 * C + 2.0 * N) >= DM_VAE_PAR_MACS; /* all products */
     dm_vae_group_norm(x, C, (size_t)N, G, DM_VAE_EPS, aw->gn_g, aw->gn_b, 0, h);
-    proj(aw->wq, aw->bq, h, C, N, q);
-    proj(aw->wk, aw->bk, h, C, N, k);
-    proj(aw->wv, aw->bv, h, C, N, v);
-    transpose(q, C, N, qt);
+    proj(aw->wq, aw->bq, h, C, N, q, par);
+    proj(aw->wk, aw->bk, h, C, N, k, par);
+    proj(aw->wv, aw->bv, h, C, N, v, par);
+    transpose(q, C, N, qt, par);
     float *vt = q, *ot = v;
-    transpose(v, C, N, vt);
+    transpose(v, C, N, vt, par);
     dm_gemm_epi es = DM_GEMM_EPI_INIT;
     es.alpha = 1.0f / sqrtf((float)C);
     const int nb = score_rows(N);
@@ -63,8 +64,8 @@ void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, fl
         const int m = n0 + nb <= N ? nb : N - n0;
         /* S [m, N] = scale * q^T[n0 : n0+m] [m, C] · k [C, N] */
         dm_gemm(qt + (size_t)n0 * C, (size_t)C, m, C, (dm_gemm_b){k, (size_t)N}, N, S, (size_t)N,
-                &es, 1);
-#pragma omp parallel for schedule(static)
+                &es, par);
+#pragma omp parallel for schedule(static) if (par)
         for (int i = 0; i < m; i++) {
             float *s = S + (size_t)i * N;
             float mx = s[0];
@@ -76,12 +77,12 @@ void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, fl
         }
         /* o^T[n0 : n0+m] [m, C] = S [m, N] · v^T [N, C] */
         dm_gemm(S, (size_t)N, m, N, (dm_gemm_b){vt, (size_t)C}, C, ot + (size_t)n0 * C, (size_t)C,
-                NULL, 1);
+                NULL, par);
     }
-    transpose(ot, N, C, h); /* o [C, N] */
+    transpose(ot, N, C, h, par); /* o [C, N] */
     /* x += wo · o + bo */
     dm_gemm_epi eo = DM_GEMM_EPI_INIT;
     eo.row_bias = aw->bo;
     eo.accumulate = 1;
-    dm_gemm(aw->wo, (size_t)C, C, C, (dm_gemm_b){h, (size_t)N}, N, x, (size_t)N, &eo, 1);
+    dm_gemm(aw->wo, (size_t)C, C, C, (dm_gemm_b){h, (size_t)N}, N, x, (size_t)N, &eo, par);
 }

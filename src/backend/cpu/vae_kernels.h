@@ -13,6 +13,18 @@
 #define DM_VAE_EPS 1e-6f
 #endif
 
+/* Work (multiply-adds, or elements for the element-wise kernels) below which a kernel runs on
+ * the calling thread alone: waking a team and meeting at its barrier costs more than the work
+ * there, and on a loaded machine a spinning idle thread doubles the CPU time (the shipped
+ * Fashion-MNIST VAE, 8x8 to 32x32 maps of 16-64 channels, is all below it; every SD-VAE conv is
+ * above). Only the speed depends on it: the bits do not depend on the thread count. */
+#ifndef DM_VAE_PAR_MACS
+#define DM_VAE_PAR_MACS 8e6
+#endif
+#ifndef DM_VAE_PAR_ELEMS
+#define DM_VAE_PAR_ELEMS 65536
+#endif
+
 /* VAE mid-block attention weights (also used by the reference in src/vae/vae_ref.c). */
 #ifndef DM_VAE_ATTN_W_DEFINED
 #define DM_VAE_ATTN_W_DEFINED
@@ -24,8 +36,9 @@ typedef struct {
 #endif
 
 /* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
- * zero padding (k-1)/2, k odd. k > 1: implicit im2col, one 32-pixel panel of the unrolled input
- * at a time per thread, multiplied by the weights with gemm.h; col is scratch of at least
+ * zero padding (k-1)/2, k odd. k == 3: Winograd F(4x4) or F(2x2) (vae_conv.c); other k > 1:
+ * implicit im2col, one 32-pixel panel of the unrolled input at a time per thread, multiplied by
+ * the weights with gemm.h; col is scratch of at least
  * dm_vae_conv_col_size(Cin, H, W, k) floats (may be NULL for k == 1, which reads x in place).
  * `out` must not alias `x`. */
 size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);

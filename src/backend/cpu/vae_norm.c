@@ -13,7 +13,7 @@ void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const
                        const float *beta, int silu_on, float *y)
 {
     const int cg = C / G;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((double)C * HW >= DM_VAE_PAR_ELEMS)
     for (int g = 0; g < G; g++) {
         const float *xg = x + (size_t)g * cg * HW; /* [cg, HW] contiguous */
         const size_t n = (size_t)cg * HW;
@@ -50,7 +50,7 @@ void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const
 void dm_vae_upsample2x(const float *x, int C, int H, int W, float *out)
 {
     const int W2 = 2 * W;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((double)C * H * W >= DM_VAE_PAR_ELEMS)
     for (int c = 0; c < C; c++) {
         const float *xc = x + (size_t)c * H * W;
         float *oc = out + (size_t)c * 4 * H * W;
