@@ -9,6 +9,7 @@
   - re-converting a quantised file (same kind, --dtype) keeps the stored experts and scales;
   - a .pt checkpoint whose expert width (40) is not a multiple of 32: int8 works (bit-equal
     forward), int4 is exit 2 naming file and tensor, with no output file;
+  - tools/make_random_model.py (tiny shape) writes float / int8 / int4 files that load and run;
   - hand-made bad files (truncated / wrong-dtype / missing / non-finite scales, wrong weight dtype,
     quantised tensors outside the routed experts or without the metadata, -128, int4 width) are
     exit 2 with one line naming the file and the tensor.
@@ -287,6 +288,40 @@ class BadFiles(Base):
                     t[name] = torch.zeros((r, c // 2), dtype=torch.uint8)
                     t[name + ".scale"] = torch.zeros((r, max(c // 32, 1)), dtype=torch.bfloat16)
         self.bad(q8, to_int4, "blocks.0.moe.experts.0.gate_proj.weight", "multiple of 32")
+
+
+class RandomModel(Base):
+    """tools/make_random_model.py writes loadable files directly in the stored forms."""
+
+    def test_tiny_float_int8_int4(self):
+        from dit_moe_ref import sincos_pos_embed
+        gen = os.path.join(SRC, "tools", "make_random_model.py")
+        outs = {}
+        for e in ("float", "int8", "int4"):
+            p = self.path(f"rand-{e}.safetensors")
+            rc, so, se = run(sys.executable, gen, p, "--shape", "tiny", "--experts", e)
+            self.assertEqual(rc, 0, se)
+            t, meta = safetensors_io.read(p)
+            self.assertEqual(meta.get("quant_experts"), None if e == "float" else e)
+            k = "blocks.1.moe.experts.2.down_proj.weight"
+            want = {"float": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[e]
+            self.assertEqual(t[k].dtype, want)
+            np.testing.assert_allclose(t["pos_embed"].numpy()[0], sincos_pos_embed(64, 4),
+                                       atol=1e-6)
+            if e == "int8":
+                self.assertGreaterEqual(int(t[k].min()), -127)
+            self.forward(p, self.path(f"r-{e}.npy"))
+            out = np.load(self.path(f"r-{e}.npy"))
+            self.assertTrue(np.isfinite(out).all())
+            self.assertGreater(float(out.std()), 0.05)
+            outs[e] = out
+        # same seed and scales, different expert values
+        self.assertFalse(np.array_equal(outs["int8"], outs["int4"]))
+        rc, so, se = run(sys.executable, gen, self.path("odd.safetensors"), "--shape", "tiny",
+                         "--hidden", "40", "--experts", "int4")
+        self.assertNotEqual(rc, 0)
+        self.assertIn("multiple of 32", se)
+        self.assertFalse(os.path.exists(self.path("odd.safetensors")))
 
 
 if __name__ == "__main__":
