@@ -684,6 +684,9 @@ dm_status dm_quant_weight(int bits, const void *W, dm_dtype dtype, int out, int 
 typedef dm_status (*dm_st_fill_fn)(void *ud, int i, const void **data);
 dm_status dm_st_write_stream(const char *path, int n, const dm_st_tensor *t,
                              const char *const *meta, dm_st_fill_fn fill, void *ud);
+/* Done with tensor t of f: its pages of the read-only mapping may leave memory (they are read
+ * from the file again if touched), so streaming a model through keeps resident memory bounded. */
+void dm_st_release(const dm_st_file *f, const dm_st_tensor *t);
 
 /* ---------------------------------------------------------------------------------------------
  * Generation pipeline (src/pipeline): model + VAE opened together and checked against each other

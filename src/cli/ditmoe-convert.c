@@ -120,6 +120,7 @@ typedef struct {
     int *src, *kind; /* [n] input index, K_* */
     char **names;    /* [n] owned names of the ".scale" tensors (else NULL) */
     void *buf, *qbuf, *sbuf; /* the tensor being written (one at a time) */
+    int released;            /* outputs [0, released) written and their sources let go */
 } plan_t;
 
 /* Is `name` a routed expert's matrix (DiT-MoE gate/up/down_proj of experts 0..E-1; ProMoE
@@ -232,6 +233,8 @@ static dm_status fill(void *ud, int i, const void **data)
 {
     plan_t *P = ud;
     const dm_st_tensor *s = dm_st_at(P->f, P->src[i]);
+    for (; P->released < i; P->released++) /* written: the input's pages may go */
+        dm_st_release(P->f, dm_st_at(P->f, P->src[P->released]));
     if (P->kind[i] == K_SCALE) { /* made with its matrix, just before */
         *data = P->sbuf;
         return DM_OK;
