@@ -147,14 +147,18 @@ dm_status dm_lp_import(dm_lpmat *m, dm_lp_format fmt, int out, int in, const voi
             const float d = dm_bf16_to_f32(dh);
             m->gscale[(j * m->kb + g) * DM_LP_PANEL + c] = dh;
             int sum = 0;
-            for (int i = 0; i < DM_Q4_GROUP && d != 0.0f; i++) {
-                const int k = g * DM_Q4_GROUP + i;
-                const int nib = (row[k / 2] >> (k % 2 ? 4 : 0)) & 15;
-                const int qi = nib >= 8 ? nib - 16 : nib;
-                sum += qi;
-                uint8_t *byte =
-                    p + (j * m->kb + g) * Q4_QB + (size_t)(i / 4) * 64 + (c % 16) * 4 + i % 4;
-                *byte |= (uint8_t)((qi & 15) << (c < 16 ? 0 : 4));
+            /* quad t of the group: k = 32g + 4t + jj, from file bytes 16g + 2t and + 1, to bytes
+             * t*64 + (c%16)*4 + jj of the panel's group block, this column's nibble */
+            const uint8_t *src = row + (size_t)g * (DM_Q4_GROUP / 2);
+            uint8_t *dst = p + (j * m->kb + g) * Q4_QB + (c % 16) * 4;
+            const int sh = c < 16 ? 0 : 4;
+            for (int t = 0; t < 8 && d != 0.0f; t++) {
+                const int n[4] = {src[2 * t] & 15, src[2 * t] >> 4, src[2 * t + 1] & 15,
+                                  src[2 * t + 1] >> 4};
+                for (int jj = 0; jj < 4; jj++) {
+                    dst[t * 64 + jj] |= (uint8_t)(n[jj] << sh);
+                    sum += (n[jj] ^ 8) - 8; /* two's complement nibble */
+                }
             }
             corr += (double)d * sum;
         }
