@@ -119,7 +119,7 @@ void dm_load_opts_init(dm_load_opts *o);
 /* ---------------------------------------------------------------------------------------------
  * Data types (enum <-> string tables shared by CLI and library)
  * ------------------------------------------------------------------------------------------- */
-typedef enum { DM_F32 = 0, DM_F16, DM_BF16, DM_I32, DM_I64, DM_U8, DM_DTYPE_COUNT } dm_dtype;
+typedef enum { DM_F32 = 0, DM_F16, DM_BF16, DM_I32, DM_I64, DM_U8, DM_I8, DM_DTYPE_COUNT } dm_dtype;
 const char *dm_dtype_name(dm_dtype t);          /* "F32", "F16", ... (safetensors spelling) */
 int dm_dtype_from_name(const char *s, dm_dtype *out); /* 0 on success, -1 if unknown */
 size_t dm_dtype_size(dm_dtype t);
@@ -831,6 +831,28 @@ typedef struct {
  * ProMoE expert choice (one line naming it). */
 dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_prune_plan *p,
                          const char *method, const char *path);
+
+/* ---------------------------------------------------------------------------------------------
+ * Quantised files (docs/format.md "Quantised routed experts"): routed expert weights stored as
+ * int8 (I8 [out, in] + F32 "<name>.scale" [out]) or int4 (U8 [out, in/2], two per byte, even k in
+ * the low nibble, + BF16 "<name>.scale" [out, in/32]), metadata "quant_experts" = "int8"|"int4".
+ * The quantisation is the CPU backend's --quant-experts arithmetic, so a stored file computes the
+ * same bits as the float file quantised at load. ditmoe-convert --quant-experts writes them.
+ * ------------------------------------------------------------------------------------------- */
+/* Quantise W [out, in] (F32, F16 or BF16, may be unaligned) as --quant-experts `bits` does:
+ * bits 8: q int8 [out * in], scale float32 [out]; bits 4: q uint8 [out * in / 2], scale bf16 bit
+ * patterns (uint16) [out * in / 32]. DM_ERR_ARG naming `name` for int4 with in % 32 != 0. */
+dm_status dm_quant_weight(int bits, const void *W, dm_dtype dtype, int out, int in,
+                          const char *name, void *q, void *scale);
+/* dm_st_write, except that a tensor whose data is NULL gets its bytes from fill(ud, i, &data)
+ * just before they are written (data must stay valid until the next call): a file can be written
+ * with one tensor in memory at a time. */
+typedef dm_status (*dm_st_fill_fn)(void *ud, int i, const void **data);
+dm_status dm_st_write_stream(const char *path, int n, const dm_st_tensor *t,
+                             const char *const *meta, dm_st_fill_fn fill, void *ud);
+/* Done with tensor t of f: its pages of the read-only mapping may leave memory (they are read
+ * from the file again if touched), so streaming a model through keeps resident memory bounded. */
+void dm_st_release(const dm_st_file *f, const dm_st_tensor *t);
 
 /* ---------------------------------------------------------------------------------------------
  * Generation pipeline (src/pipeline): model + VAE opened together and checked against each other

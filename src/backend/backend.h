@@ -77,6 +77,13 @@ typedef struct {
     int rows, cols;      /* logical row-major shape [rows, cols]; vectors: rows = n, cols = 1 */
     const void *data;    /* host bytes as stored in the file (may be unaligned); the backend copies,
                           * converts or packs them and never keeps the pointer */
+    /* Pre-quantised weight from a file (docs/format.md "Quantised routed experts"; only LINEAR,
+     * role EXPERT): quant 0 = none (data is float of `dtype`); 8 = data int8 [rows, cols] (dtype
+     * I8) and scale float32 [rows]; 4 = data uint8 [rows, cols / 2] (dtype U8; even k in the low
+     * nibble, two's complement) and scale bf16 bits [rows, cols / 32]; value = q * scale. Both
+     * may be unaligned. A backend that cannot take them fails naming the tensor. */
+    int quant;
+    const void *scale;
 } dm_weight_desc;
 
 /* Opaque: one tensor in the backend's layout. */

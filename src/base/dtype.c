@@ -8,7 +8,7 @@ static const struct {
     size_t size;
 } k_dtypes[DM_DTYPE_COUNT] = {
     [DM_F32] = {"F32", 4}, [DM_F16] = {"F16", 2}, [DM_BF16] = {"BF16", 2},
-    [DM_I32] = {"I32", 4}, [DM_I64] = {"I64", 8}, [DM_U8] = {"U8", 1},
+    [DM_I32] = {"I32", 4}, [DM_I64] = {"I64", 8}, [DM_U8] = {"U8", 1}, [DM_I8] = {"I8", 1},
 };
 
 const char *dm_dtype_name(dm_dtype t)

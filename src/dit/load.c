@@ -4,6 +4,9 @@
 #include "io/st_internal.h"
 
 #include <math.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +44,92 @@ static dm_status make(dm_model *m, const char *name, dm_weight_role role, dm_wei
     return own(m, *out);
 }
 
+/* ---- routed experts stored quantised (docs/format.md "Quantised routed experts") ----------- */
+
+/* A pre-quantised LINEAR weight [rows, cols] (q and scale in the file's layout, desc.quant). */
+static dm_status make_q(dm_model *m, const char *name, dm_weight_role role, int bits, int rows,
+                        int cols, const void *q, const void *scale, dm_weight **out)
+{
+    dm_weight_desc d = {.name = name, .role = role, .use = DM_USE_LINEAR,
+                        .dtype = bits == 8 ? DM_I8 : DM_U8, .rows = rows, .cols = cols, .data = q,
+                        .quant = bits, .scale = scale};
+    TRY(m->be->ops->weight(m->be->ctx, &d, out));
+    return own(m, *out);
+}
+
+/* Does tensor t (name) go through the stored-quantised path? Errors for a quantised dtype where
+ * the file or the role does not allow one. *bits = the file's kind (0: a float weight). */
+static dm_status stored_kind(const dm_st_file *f, const char *name, const dm_st_tensor *t,
+                             dm_weight_role role, int *bits)
+{
+    const int qb = dm_st_quant_bits(f);
+    const char *p = dm_st_path(f);
+    *bits = 0;
+    if (!t) return DM_OK; /* missing: the shape check names it */
+    const int qdt = t->dtype == DM_I8 || t->dtype == DM_U8;
+    if (qb < 0)
+        return dm_fail(DM_ERR_FORMAT, "%s: metadata \"quant_experts\": '%s' (expected int8 or int4)",
+                       p, dm_st_meta(f, "quant_experts"));
+    if (role != DM_ROLE_EXPERT) {
+        if (qdt)
+            return dm_fail(DM_ERR_FORMAT, "%s: %s: dtype %s: only routed experts may be stored "
+                           "quantised", p, name, dm_dtype_name(t->dtype));
+        return DM_OK;
+    }
+    if (qb == 0) {
+        if (qdt)
+            return dm_fail(DM_ERR_FORMAT, "%s: %s: dtype %s, but the file has no \"quant_experts\" "
+                           "metadata (docs/format.md)", p, name, dm_dtype_name(t->dtype));
+        return DM_OK;
+    }
+    const dm_dtype want = qb == 8 ? DM_I8 : DM_U8;
+    if (t->dtype != want)
+        return dm_fail(DM_ERR_FORMAT, "%s: %s: dtype %s expected %s (the file's quant_experts is "
+                       "int%d)", p, name, dm_dtype_name(t->dtype), dm_dtype_name(want), qb);
+    *bits = qb;
+    return DM_OK;
+}
+
+/* The q and scale tensors of stored expert weight `name`, logical shape [rows, cols], checked:
+ * int8 I8 [rows, cols] + F32 [rows]; int4 U8 [rows, cols/2] + BF16 [rows, cols/32]. */
+static dm_status stored_parts(const dm_st_file *f, const char *name, int bits, int64_t rows,
+                              int64_t cols, const dm_st_tensor **tq, const dm_st_tensor **ts)
+{
+    const char *p = dm_st_path(f);
+    if (bits == 4 && cols % 32)
+        return dm_fail(DM_ERR_FORMAT, "%s: %s: int4 needs the input width to be a multiple of 32; "
+                       "the weight is [%lld, %lld]", p, name, (long long)rows, (long long)cols);
+    const int64_t shape[2] = {rows, cols};
+    TRY(dm_st_check_shape(f, name, 2, shape)); /* int4: U8 [rows, cols/2] (safetensors.c) */
+    *tq = dm_st_find(f, name);
+    char sname[288];
+    snprintf(sname, sizeof sname, "%s.scale", name);
+    const int64_t s8[1] = {rows}, s4[2] = {rows, cols / 32};
+    TRY(dm_st_check_shape(f, sname, bits == 8 ? 1 : 2, bits == 8 ? s8 : s4));
+    *ts = dm_st_find(f, sname);
+    const dm_dtype want = bits == 8 ? DM_F32 : DM_BF16;
+    if ((*ts)->dtype != want)
+        return dm_fail(DM_ERR_FORMAT, "%s: %s: dtype %s expected %s (int%d expert scales)", p,
+                       sname, dm_dtype_name((*ts)->dtype), dm_dtype_name(want), bits);
+    const unsigned char *sb = (*ts)->data;
+    const int64_t ns = bits == 8 ? rows : rows * (cols / 32);
+    for (int64_t i = 0; i < ns; i++) { /* a non-finite scale would turn outputs into NaN */
+        uint32_t u = 0;
+        if (bits == 8) memcpy(&u, sb + 4 * i, 4);
+        else u = (uint32_t)sb[2 * i] << 16 | (uint32_t)sb[2 * i + 1] << 24;
+        if ((u & 0x7f800000u) == 0x7f800000u)
+            return dm_fail(DM_ERR_FORMAT, "%s: %s: scale of row %lld%s is not finite", p, sname,
+                           (long long)(bits == 8 ? i : i / (cols / 32)), bits == 8 ? "" : " (a group)");
+    }
+    const void *m128 = bits == 8 ? memchr((*tq)->data, 0x80, (*tq)->nbytes) : NULL;
+    if (m128) { /* int8 experts are symmetric (what the converter writes): -127..127 */
+        const size_t off = (size_t)((const unsigned char *)m128 - (const unsigned char *)(*tq)->data);
+        return dm_fail(DM_ERR_FORMAT, "%s: %s: value -128 at [%lld, %lld] (expected -127..127)", p,
+                       name, (long long)(off / (size_t)cols), (long long)(off % (size_t)cols));
+    }
+    return DM_OK;
+}
+
 /* Float32 tensor `name` of shape [d0] / [d0,d1] / [d0,d1,d2,d3] (ndim 1-4) as a VECTOR weight. */
 static dm_status load(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weight_role role,
                       int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
@@ -60,6 +149,7 @@ static dm_status load(dm_model *m, const dm_st_file *f, dm_weight **out, dm_weig
     TRY(dm_st_load_f32(f, name, ndim, shape, &v));
     dm_status st = make(m, name, role, DM_USE_VECTOR, DM_F32, (int)n, 1, v, out);
     free(v);
+    dm_st_release(f, dm_st_find(f, name));
     return st;
 }
 
@@ -80,9 +170,21 @@ static dm_status loadp(dm_model *m, const dm_st_file *f, dm_weight **out, dm_wei
     const int64_t shape[4] = {d0, d1, d2, d3};
     const int64_t in = d1 * (ndim == 4 ? d2 * d3 : 1);
     const dm_st_tensor *t = dm_st_find(f, name);
+    int bits;
+    TRY(stored_kind(f, name, t, role, &bits));
+    if (bits && ndim == 2) { /* stored int8 / int4: straight from the mapping */
+        const dm_st_tensor *tq, *ts;
+        TRY(stored_parts(f, name, bits, d0, d1, &tq, &ts));
+        dm_status st = make_q(m, name, role, bits, (int)d0, (int)d1, tq->data, ts->data, out);
+        dm_st_release(f, tq);
+        dm_st_release(f, ts);
+        return st;
+    }
     if (t && (t->dtype == DM_F32 || t->dtype == DM_BF16 || t->dtype == DM_F16)) {
         TRY(dm_st_check_shape(f, name, ndim, shape));
-        return make(m, name, role, DM_USE_LINEAR, t->dtype, (int)d0, (int)in, t->data, out);
+        dm_status st = make(m, name, role, DM_USE_LINEAR, t->dtype, (int)d0, (int)in, t->data, out);
+        dm_st_release(f, t);
+        return st;
     }
     float *W; /* absent (the error names it) or another dtype: through the float32 loader */
     TRY(dm_st_load_f32(f, name, ndim, shape, &W));
@@ -108,7 +210,30 @@ static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefi
     const int64_t shape[2] = {F, D};
     const dm_st_tensor *tg = dm_st_find(f, gname), *tu = dm_st_find(f, uname);
     dm_weight *w1 = NULL;
-    if (tg && tu && tg->dtype == tu->dtype &&
+    int bits, ubits;
+    TRY(stored_kind(f, gname, tg, role, &bits));
+    TRY(stored_kind(f, uname, tu, role, &ubits));
+    if (bits) { /* stored int8 / int4: q rows and scale rows of gate then up, no float copy */
+        const dm_st_tensor *gq, *gs, *uq, *us;
+        TRY(stored_parts(f, gname, bits, F, D, &gq, &gs));
+        TRY(stored_parts(f, uname, bits, F, D, &uq, &us));
+        unsigned char *q = malloc(gq->nbytes + uq->nbytes), *sc = malloc(gs->nbytes + us->nbytes);
+        dm_status st = q && sc ? DM_OK : dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
+        if (st == DM_OK) {
+            memcpy(q, gq->data, gq->nbytes);
+            memcpy(q + gq->nbytes, uq->data, uq->nbytes);
+            memcpy(sc, gs->data, gs->nbytes);
+            memcpy(sc + gs->nbytes, us->data, us->nbytes);
+            st = make_q(m, name, role, bits, 2 * F, D, q, sc, &w1);
+        }
+        free(q);
+        free(sc);
+        dm_st_release(f, gq);
+        dm_st_release(f, gs);
+        dm_st_release(f, uq);
+        dm_st_release(f, us);
+        TRY(st);
+    } else if (tg && tu && tg->dtype == tu->dtype &&
         (tg->dtype == DM_F32 || tg->dtype == DM_BF16 || tg->dtype == DM_F16)) {
         TRY(dm_st_check_shape(f, gname, 2, shape));
         TRY(dm_st_check_shape(f, uname, 2, shape));
@@ -118,6 +243,8 @@ static dm_status load_swiglu(dm_model *m, const dm_st_file *f, const char *prefi
         memcpy(raw + tg->nbytes, tu->data, tu->nbytes);
         dm_status st = make(m, name, role, DM_USE_LINEAR, tg->dtype, 2 * F, D, raw, &w1);
         free(raw);
+        dm_st_release(f, tg);
+        dm_st_release(f, tu);
         TRY(st);
     } else {
         float *g = NULL, *u = NULL, *gu = NULL;
@@ -318,7 +445,15 @@ static dm_status load_all(dm_model *m, const dm_st_file *f)
     LOAD1(m->final_b, p * p * Co, "final_layer.linear.bias");
     m->blocks = calloc((size_t)c->depth, sizeof *m->blocks);
     if (!m->blocks) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", m->path);
-    for (int i = 0; i < c->depth; i++) TRY(load_block(m, f, i, &m->blocks[i]));
+    for (int i = 0; i < c->depth; i++) {
+        TRY(load_block(m, f, i, &m->blocks[i]));
+#ifdef __GLIBC__
+        /* The per-tensor temporaries (concatenated gate+up, format conversions) leave freed
+         * holes between the long-lived packed weights, which glibc keeps resident: +4 GB of RSS
+         * over 17 GB of weights on a G/2-shaped model (docs/perf.md). Give them back per block. */
+        malloc_trim(0);
+#endif
+    }
     return DM_OK;
 }
 
@@ -348,7 +483,14 @@ dm_status dm_model_load_opts(const char *path, const dm_load_opts *o, dm_model *
     m->be = be;
     dm_st_file *f = NULL;
     st = dm_st_open_opts(path, o->cfg, &f); /* overrides: .pt files (pt_config.c) */
+    const int qb = st == DM_OK ? dm_st_quant_bits(f) : 0;
+    if (st == DM_OK && qb > 0 && o->quant_experts && o->quant_experts != qb)
+        st = dm_fail(DM_ERR_ARG, "%s: the file stores the routed experts as int%d; --quant-experts "
+                     "int%d would re-quantise them (use the float file, or int%d)", path, qb,
+                     o->quant_experts, qb);
     if (st == DM_OK) st = load_all(m, f);
+    if (st == DM_OK && qb > 0)
+        dm_log(DM_LOG_INFO, "%s: routed experts stored as int%d, used as stored", path, qb);
     dm_st_close(f);
     if (st != DM_OK) {
         dm_model_free(m);

@@ -133,7 +133,7 @@ static dm_status parse_tensor(dm_st_file *f, const cJSON *e, dm_st_tensor *t, ui
         return dm_fail(DM_ERR_FORMAT, "%s: %s: missing or non-string \"dtype\"", p, nm);
     if (dm_dtype_from_name(jd->valuestring, &t->dtype) != 0)
         return dm_fail(DM_ERR_FORMAT,
-                       "%s: %s: unsupported dtype (expected F32, F16, BF16, I32, I64 or U8, found %s)",
+                       "%s: %s: unsupported dtype (expected F32, F16, BF16, I32, I64, U8 or I8, found %s)",
                        p, nm, jd->valuestring);
     if (!cJSON_IsArray(js))
         return dm_fail(DM_ERR_FORMAT, "%s: %s: missing or non-array \"shape\"", p, nm);
@@ -358,6 +358,10 @@ dm_status dm_st_check_shape(const dm_st_file *f, const char *name, int ndim, con
     if (!t) return dm_fail(DM_ERR_FORMAT, "%s: missing tensor %s", f->path, name);
     int same = t->ndim == ndim;
     for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
+    /* int4 experts (docs/format.md): U8 [out, in/2] holds the logical [out, in] */
+    if (!same && ndim == 2 && t->ndim == 2 && t->dtype == DM_U8 && dm_st_quant_bits(f) == 4 &&
+        t->shape[0] == shape[0] && shape[1] % 2 == 0 && t->shape[1] == shape[1] / 2)
+        same = 1;
     if (!same) {
         char a[160], e[160];
         return dm_fail(DM_ERR_FORMAT, "%s: %s: shape %s expected %s", f->path, name,
@@ -388,4 +392,20 @@ dm_status dm_st_load_f32(const dm_st_file *f, const char *name, int ndim, const 
     }
     *out = buf;
     return DM_OK;
+}
+
+int dm_st_quant_bits(const dm_st_file *f)
+{
+    const char *q = dm_st_meta(f, "quant_experts");
+    return !q ? 0 : !strcmp(q, "int8") ? 8 : !strcmp(q, "int4") ? 4 : -1;
+}
+
+void dm_st_release(const dm_st_file *f, const dm_st_tensor *t)
+{
+    if (!f || !t || !f->map || !t->nbytes) return;
+    const uintptr_t lo = (uintptr_t)f->map, hi = lo + f->size, a = (uintptr_t)t->data;
+    if (a < lo || a + t->nbytes > hi) return; /* a converted / rearranged copy (.pt) */
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t b = a & ~(pg - 1), e = a + t->nbytes;
+    (void)madvise((void *)b, e - b, MADV_DONTNEED); /* a hint: the data re-reads from the file */
 }

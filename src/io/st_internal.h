@@ -30,6 +30,11 @@ struct dm_st_file {
     dm_config_overrides ov;
 };
 
+/* The file's "quant_experts" metadata (docs/format.md): 0 absent, 8 "int8", 4 "int4", -1 any
+ * other value. */
+int dm_st_quant_bits(const dm_st_file *f);
+/* dm_st_release (ditmoe.h): the loader lets each tensor's pages go once the backend has its copy. */
+
 /* Sort the table by name into by_name; DM_ERR_FORMAT if a name appears twice. */
 dm_status dm_st_index(dm_st_file *f);
 

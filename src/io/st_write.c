@@ -1,5 +1,7 @@
 /* Safetensors writer: u64 LE header length | JSON header padded with spaces to a multiple of 8 |
- * tensor data, contiguous in the order given (the layout tools/safetensors_io.py writes).
+ * tensor data, contiguous in the order given (the layout tools/safetensors_io.py writes). The
+ * header needs only names, dtypes and sizes, so the data can be produced tensor by tensor while
+ * it is written (dm_st_write_stream: bounded memory for a model of any size).
  * Atomic: a temp file beside the target, renamed into place (atomic.h). */
 #include "io/atomic.h"
 #include "io/st_internal.h"
@@ -18,6 +20,12 @@ static dm_status rewrite_as_write(void)
 }
 
 dm_status dm_st_write(const char *path, int n, const dm_st_tensor *t, const char *const *meta)
+{
+    return dm_st_write_stream(path, n, t, meta, NULL, NULL);
+}
+
+dm_status dm_st_write_stream(const char *path, int n, const dm_st_tensor *t,
+                             const char *const *meta, dm_st_fill_fn fill, void *ud)
 {
     cJSON *h = cJSON_CreateObject();
     if (!h) return dm_fail(DM_ERR_NOMEM, "%s: out of memory", path);
@@ -67,8 +75,24 @@ dm_status dm_st_write(const char *path, int n, const dm_st_tensor *t, const char
     int w = fwrite(len, 1, 8, fp) == 8 && fwrite(js, 1, jl, fp) == jl;
     for (size_t i = 0; w && i < pad; i++) w = fputc(' ', fp) != EOF;
     free(js);
-    for (int i = 0; w && i < n; i++)
-        w = t[i].nbytes == 0 || fwrite(t[i].data, 1, t[i].nbytes, fp) == t[i].nbytes;
+    dm_status fst = DM_OK;
+    for (int i = 0; w && i < n; i++) {
+        const void *data = t[i].data;
+        if (!data && t[i].nbytes && fill) {
+            if ((fst = fill(ud, i, &data)) != DM_OK) break;
+        }
+        if (!data && t[i].nbytes) {
+            fst = dm_fail(DM_ERR_ARG, "%s: %s: no data", path, t[i].name);
+            break;
+        }
+        w = t[i].nbytes == 0 || fwrite(data, 1, t[i].nbytes, fp) == t[i].nbytes;
+    }
+    if (fst != DM_OK) { /* the producer's error (it named the tensor); no output file */
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", dm_last_error());
+        dm_atomic_abort(fp, tmp);
+        return dm_fail(fst, "%s", msg);
+    }
     if (!w) {
         dm_atomic_abort(fp, tmp);
         return dm_fail(DM_ERR_WRITE, "%s: write failed", path);

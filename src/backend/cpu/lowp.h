@@ -99,6 +99,19 @@ uint16_t dm_lp_bf16_rne(float f); /* RNE, NaN stays NaN, results below FLT_MIN f
  * scale amax / 127 (0 for an all-zero row, NaN when the row is not finite). */
 float dm_lp_quant_row(const float *x, int in, uint8_t *u);
 
+/* ---- pre-quantised weights of a file (weights_lowp.c; docs/format.md) ------------------------ */
+/* The packed matrix from a file's canonical layout (backend.h dm_weight_desc.quant): fmt Q8:
+ * q int8 [out, in], scale float32 [out]; Q4: q uint8 [out, in / 2] (even k low nibble), scale bf16
+ * bits [out, in / 32]. The result is the dm_lpmat dm_lp_pack builds from the weights those values
+ * came from (same layout, scales and corrections), so the GEMM gives the same bits. Sources may be
+ * unaligned. DM_ERR_FORMAT naming `name` for a non-finite scale or an int8 value of -128;
+ * DM_ERR_ARG for a bad shape; DM_ERR_NOMEM. */
+dm_status dm_lp_import(dm_lpmat *m, dm_lp_format fmt, int out, int in, const void *q,
+                       const void *scale, const char *name);
+/* The canonical layout of a packed Q8 / Q4 matrix (the inverse of dm_lp_import): q and scale as
+ * above. DM_ERR_ARG for a BF16 matrix. */
+dm_status dm_lp_export(const dm_lpmat *m, void *q, void *scale);
+
 /* ---- which weights are stored in low precision (weights_lowp.c) ------------------------------ */
 typedef struct {
     int bf16;        /* --precision bf16: every LINEAR weight but the router's in bf16 */
@@ -111,7 +124,10 @@ typedef struct {
  * dm_lp_pack, 0 when the backend keeps its float path. DM_ERR_ARG naming the tensor for int4 on an
  * input width that is not a multiple of 32 (or an unsupported bit count). p == NULL: f32. */
 dm_status dm_lp_choose(const dm_lp_policy *p, const dm_weight_desc *d, int *lowp, dm_lp_format *fmt);
-/* dm_lp_choose, then dm_lp_pack of d->data when chosen (*lowp says which; m zeroed otherwise). */
+/* dm_lp_choose, then dm_lp_pack of d->data when chosen (*lowp says which; m zeroed otherwise).
+ * A pre-quantised desc (d->quant 8 / 4) goes to dm_lp_import whatever the policy's precision;
+ * DM_ERR_ARG when the policy asks for the other expert format (re-quantising is not done) or the
+ * desc is not a routed expert's LINEAR weight. */
 dm_status dm_lp_pack_desc(const dm_lp_policy *p, const dm_weight_desc *d, dm_lpmat *m, int *lowp);
 #endif
 #endif

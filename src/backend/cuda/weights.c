@@ -70,6 +70,10 @@ dm_status dmc_be_weight(void *ctx, const dm_weight_desc *d, dm_weight **out)
     const char *name = d->name ? d->name : "weight";
     if (d->rows < 0 || d->cols < 0)
         return dm_fail(DM_ERR_ARG, "cuda: %s: bad shape [%d, %d]", name, d->rows, d->cols);
+    if (d->quant) /* docs/format.md "Quantised routed experts": not mis-read as floats */
+        return dm_fail(DM_ERR_FORMAT, "cuda: %s: the file stores routed experts quantised (int%d); "
+                       "the CUDA backend takes F32/F16/BF16 weights only (load the float file)",
+                       name, d->quant);
     if (d->dtype != DM_F32 && d->dtype != DM_F16 && d->dtype != DM_BF16)
         return dm_fail(DM_ERR_FORMAT, "cuda: %s: dtype %s (expected F32, F16 or BF16)", name,
                        dm_dtype_name(d->dtype));

@@ -203,7 +203,7 @@ static dm_weight *wrand(dm_weight_role role, dm_weight_use use, int rows, int co
         if (dt == DM_F32) ((float *)h)[i] = v;
         else ((uint16_t *)h)[i] = dmc_host_f32_to_h16(v, dt == DM_F16 ? DMC_F16 : DMC_BF16);
     }
-    dm_weight_desc d = {name, role, use, dt, rows, cols, h};
+    dm_weight_desc d = {name, role, use, dt, rows, cols, h, 0, NULL};
     dm_weight *w;
     if (dmc_be_weight(C, &d, &w)) die(name);
     free(h);
