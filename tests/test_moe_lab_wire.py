@@ -20,35 +20,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zlib
 
 import numpy as np
 
 SRC = os.environ.get("DITMOE_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("DITMOE_BIN") or os.path.join(SRC, "build", "bin")
-BUILD = os.environ.get("DITMOE_BUILD") or os.path.dirname(BIN)
-os.environ["DITMOE_LIB"] = os.path.join(BUILD, "lib", "libditmoe.so")
-if ("libasan" in subprocess.run(["ldd", os.environ["DITMOE_LIB"]], capture_output=True,
-                                text=True).stdout
-        and "libasan" not in os.environ.get("LD_PRELOAD", "")):
-    rt = [subprocess.run(["gcc", "-print-file-name=" + n], capture_output=True,
-                         text=True).stdout.strip() for n in ("libasan.so", "libubsan.so")]
-    os.environ["LD_PRELOAD"] = ":".join(rt)
-    os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
-sys.path.insert(0, os.path.join(SRC, "python"))
-import ditmoe  # noqa: E402
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import check, finish, import_ditmoe, read_png  # noqa: E402
+ditmoe = import_ditmoe()
 
 MODEL = os.path.join(SRC, "assets", "ditmoe-fmnist.safetensors")
 PROMOE = os.path.join(SRC, "assets", "promoe-fmnist.safetensors")
 T = tempfile.mkdtemp(prefix="ditmoe-lab-")
-failures = []
-
-
-def check(cond, what):
-    print(("ok   " if cond else "FAIL ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 def run(prog, args):
@@ -83,15 +66,7 @@ def forward(name, *flags):
 
 
 def png_text(p):
-    data, i, kv = open(p, "rb").read(), 8, {}
-    while i < len(data):
-        n = int.from_bytes(data[i:i + 4], "big")
-        typ, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
-        if typ == b"tEXt":
-            k, v = body.split(b"\0", 1)
-            kv[k.decode()] = v.decode()
-        i += 12 + n
-    return kv
+    return read_png(p)[1]
 
 
 def test_forward():
@@ -292,5 +267,4 @@ if __name__ == "__main__":
         test_bad_values()
     finally:
         shutil.rmtree(T, ignore_errors=True)
-    print(f"{len(failures)} failure(s)")
-    sys.exit(1 if failures else 0)
+    sys.exit(finish())

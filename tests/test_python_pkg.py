@@ -16,20 +16,10 @@ import torch
 SRC = os.environ.get("DITMOE_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("DITMOE_BIN") or os.path.join(SRC, "build", "bin")
 BUILD = os.environ.get("DITMOE_BUILD") or os.path.dirname(BIN)
-os.environ["DITMOE_LIB"] = os.path.join(BUILD, "lib", "libditmoe.so")
-# A sanitizer build's library only loads into Python with the ASan runtime preloaded: re-run
-# this file so (leak checks off: the interpreter itself is not leak-clean).
-if ("libasan" in subprocess.run(["ldd", os.environ["DITMOE_LIB"]], capture_output=True,
-                                text=True).stdout
-        and "libasan" not in os.environ.get("LD_PRELOAD", "")):
-    rt = [subprocess.run(["gcc", "-print-file-name=" + n], capture_output=True,
-                         text=True).stdout.strip() for n in ("libasan.so", "libubsan.so")]
-    os.environ["LD_PRELOAD"] = ":".join(rt)
-    os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
-sys.path.insert(0, os.path.join(SRC, "python"))
 sys.path.insert(0, os.path.join(SRC, "tests", "ref"))
-import ditmoe  # noqa: E402
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import import_ditmoe  # noqa: E402
+ditmoe = import_ditmoe()
 from dit_moe_ref import DiTMoE, randomize_  # noqa: E402
 
 MODEL = os.path.join(SRC, "assets", "ditmoe-fmnist.safetensors")

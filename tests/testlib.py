@@ -2,17 +2,44 @@
 
 - Checks: `check(cond, what)` prints "ok   what" or "FAIL what" and remembers failures;
   `finish()` prints the summary and gives the exit status.
+- `import_ditmoe()`: the Python package over this build's libditmoe.so (DITMOE_BUILD / DITMOE_BIN),
+  re-running the test with the ASan runtime preloaded when the library is a sanitizer build.
 - `read_png(path)`: an independent PNG decoder (zlib + the five filters, written from the PNG
   specification, not our writer's code) for 8-bit gray/RGB non-interlaced files, so a test does
   not trust the code it tests. It checks every chunk CRC and the IEND, and returns
   (uint8 [H, W, C], {tEXt key: value}).
 """
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 
 failures = []
+
+SRC = os.environ.get("DITMOE_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("DITMOE_BIN") or os.path.join(SRC, "build", "bin")
+BUILD = os.environ.get("DITMOE_BUILD") or os.path.dirname(BIN)
+
+
+def import_ditmoe():
+    """The ditmoe package bound to BUILD/lib/libditmoe.so. A sanitizer build's library only loads
+    into Python with the ASan runtime preloaded: then the test re-runs itself that way (leak
+    checks off: the interpreter itself is not leak-clean)."""
+    os.environ["DITMOE_LIB"] = os.path.join(BUILD, "lib", "libditmoe.so")
+    if ("libasan" in subprocess.run(["ldd", os.environ["DITMOE_LIB"]], capture_output=True,
+                                    text=True).stdout
+            and "libasan" not in os.environ.get("LD_PRELOAD", "")):
+        rt = [subprocess.run(["gcc", "-print-file-name=" + n], capture_output=True,
+                             text=True).stdout.strip() for n in ("libasan.so", "libubsan.so")]
+        os.environ["LD_PRELOAD"] = ":".join(rt)
+        os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    sys.path.insert(0, os.path.join(SRC, "python"))
+    import ditmoe
+    return ditmoe
 
 
 def check(cond, what):
