@@ -12,6 +12,15 @@
  *   timestep_embed                                                              2e-4
  *       (the reference's argument t*f in double against float32 t*f; |t| <= 1000)
  *   patchify, unpatchify, add_rows, embed_add, upsample2x                       0 (exact)
+ * Low-precision instances of the CPU backend (issue 13: --precision bf16, --quant-experts
+ * int8|int4), on linear, attention, ffn, router_scores, moe_grouped, mlp_add only:
+ *   bf16 (every GEMM with bf16 operands, fp32 accumulation)                     3e-2
+ *   + int8 / int4 routed experts: ffn, moe_grouped (int8 activations per row; the reference
+ *     uses the dequantised weights, dm_quant_weight, so it measures the kernels)  1.5e-1
+ *   router_scores stays 1e-5 in every instance: the router is never quantised.
+ * (Measured: bf16 <= 2.4e-2; int8 <= 8.4e-2, int4 <= 9.7e-2; the kernels themselves are checked
+ *  against their references in tests/test_lowp.c: integer sums exact, bf16 at fp32-accumulation
+ *  error.)
  * Shapes include rows not a multiple of the 32-wide tile, T = 256 and 1024, E = 8, 12 + 1
  * (unconditional expert), 16, k = 1 and 2, expert-choice capacity (incl. capacity = T: full
  * groups) and empty expert groups (few tokens, many experts).
@@ -343,6 +352,33 @@ static void run_attention(ctx_t *c, const tcase *t, res_t *r)
 
 /* ---- ffn (the whole MoE / dense layer) -------------------------------------------------------- */
 
+/* Routed-expert quantisation of the backend instance under test (0, 8, 4 bits; see k_variants). */
+static int g_quant;
+
+/* W [out, in] -> the values the quantised backend stores (dm_quant_weight, the CPU's own
+ * --quant-experts arithmetic, dequantised: q x scale), so a reference on the result measures the
+ * kernel, not the weights' quantisation. */
+static void dequantise(float *W, int out, int in, int bits)
+{
+    const size_t n = (size_t)out * in;
+    void *q = xmalloc(bits == 8 ? n : n / 2);
+    void *sc = xmalloc(bits == 8 ? sizeof(float) * out : sizeof(uint16_t) * (n / 32));
+    if (dm_quant_weight(bits, W, DM_F32, out, in, "test", q, sc) != DM_OK) abort();
+    for (int o = 0; o < out; o++)
+        for (int k = 0; k < in; k++) {
+            const size_t i = (size_t)o * in + k;
+            if (bits == 8) {
+                W[i] = (float)((const int8_t *)q)[i] * ((const float *)sc)[o];
+            } else {
+                const uint8_t byte = ((const uint8_t *)q)[i / 2];
+                const int nib = (k & 1) ? byte >> 4 : byte & 15;
+                W[i] = (float)(nib >= 8 ? nib - 16 : nib) *
+                       dm_bf16_to_f32(((const uint16_t *)sc)[(size_t)o * (in / 32) + k / 32]);
+            }
+        }
+    free(q), free(sc);
+}
+
 /* host + backend copies of one MLP */
 static void make_mlp(ctx_t *c, dm_mlp_act act, int D, int F, dm_weight_role role, dm_mlp_host *h,
                      dm_mlp_layer *l)
@@ -353,6 +389,10 @@ static void make_mlp(ctx_t *c, dm_mlp_act act, int D, int F, dm_weight_role role
     *h = (dm_mlp_host){act, F, w1, b1, w2, b2};
     *l = (dm_mlp_layer){act, F, wt(c, role, DM_USE_LINEAR, F1, D, w1, DM_F32), bias ? vec(c, b1, F1) : NULL,
                         wt(c, role, DM_USE_LINEAR, D, F, w2, DM_F32), bias ? vec(c, b2, D) : NULL};
+    if (g_quant && role == DM_ROLE_EXPERT) { /* the reference sees the stored values */
+        dequantise(w1, F1, D, g_quant);
+        dequantise(w2, D, F, g_quant);
+    }
 }
 static void free_mlp_host(dm_mlp_host *h)
 {
@@ -717,6 +757,10 @@ static const tcase k_cases[] = {
     {"conv2d", "Cin 64 32x32 Cout 64 k 3", run_conv2d, {64, 32, 32, 64, 3, 0, 1}, 1},
 };
 
+#define TOL_BF16 3e-2 /* bf16 operands (x and W rounded), fp32 accumulation */
+#define TOL_Q 1.5e-1  /* int8 / int4 routed experts: int8 activations per row (x and the expert's
+                       * hidden layer), against the reference on the dequantised weights */
+
 static double tol_of(const char *op)
 {
     static const struct {
@@ -727,6 +771,37 @@ static double tol_of(const char *op)
     for (size_t i = 0; i < sizeof t / sizeof *t; i++)
         if (!strcmp(op, t[i].op)) return t[i].tol;
     return 1e-5;
+}
+
+/* Backend instances: the file's precision (f32 arithmetic), and the low-precision instances of
+ * issue 13 (dm_load_opts.precision / quant_experts), run on the GEMM-carrying ops only. */
+typedef struct {
+    const char *name, *tag;
+    dm_precision precision;
+    int quant; /* routed experts: 0, 8, 4 bits */
+} variant;
+static const variant k_variants[] = {
+    {"f32", "", DM_PREC_F32, 0},
+    {"bf16", " bf16", DM_PREC_BF16, 0},
+    {"bf16+int8", " bf16+q8", DM_PREC_BF16, 8},
+    {"bf16+int4", " bf16+q4", DM_PREC_BF16, 4},
+};
+enum { N_VARIANTS = sizeof k_variants / sizeof *k_variants };
+
+static int lowp_op(const char *op)
+{
+    static const char *const ops[] = {"linear", "attention", "ffn", "router_scores", "moe_grouped",
+                                      "mlp_add"};
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
+        if (!strcmp(op, ops[i])) return 1;
+    return 0;
+}
+/* Tolerances of the low-precision instances (max|err| / RMS(ref), see the file's top). */
+static double lowp_tol(const variant *v, const tcase *t)
+{
+    if (!strcmp(t->op, "router_scores")) return tol_of(t->op); /* the router stays float32 */
+    if (v->quant && (!strcmp(t->op, "ffn") || !strcmp(t->op, "moe_grouped"))) return TOL_Q;
+    return TOL_BF16;
 }
 
 static void usage(void)
@@ -780,27 +855,35 @@ int main(int argc, char **argv)
             ok ? pass++ : fail++;
         }
     }
-    for (int bi = 0; bi < nk; bi++) {
+    for (int run = 0; run < nk * N_VARIANTS; run++) {
+        const int bi = run / N_VARIANTS;
+        const variant *var = &k_variants[run % N_VARIANTS];
         if (only_be && strcmp(only_be, dm_backend_name(kinds[bi]))) continue;
         dm_backend *be;
         dm_load_opts o;
         dm_load_opts_init(&o);
         o.backend = kinds[bi];
+        o.precision = var->precision;
+        o.quant_experts = var->quant;
+        g_quant = var->quant;
         dm_status ost = dm_backend_open(&o, &be);
         if (ost == DM_ERR_BACKEND && kinds[bi] != DM_BACKEND_CPU) {
             /* compiled in, but no usable device here (a CUDA build on a GPU-less machine) */
-            printf("SKIP %s: no device: %s\n", dm_backend_name(kinds[bi]), dm_last_error());
+            printf("SKIP %s %s: no device: %s\n", dm_backend_name(kinds[bi]), var->name,
+                   dm_last_error());
             skip++;
             continue;
         }
         if (ost != DM_OK) {
-            printf("FAIL %s: cannot open: %s\n", dm_backend_name(kinds[bi]), dm_last_error());
+            printf("FAIL %s %s: cannot open: %s\n", dm_backend_name(kinds[bi]), var->name,
+                   dm_last_error());
             fail++;
             continue;
         }
         for (size_t i = 0; i < ncases; i++) {
             const tcase *t = &k_cases[i];
             if ((only_op && strcmp(only_op, t->op)) || (t->perf_only && !g_perf)) continue;
+            if (var->precision != DM_PREC_F32 && !lowp_op(t->op)) continue;
             matched++;
             if (!dm_backend_has(be, t->op)) {
                 printf("SKIP %-5s %-14s %s: not in this backend's table\n", be->ops->name, t->op, t->desc);
@@ -809,14 +892,14 @@ int main(int argc, char **argv)
             }
             g_rng = 0x9E3779B97F4A7C15ull ^ (i * 0x632BE59BD9B4E019ull);
             ctx_t c = {.be = be};
-            res_t r = {.tol = tol_of(t->op)};
+            res_t r = {.tol = var->precision == DM_PREC_F32 ? tol_of(t->op) : lowp_tol(var, t)};
             const double t0 = dm_time_sec();
             t->run(&c, t, &r);
             ctx_free(&c);
             const double secs = dm_time_sec() - t0;
             const int ok = c.st == DM_OK && r.err <= r.tol;
-            printf("%s %-5s %-14s %-55s err %.2e (tol %.0e)", ok ? "PASS" : "FAIL", be->ops->name,
-                   t->op, t->desc, r.err, r.tol);
+            printf("%s %-5s%-10s %-14s %-55s err %.2e (tol %.0e)", ok ? "PASS" : "FAIL",
+                   be->ops->name, var->tag, t->op, t->desc, r.err, r.tol);
             if (c.st != DM_OK) printf(" status %d: %s", (int)c.st, dm_last_error());
             if (r.msg[0]) printf(" %s", r.msg);
             if (!g_perf) printf(" %.2fs", secs);
