@@ -139,6 +139,9 @@ def count_macs(dump, model_path):
     rules = skip_rules(hdr.get("sampler", {}).get("skip_routed"), m.get("depth", 0))
     skipped = 0
     route_layer = np.zeros(len(blocks))
+    nb = 5                                        # step bands, noisy -> clean
+    steps = max(int(sh.get("steps") or 1), 1)
+    band_picks, band_tok = np.zeros(nb), np.zeros(nb)
     for r in recs:
         R = len(r.rows)
         dense += R * (T * c["per_token"] + c["per_row"])
@@ -164,6 +167,9 @@ def count_macs(dump, model_path):
             costs = c["expert"].get(b, {})
             routed += sum(int(cnt[e]) * costs.get(e, costs.get(0, 0)) for e in range(len(cnt)))
             picks_layer[li] += valid[li].sum()
+        bi = min(r.step * nb // steps, nb - 1)
+        band_picks[bi] += valid.sum()
+        band_tok[bi] += R * T * len(blocks)
         tokens_layer += R * T
         picks += int(valid.sum())
     n_img = hdr.get("images_total") or len(hdr["images"]["index"])
@@ -171,6 +177,7 @@ def count_macs(dump, model_path):
                 routed_macs_per_image=routed / n_img, dense_macs_per_image=dense / n_img,
                 picks_per_token_layer=[float(x) / max(tokens_layer, 1) for x in picks_layer],
                 route_picks_per_token_layer=[float(x) / max(tokens_layer, 1) for x in route_layer],
+                picks_per_token_by_step_band=[float(x) / max(y, 1) for x, y in zip(band_picks, band_tok)],
                 cached_token_layers=cached, skipped_token_layers=skipped)
 
 

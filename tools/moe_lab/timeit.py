@@ -5,6 +5,8 @@
         --reps 3 --n 10 --setting "f32=" --setting "bf16=--precision bf16" \
         --setting "cache2=--expert-cache 2" [--bin build/bin] [--out T.jsonl]
 
+A setting whose flags contain --model uses that model instead (e.g. "pruned6=--model P.safetensors").
+
 Each repetition runs every setting once, in the given order (so a load change hits all settings
 alike): `ditmoe-sample --model M --class all -n N --seed 2024 --batch 25 --threads 1 -v -o
 W/t_%04d.png FLAGS`. Reported per setting: median and min of the wall seconds per image (whole
@@ -28,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def one(a, flags, work):
-    cmd = [os.path.join(a.bin, "ditmoe-sample"), "--model", a.model, "--class", "all", "-n", str(a.n),
+    model = [] if "--model" in flags else ["--model", a.model]     # a setting may name its own model
+    cmd = [os.path.join(a.bin, "ditmoe-sample")] + model + ["--class", "all", "-n", str(a.n),
            "--seed", str(a.seed), "--batch", str(a.batch), "--threads", str(a.threads), "-v",
            "-o", os.path.join(work, "t_%04d.png")] + flags
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
