@@ -374,6 +374,10 @@ typedef struct {
     float eta;            /* DDIM eta (0 = deterministic)                                  */
     uint64_t seed;        /* noise key; image i's noise depends only on (seed, index, step)*/
     int num_train_steps;  /* T of the base DDPM schedule (1000)                            */
+    /* MoE lab (issue 14), --self-contrast W[,weak=...][,mode=...]: see that section below */
+    float sc_w;           /* self-contrast weight W; 0 = off                                 */
+    int sc_weak;          /* dm_weak_kind of the weak conditional pass (DM_WEAK_RANK2 = 0)  */
+    int sc_replace;       /* 1: the weak pass replaces the unconditional branch; 0: added   */
 } dm_sample_params;
 /* Every default in one place: sampler, steps, cfg scale and cfg channels from the one table
  * of defaults per (arch, objective) (DiT-MoE ddpm: ddpm 250 4.0 3; DiT-MoE rf: euler 50 4.0 all;
@@ -385,6 +389,7 @@ dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg
 
 /* The denoiser the sampler drives: out = model(x, t, y), x [B,C,H,W], t [B], y [B] (null class
  * = num_classes), out [B,out_channels,H,W]; out_channels is C or 2C (learned variance). */
+struct dm_forward_rows;
 typedef dm_status (*dm_denoise_fn)(void *ctx, int B, const float *x, const float *t,
                                    const int64_t *y, float *out);
 typedef struct {
@@ -393,6 +398,12 @@ typedef struct {
     int channels, out_channels, height, width;
     int num_classes; /* null class id */
     float time_scale; /* flow samplers feed time_scale * t (ProMoE 1000); 0 means 1 */
+    /* MoE lab (optional, NULL = absent; see "MoE lab" below): the same evaluation with per-row
+     * keys (image index, branch, normalised time), which the sampler then always uses; and
+     * the start of each dm_sample call (a trajectory) with the most rows one evaluation has. */
+    dm_status (*fn_rows)(void *ctx, int B, const float *x, const float *t, const int64_t *y,
+                         const struct dm_forward_rows *rows, float *out);
+    dm_status (*begin)(void *ctx, int max_rows);
 } dm_denoiser;
 /* A denoiser calling dm_model_forward(m, ...) (no routing record). */
 void dm_model_denoiser(dm_model *m, dm_denoiser *d);
@@ -429,6 +440,73 @@ typedef struct {
 } dm_ddpm_schedule;
 dm_status dm_ddpm_schedule_init(dm_ddpm_schedule *s, int num_train_steps, int steps);
 void dm_ddpm_schedule_free(dm_ddpm_schedule *s);
+
+/* ---------------------------------------------------------------------------------------------
+ * MoE lab: run-time routing options (issue 14; docs/moe-lab.md has the exact rules). Set per
+ * model with dm_model_set_lab (strings as the CLI flags take them); every option off is the
+ * trained model and the fast `ffn` op. With any option on, each MoE layer runs router scores ->
+ * policy (router/route_policy.h) -> per-token mask (skipped / cached) -> grouped expert GEMMs
+ * over the picks -> expert cache -> + shared expert. ProMoE expert choice takes none of them.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const char *route;        /* --route: top-k[=K] | top-p=P[,max=K][,renorm] |
+                               * threshold=T[,max=K][,renorm] | rank2=TAU[,margin=D] (ProMoE);
+                               * NULL or "" = top-k (the trained behaviour)                     */
+    const char *skip_routed;  /* --skip-routed: LAYERS@T0-T1 rules joined by ';'; NULL = none  */
+    const char *expert_cache; /* --expert-cache: K[,refresh=fixed|route|delta:EPS][,mem=MiB];
+                               * NULL or "" = off                                               */
+} dm_lab_opts;
+void dm_lab_opts_init(dm_lab_opts *o); /* everything off */
+/* Parse and check o against the model and install it (NULL: back to defaults). DM_ERR_ARG with
+ * one line naming the flag; DM_ERR_BACKEND when the backend lacks the split MoE ops. */
+dm_status dm_model_set_lab(dm_model *m, const dm_lab_opts *o);
+/* Free the lab state (dm_model_free does not yet; call it before). NULL-safe. */
+void dm_model_lab_free(dm_model *m);
+/* Canonical string of "route" ("top-k" by default), "skip_routed", "expert_cache" ("" = off). */
+const char *dm_model_lab_string(const dm_model *m, const char *key);
+/* k slots per token of dm_routes records: the policy's most picks (the model's k by default). */
+int dm_model_route_slots(const dm_model *m);
+/* Start of a trajectory: the expert cache is (re)created for max_rows rows and emptied. */
+dm_status dm_model_lab_begin(dm_model *m, int max_rows);
+/* Expert cache counters since the last dm_model_set_lab (token-layer outputs) and its bytes. */
+void dm_model_lab_stats(const dm_model *m, int64_t *computed, int64_t *reused, size_t *bytes);
+
+/* Weak routing of a self-contrast pass: only the 2nd / 3rd / 1st ranked expert, or none. */
+typedef enum { DM_WEAK_RANK2 = 0, DM_WEAK_RANK3, DM_WEAK_TOP1, DM_WEAK_SHARED } dm_weak_kind;
+/* Row branches (expert-cache keys, dump row kinds). */
+#define DM_BRANCH_COND 0
+#define DM_BRANCH_UNCOND 1
+#define DM_BRANCH_WEAK 2
+/* Token flags of routing dumps: the routed output came from the expert cache; the routed
+ * experts were skipped (--skip-routed). The ids keep the router's picks either way. */
+#define DM_TRACE_TOK_CACHED 4u
+#define DM_TRACE_TOK_SKIPPED 8u
+
+/* Per-row facts of one evaluation (the sampler fills them; every pointer may be NULL). */
+typedef struct dm_forward_rows {
+    const int64_t *image;  /* [B] global image index: the expert-cache key (NULL: no cache)    */
+    const uint8_t *branch; /* [B] DM_BRANCH_*; NULL = all conditional/unconditional by label */
+    const float *t01;      /* [B] normalised time, 1 = noise (--skip-routed); NULL = no skip    */
+    dm_weak_kind weak;     /* routing of DM_BRANCH_WEAK rows                                   */
+    uint8_t *token_flags;  /* out [L_moe, B*T]: DM_TRACE_TOK_CACHED / _SKIPPED bits, or NULL   */
+} dm_forward_rows;
+/* dm_model_forward with per-row facts (rows may be NULL: then exactly dm_model_forward). */
+dm_status dm_model_forward_rows(dm_model *m, int B, const float *x, const float *t,
+                                const int64_t *y, const dm_forward_rows *rows, float *out,
+                                dm_routes *routes);
+/* --self-contrast W[,weak=rank2|rank3|top1|shared][,mode=add|replace] into p's sc_* fields
+ * (DM_ERR_ARG with one line); and its canonical string ("" when off). */
+dm_status dm_self_contrast_set(dm_sample_params *p, const char *spec);
+void dm_self_contrast_string(const dm_sample_params *p, char *buf, size_t n);
+/* Records of these options: dm_gen_text_init adds "route" (always) and "skip-routed",
+ * "expert-cache", "self-contrast" (when on); the tracing denoiser adds "route", "skip_routed",
+ * "expert_cache" (and the sampler object "self_contrast") to a dump's header, whose shape.top_k
+ * must be dm_model_route_slots; ditmoe-batch appends them to params.engine. */
+/* Write one evaluation with explicit row kinds (0 cond, 1 uncond, 2 weak) into a dump. */
+typedef struct dm_trace dm_trace;
+dm_status dm_trace_write_rows(dm_trace *tr, int R, const float *t, const int64_t *y,
+                              const uint8_t *kind, const int32_t *ids, const float *weights,
+                              const uint8_t *token_flags);
 
 /* ---------------------------------------------------------------------------------------------
  * Routing traces (src/trace): dumps of the router's decisions during sampling, their reader and
@@ -691,6 +769,7 @@ typedef struct {
     const dm_config_overrides *cfg; /* the model's config overrides (.pt files), NULL = none   */
     dm_precision precision;  /* issue 13: DM_PREC_F32 (default) | DM_PREC_BF16 (dm_load_opts)  */
     int quant_experts;       /* issue 13: 0 (default) | 8 | 4 bits for the routed experts      */
+    dm_lab_opts lab;         /* issue 14: MoE-lab options (dm_model_set_lab); all off = trained */
 } dm_pipeline_opts;
 void dm_pipeline_opts_init(dm_pipeline_opts *o);
 

@@ -28,6 +28,7 @@
 #include "backend/cpu/cpu.h" /* the CPU fast kernels' references and the MoE grouping internals */
 #include "dit/model.h"
 #include "router/moe.h"
+#include "router/route_policy.h"
 #include "vae/vae_ref.h"
 
 #include <math.h>
@@ -446,6 +447,109 @@ static void run_ffn(ctx_t *c, const tcase *t, res_t *r)
     free(ids), free(rids), free(w), free(rw);
 }
 
+/* ---- the ffn op in its parts (MoE lab: router_scores, moe_grouped, mlp_add) ------------------ */
+
+/* a = {which (0 router_scores, 1 moe_grouped, 2 mlp_add), kind, E, policy (0 top-k, 1 top-p 0.6,
+ * 2 threshold 0.05 = up to every expert), B, T, act, null image}. D = 32, F = 64 (shared 48).
+ * router_scores against dm_linear_ref + dm_moe_token_scores; moe_grouped over a policy's CSR
+ * against a per-pick loop of dm_mlp_forward_ref in ascending expert order; mlp_add against
+ * out + ref MLP; and on the CPU: top-k through moe_grouped + mlp_add == the ffn op bit for bit. */
+static void run_split(ctx_t *c, const tcase *t, res_t *r)
+{
+    const int which = t->a[0], E = t->a[2], pol = t->a[3], B = t->a[4], T = t->a[5], unc = t->a[7];
+    const dm_route_kind kind = (dm_route_kind)t->a[1];
+    const int D = 32, F = 64, Fs = 48, N = B * T, k = 2, promoe = kind == DM_ROUTE_PROTO_TC;
+    const int64_t null_id = 10;
+    const dm_mlp_act act = promoe ? DM_MLP_GELU_TANH : DM_MLP_SWIGLU;
+    dm_moe_desc d = {.kind = kind, .E = E, .k = k, .D = D, .act = (dm_gate_act)t->a[6],
+                     .n_experts = E + promoe};
+    float *gate = rnd((size_t)E * D, 1);
+    if (promoe)
+        for (int e = 0; e < E; e++) {
+            double nn = 0;
+            for (int i = 0; i < D; i++) nn += (double)gate[e * D + i] * gate[e * D + i];
+            for (int i = 0; i < D; i++) gate[e * D + i] /= (float)sqrt(nn);
+        }
+    dm_mlp_host *hx = xmalloc(sizeof *hx * d.n_experts);
+    dm_mlp_layer *lx = xmalloc(sizeof *lx * d.n_experts);
+    for (int e = 0; e < d.n_experts; e++) make_mlp(c, act, D, F, DM_ROLE_EXPERT, &hx[e], &lx[e]);
+    dm_ffn_host H = {.d = d, .gate = gate, .experts = hx};
+    dm_ffn_layer L = {.d = d, .gate = wt(c, DM_ROLE_ROUTER, DM_USE_LINEAR, E, D, gate, DM_F32),
+                      .experts = lx};
+    make_mlp(c, act, D, Fs, DM_ROLE_SHARED, &H.shared, &L.shared);
+    int64_t *y = xmalloc(sizeof(int64_t) * B);
+    for (int b = 0; b < B; b++) y[b] = b == unc ? null_id : (b * 3 + 2) % 10;
+    const size_t ND = (size_t)N * D;
+    float *h = rnd(ND, 1.5f), *out = xmalloc(sizeof(float) * ND), *ref = xmalloc(sizeof(float) * ND);
+    float *sc = xmalloc(sizeof(float) * N * E), *sref = xmalloc(sizeof(float) * N * E);
+    float *dh = dev(c, h, ND), *dout = dev(c, NULL, ND);
+    /* router scores, both ways */
+    if (c->st == DM_OK) note(c, OPS(c)->router_scores(CTX(c), &L, dh, N, NULL, sc));
+    dm_linear_ref(h, N, D, gate, NULL, E, sref);
+    for (int n = 0; n < N; n++) dm_moe_token_scores(&d, h + (size_t)n * D, sref + (size_t)n * E);
+    if (which == 0) {
+        r->err = rel_err(sc, sref, (size_t)N * E);
+        r->work = 2.0 * N * D * E;
+    } else if (which == 1 && c->st == DM_OK) {
+        dm_route_policy p;
+        dm_route_policy_init(&p);
+        if (pol == 1) p.kind = DM_POLICY_TOPP, p.p = 0.6f;
+        if (pol == 2) p.kind = DM_POLICY_THRESHOLD, p.p = promoe ? -1.0f : 0.05f;
+        uint8_t *uf = xmalloc((size_t)N);
+        for (int n = 0; n < N; n++) uf[n] = (uint8_t)dm_moe_is_uncond(&d, y, null_id, n, T);
+        dm_route_csr csr = {0};
+        note(c, dm_route_csr_reserve(&csr, N, dm_route_policy_max_picks(&p, E, k), d.n_experts));
+        if (c->st == DM_OK) {
+            dm_route_select(&p, sc, N, E, k, promoe ? uf : NULL, E, &csr);
+            note(c, OPS(c)->moe_grouped(CTX(c), &L, dh, N, csr.exp_off, csr.rows, csr.row_w, dout));
+            get(c, out, dout, ND);
+            /* reference: every pick of every token, experts ascending */
+            float *yv = xmalloc(sizeof(float) * D);
+            memset(ref, 0, sizeof(float) * ND);
+            for (int e = 0; e < d.n_experts; e++)
+                for (int n = 0; n < N; n++)
+                    for (int32_t i = csr.tok_off[n]; i < csr.tok_off[n + 1]; i++)
+                        if (csr.ids[i] == e) {
+                            dm_mlp_forward_ref(&hx[e], h + (size_t)n * D, 1, D, yv);
+                            for (int j = 0; j < D; j++) ref[(size_t)n * D + j] += csr.weights[i] * yv[j];
+                        }
+            free(yv);
+            r->err = rel_err(out, ref, ND);
+            snprintf(r->msg, sizeof r->msg, "%.2f picks/token", (double)csr.n_picks / N);
+            if (pol == 0 && c->be->kind == DM_BACKEND_CPU && c->st == DM_OK) {
+                /* top-k: grouped + shared == the fused op, bit for bit */
+                float *fused = xmalloc(sizeof(float) * ND), *dfused = dev(c, NULL, ND);
+                note(c, OPS(c)->mlp_add(CTX(c), &L.shared, dh, N, dout));
+                get(c, out, dout, ND);
+                if (c->st == DM_OK)
+                    note(c, OPS(c)->ffn(CTX(c), &L, dh, N, T, y, null_id, dfused, NULL));
+                get(c, fused, dfused, ND);
+                if (c->st == DM_OK && memcmp(fused, out, sizeof(float) * ND)) {
+                    snprintf(r->msg, sizeof r->msg, "top-k grouped + shared != ffn (bits)");
+                    r->err = INFINITY;
+                }
+                free(fused);
+            }
+            r->work = 2.0 * csr.n_picks * D * ((act == DM_MLP_SWIGLU ? 2 : 1) * F + F);
+        }
+        dm_route_csr_free(&csr);
+        free(uf);
+    } else if (which == 2 && c->st == DM_OK) {
+        float *base = rnd(ND, 1.0f), *yv = xmalloc(sizeof(float) * ND);
+        note(c, OPS(c)->upload(CTX(c), dout, base, sizeof(float) * ND));
+        if (c->st == DM_OK) note(c, OPS(c)->mlp_add(CTX(c), &L.shared, dh, N, dout));
+        get(c, out, dout, ND);
+        dm_mlp_forward_ref(&H.shared, h, N, D, yv);
+        for (size_t i = 0; i < ND; i++) ref[i] = base[i] + yv[i];
+        r->err = rel_err(out, ref, ND);
+        r->work = 2.0 * N * D * ((act == DM_MLP_SWIGLU ? 2 : 1) * Fs + Fs);
+        free(base), free(yv);
+    }
+    for (int e = 0; e < d.n_experts; e++) free_mlp_host(&hx[e]);
+    free_mlp_host(&H.shared);
+    free(hx), free(lx), free(gate), free(y), free(h), free(out), free(ref), free(sc), free(sref);
+}
+
 /* ---- VAE ops ---------------------------------------------------------------------------------- */
 
 /* a = {Cin, H, W, Cout, k, acc, bias} */
@@ -584,6 +688,15 @@ static const tcase k_cases[] = {
     {"ffn", "proto EC k 1 E 16+1 (capacity 1) B 2 T 9 null 0", run_ffn, {EC, 16, 1, 1, SMX, 2, 9, 0}, 0},
     {"ffn", "dense GELU B 3 T 19", run_ffn, {DN, 0, 1, 0, 0, 3, 19, -1}, 0},
     {"ffn", "dense GELU B 1 T 1024", run_ffn, {DN, 0, 1, 0, 0, 1, 1024, -1}, 0},
+    /* the ffn op in its parts: {which, kind, E, policy, B, T, act, null image} */
+    {"router_scores", "softmax E 8 B 3 T 19", run_split, {0, SM, 8, 0, 3, 19, 0, -1}, 0},
+    {"router_scores", "proto cosine E 12 softmax B 2 T 17", run_split, {0, TC, 12, 0, 2, 17, SMX, -1}, 0},
+    {"moe_grouped", "softmax top-2 E 8 B 3 T 19 (+ shared == ffn bits)", run_split, {1, SM, 8, 0, 3, 19, 0, -1}, 0},
+    {"moe_grouped", "softmax top-p 0.6 E 8 B 2 T 37", run_split, {1, SM, 8, 1, 2, 37, 0, -1}, 0},
+    {"moe_grouped", "softmax threshold 0.05 E 16 B 1 T 64", run_split, {1, SM, 16, 2, 1, 64, 0, -1}, 0},
+    {"moe_grouped", "proto TC top-2 E 12+1 B 3 T 19 null 1 (+ shared == ffn)", run_split, {1, TC, 12, 0, 3, 19, ID, 1}, 0},
+    {"mlp_add", "SwiGLU F 48 B 3 T 19", run_split, {2, SM, 8, 0, 3, 19, 0, -1}, 0},
+    {"mlp_add", "GELU F 48 B 2 T 17", run_split, {2, TC, 8, 0, 2, 17, ID, -1}, 0},
     /* conv2d: {Cin, H, W, Cout, k, acc, bias} */
     {"conv2d", "Cin 5 7x9 Cout 6 k 3", run_conv2d, {5, 7, 9, 6, 3, 0, 1}, 0},
     {"conv2d", "Cin 5 7x9 Cout 6 k 3 acc", run_conv2d, {5, 7, 9, 6, 3, 1, 1}, 0},

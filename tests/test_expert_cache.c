@@ -101,6 +101,44 @@ START_TEST(test_fixed_k)
 }
 END_TEST
 
+/* DM_CACHE_LEAVE (a token whose routed part the caller skipped): neither stored nor served, the
+ * caller's value stays, the entry keeps its value and age. K = 3, one row, token 0 left alone at
+ * evaluation 1: its output of evaluation 0 is then served at evaluations 2 and 3 (the left one
+ * did not count), while the other tokens follow the plain K = 3 schedule (recomputed at 3). */
+START_TEST(test_leave)
+{
+    dm_expert_cache_opts o;
+    dm_expert_cache_opts_init(&o);
+    o.K = 3;
+    dm_expert_cache *c;
+    ck_assert_int_eq(dm_expert_cache_create(&o, 1, T, D, E, 2, 1, &c), DM_OK);
+    int64_t img = 4;
+    uint8_t br = 0, re[T];
+    float pr[T * E], y[T * D];
+    for (int t = 0; t < T; t++) probs_of(img, t, 0, -1, pr + t * E);
+    for (int ev = 0; ev < 4; ev++) {
+        ck_assert_int_eq(dm_expert_cache_begin(c, 1, &img, &br), DM_OK);
+        dm_expert_cache_decide(c, 0, pr, re);
+        if (ev == 1) re[0] = DM_CACHE_LEAVE;
+        for (int t = 0; t < T; t++)
+            for (int d = 0; d < D; d++)
+                y[t * D + d] = re[t] == 1 ? fresh(img, 0, 0, t, d, ev) : re[t] ? -7.0f : -1.0f;
+        dm_expert_cache_update(c, 0, pr, re, y);
+        for (int t = 0; t < T; t++) {
+            const int want = t == 0 ? 0 : ev < 3 ? 0 : 3;
+            if (ev == 1 && t == 0)
+                ck_assert(y[0] == -7.0f); /* left alone: the caller's value */
+            else
+                ck_assert_int_eq(ev_of(y[t * D]), want);
+        }
+    }
+    dm_expert_cache_stats st;
+    dm_expert_cache_get_stats(c, &st);
+    ck_assert_int_eq(st.computed + st.reused, 4 * T - 1);
+    dm_expert_cache_free(c);
+}
+END_TEST
+
 START_TEST(test_cfg_interval_ages_per_half)
 {
     dm_expert_cache_opts o;
@@ -216,7 +254,14 @@ START_TEST(test_memory_and_parse)
     dm_expert_cache_free(c);
 
     ck_assert_int_eq(dm_expert_cache_parse("3,refresh=delta:0.1", &o), DM_OK);
-    ck_assert(o.refresh == DM_CACHE_DELTA && fabsf(o.eps - 0.1f) < 1e-7f);
+    ck_assert(o.refresh == DM_CACHE_DELTA && fabsf(o.eps - 0.1f) < 1e-7f && !o.whole);
+    char str[64];
+    dm_expert_cache_str(&o, str, sizeof str); /* canonical: the shortest float that reads back */
+    ck_assert_str_eq(str, "3,refresh=delta:0.1");
+    ck_assert_int_eq(dm_expert_cache_parse("2,ffn,mem=8", &o), DM_OK);
+    ck_assert(o.whole && o.K == 2 && o.refresh == DM_CACHE_FIXED);
+    dm_expert_cache_str(&o, str, sizeof str);
+    ck_assert_str_eq(str, "2,refresh=fixed,ffn");
     const char *bad[] = {"0", "-1", "x", "", "2,refresh=foo", "2,refresh=delta:5", "2,mem=0", "2,what"};
     const char *why[] = {"K must be", "K must be", "K must be", "empty", "refresh='foo'", "EPS in",
                          "mem=MiB", "unexpected field 'what'"};
@@ -252,6 +297,7 @@ int main(void)
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_k1_is_uncached);
     tcase_add_test(tc, test_fixed_k);
+    tcase_add_test(tc, test_leave);
     tcase_add_test(tc, test_cfg_interval_ages_per_half);
     tcase_add_test(tc, test_adaptive);
     tcase_add_test(tc, test_batch_invariance);

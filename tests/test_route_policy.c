@@ -2,6 +2,7 @@
  * outputs (with forced ties), hand-checked answers at the rule boundaries (P exactly reached,
  * ties, all mass on one expert, a threshold above every probability), top-k against an
  * independent copy of today's top_k() rule, and the spec parsers' error lines. */
+#include "router/moe.h"
 #include "router/route_policy.h"
 
 #include <check.h>
@@ -102,9 +103,59 @@ START_TEST(test_topk_is_today)
                 ck_assert_int_eq(pid[n * k + j], ids[j]);
                 ck_assert(pw[n * k + j] == w[j]); /* bit-identical */
             }
+            dm_moe_top_k(sc + (size_t)n * E, E, k, ids, w); /* the engine's own rule */
+            for (int j = 0; j < k; j++) {
+                ck_assert_int_eq(pid[n * k + j], ids[j]);
+                ck_assert(pw[n * k + j] == w[j]);
+            }
         }
         free(sc), free(pw), free(pid);
     }
+}
+END_TEST
+
+/* dm_route_csr_mix: per token the picks of the chosen CSR, regrouped by expert with tokens
+ * ascending (strong rows + self-contrast weak rows in one grouping). */
+START_TEST(test_mix)
+{
+    const int N = 57, E = 8, k = 2;
+    float *sc = malloc(sizeof(float) * N * E);
+    random_probs(sc, N, E, 1234u);
+    dm_route_policy p;
+    ck_assert_int_eq(dm_route_policy_parse("top-p=0.6", &p), DM_OK);
+    dm_route_csr a = {0}, b = {0}, m = {0};
+    ck_assert_int_eq(dm_route_csr_reserve(&a, N, E, E), DM_OK);
+    ck_assert_int_eq(dm_route_csr_reserve(&b, N, E, E), DM_OK);
+    ck_assert_int_eq(dm_route_csr_reserve(&m, N, E, E), DM_OK);
+    dm_route_select(&p, sc, N, E, k, NULL, E, &a);
+    dm_route_select_weak(DM_WEAK_RANK2, sc, N, E, NULL, E, &b);
+    uint8_t use_b[57];
+    for (int n = 0; n < N; n++) use_b[n] = n % 3 == 1;
+    dm_route_csr_mix(&a, &b, use_b, &m);
+    int picks = 0;
+    for (int n = 0; n < N; n++) {
+        const dm_route_csr *s = use_b[n] ? &b : &a;
+        const int c = s->tok_off[n + 1] - s->tok_off[n];
+        ck_assert_int_eq(m.tok_off[n + 1] - m.tok_off[n], c);
+        for (int j = 0; j < c; j++) {
+            ck_assert_int_eq(m.ids[m.tok_off[n] + j], s->ids[s->tok_off[n] + j]);
+            ck_assert(m.weights[m.tok_off[n] + j] == s->weights[s->tok_off[n] + j]);
+        }
+        picks += c;
+    }
+    ck_assert_int_eq(m.n_picks, picks);
+    ck_assert_int_eq(m.exp_off[E], picks);
+    for (int e = 0; e < E; e++) /* grouping: each row's token really picked e, tokens ascending */
+        for (int32_t i = m.exp_off[e]; i < m.exp_off[e + 1]; i++) {
+            const int n = m.rows[i];
+            int found = 0;
+            for (int32_t q = m.tok_off[n]; q < m.tok_off[n + 1]; q++)
+                found |= m.ids[q] == e && m.weights[q] == m.row_w[i];
+            ck_assert(found);
+            if (i > m.exp_off[e]) ck_assert_int_lt(m.rows[i - 1], n);
+        }
+    dm_route_csr_free(&a), dm_route_csr_free(&b), dm_route_csr_free(&m);
+    free(sc);
 }
 END_TEST
 
@@ -362,6 +413,7 @@ int main(void)
     tcase_add_test(tc, test_threshold_and_rank2);
     tcase_add_test(tc, test_weak);
     tcase_add_test(tc, test_filter);
+    tcase_add_test(tc, test_mix);
     tcase_add_test(tc, test_self_contrast_combine);
     tcase_add_test(tc, test_parse);
     tcase_add_test(tc, test_skip_routed);

@@ -223,7 +223,7 @@ static void fake_init(fake_t *f, int rf)
 
 static dm_denoiser fake_denoiser(fake_t *f)
 {
-    dm_denoiser d = {fake_fn, f, f->C, f->Cout, 3, 5, f->ncls, 1.0f};
+    dm_denoiser d = {fake_fn, f, f->C, f->Cout, 3, 5, f->ncls, 1.0f, NULL, NULL};
     return d;
 }
 
@@ -260,6 +260,119 @@ static void run_point_mass(dm_sampler_kind k, int steps, float cfg, int cfg_chan
     for (int c = 0; c < f.calls; c++) ck_assert_int_eq(f.rows[c], cfg != 1.0f ? 2 * B : B);
     free(z);
 }
+
+/* ---- MoE lab: the rows-aware denoiser and self-contrast (docs/moe-lab.md §4, §7.5) ---- */
+
+/* Velocity per branch, constant in time: cond 3, uncond 1, weak 2 (per channel c: + c). */
+typedef struct {
+    int calls, begin_rows, bad, weak, ddpm;
+    int rows[64];
+    char why[160];
+} rows_fake_t;
+
+static dm_status rows_fn(void *ctx, int B, const float *x, const float *t, const int64_t *y,
+                         const dm_forward_rows *rows, float *out)
+{
+    rows_fake_t *f = ctx;
+    (void)x;
+    if (f->calls < 64) f->rows[f->calls] = B;
+    f->calls++;
+    for (int r = 0; r < B; r++) {
+        const int br = rows->branch[r];
+        const int want_null = br == DM_BRANCH_UNCOND;
+        if ((y[r] == 10) != want_null || rows->image[r] != 40 + r % 2 ||
+            rows->t01[r] != (f->ddpm ? (float)((double)t[r] / 999.0) : t[r]) ||
+            (int)rows->weak != f->weak) {
+            f->bad = 1;
+            snprintf(f->why, sizeof f->why, "call %d row %d: branch %d label %lld image %lld t01 %g t %g",
+                     f->calls, r, br, (long long)y[r], (long long)rows->image[r],
+                     (double)rows->t01[r], (double)t[r]);
+        }
+        for (int i = 0; i < 4 * 15; i++)
+            out[(size_t)r * 4 * 15 + i] = (br == 0 ? 3.0f : br == 1 ? 1.0f : 2.0f) + (float)(i / 15);
+    }
+    return DM_OK;
+}
+static dm_status rows_plain_fn(void *ctx, int B, const float *x, const float *t, const int64_t *y,
+                               float *out)
+{
+    (void)ctx, (void)B, (void)x, (void)t, (void)y, (void)out;
+    return dm_fail(DM_ERR_ARG, "plain fn called although fn_rows exists");
+}
+static dm_status rows_begin(void *ctx, int max_rows)
+{
+    ((rows_fake_t *)ctx)->begin_rows = max_rows;
+    return DM_OK;
+}
+
+/* Euler with constant velocities: z = z0 - D, D the guided velocity; rows per evaluation. */
+static void run_sc(const char *spec, float cfg, float lo, float hi, double want_in, int rows_in)
+{
+    rows_fake_t f = {.weak = spec ? DM_WEAK_RANK3 : DM_WEAK_RANK2};
+    dm_denoiser d = {rows_plain_fn, &f, 4, 4, 3, 5, 10, 1.0f, rows_fn, rows_begin};
+    dm_sample_params p;
+    dm_sample_params_init(&p, NULL);
+    p.sampler = DM_SAMPLER_EULER;
+    p.steps = 8;
+    p.cfg_scale = cfg;
+    p.cfg_t_lo = lo, p.cfg_t_hi = hi;
+    p.cfg_channels = 0; /* every channel guided */
+    if (spec) ck_assert_int_eq(dm_self_contrast_set(&p, spec), DM_OK);
+    const int B = 2, n = 4 * 15;
+    int64_t y[2] = {1, 6};
+    uint64_t idx[2] = {40, 41};
+    float z0[2 * 60], z[2 * 60];
+    for (int i = 0; i < B * n; i++) z0[i] = (float)(i % 7) * 0.25f;
+    ck_assert_int_eq(dm_sample(&d, &p, B, y, idx, z0, z, NULL, NULL), DM_OK);
+    ck_assert_msg(!f.bad, "%s", f.why);
+    ck_assert_int_eq(f.begin_rows, rows_in * B);
+    /* steps with t in [lo, hi] are guided: t = 1, 7/8, ..., 1/8 */
+    int in = 0;
+    for (int i = 8; i >= 1; i--) in += i / 8.0 >= lo - 1e-9 && i / 8.0 <= hi + 1e-9;
+    for (int c = 0; c < f.calls; c++) {
+        const double t = (8 - c) / 8.0;
+        const int inside = t >= lo - 1e-9 && t <= hi + 1e-9;
+        ck_assert_int_eq(f.rows[c], inside ? rows_in * B : B);
+    }
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < n; i++) {
+            /* per channel the same offset on every branch: guidance keeps it, the sum is 1 */
+            const double v_in = want_in + i / 15, v_out = 3.0 + i / 15;
+            const double want = z0[b * n + i] - (in * v_in + (8 - in) * v_out) / 8.0;
+            ck_assert_msg(fabs(z[b * n + i] - want) < 1e-5, "%s: z %g want %g", spec ? spec : "cfg",
+                          (double)z[b * n + i], want);
+        }
+}
+
+START_TEST(test_self_contrast_rows)
+{
+    /* add with CFG s = 2, W = 1.5: 1 + 2 (3 - 1) + 0.5 (3 - 2) = 5.5; rows [cond; uncond; weak] */
+    run_sc("1.5,weak=rank3", 2.0f, 0.0f, 1.0f, 5.5, 3);
+    /* replace: 2 + 1.5 (3 - 2) = 3.5; rows [cond; weak] */
+    run_sc("1.5,weak=rank3,mode=replace", 2.0f, 0.0f, 1.0f, 3.5, 2);
+    /* add at cfg-scale 1: the uncond term cancels, rows [cond; weak]: 3 + 0.5 (3 - 2) = 3.5 */
+    run_sc("1.5,weak=rank3", 1.0f, 0.0f, 1.0f, 3.5, 2);
+    /* only inside --cfg-interval (t = 0.5 .. 0.75: 3 of 8 steps), conditional rows outside */
+    run_sc("2,weak=rank3", 2.0f, 0.5f, 0.75f, 1 + 2 * 2 + 1 * 1, 3);
+    /* no self-contrast: CFG through fn_rows, rows [cond; uncond]: 1 + 2 (3 - 1) = 5 */
+    run_sc(NULL, 2.0f, 0.0f, 1.0f, 5.0, 2);
+    /* DDIM: t01 = timestep / 999 on every row */
+    rows_fake_t f = {.weak = DM_WEAK_RANK3, .ddpm = 1};
+    dm_denoiser d = {rows_plain_fn, &f, 4, 4, 3, 5, 10, 1.0f, rows_fn, rows_begin};
+    dm_sample_params p;
+    dm_sample_params_init(&p, NULL);
+    p.sampler = DM_SAMPLER_DDIM;
+    p.steps = 10;
+    p.cfg_scale = 2.0f;
+    ck_assert_int_eq(dm_self_contrast_set(&p, "1.5,weak=rank3"), DM_OK);
+    int64_t y[2] = {1, 6};
+    uint64_t idx[2] = {40, 41};
+    float z[2 * 60];
+    ck_assert_int_eq(dm_sample(&d, &p, 2, y, idx, NULL, z, NULL, NULL), DM_OK);
+    ck_assert_msg(!f.bad, "ddim: %s", f.why);
+    ck_assert_int_eq(f.calls, 10);
+}
+END_TEST
 
 /* Tolerances: float32 state, values O(1); DDPM divides by sqrt(1-ac) ~ 1e-2 at t = 0, so its
  * last x0-prediction amplifies float32 rounding of x (~6e-8 * |x| / 0.01). */
@@ -500,6 +613,7 @@ int main(void)
     tcase_add_test(tc, test_cfg_interval);
     tcase_add_test(tc, test_nonfinite);
     tcase_add_test(tc, test_names_and_checks);
+    tcase_add_test(tc, test_self_contrast_rows);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -22,7 +22,7 @@ import numpy as np
 from . import _lib
 from ._lib import lib
 
-__all__ = ["Error", "Model", "Pipeline", "default_asset", "__version__"]
+__all__ = ["Error", "Model", "Pipeline", "default_asset", "read_routes", "__version__"]
 __version__ = "0.1.0"
 
 _STATUS = {1: "ARG", 2: "IO", 3: "FORMAT", 4: "NOMEM", 5: "NUMERIC", 6: "WRITE", 7: "BACKEND"}
@@ -111,6 +111,15 @@ def _precision(precision, quant_experts):
     return p.value, q.value
 
 
+def _lab_opts(route, skip_routed, expert_cache):
+    """dm_lab_opts from the MoE-lab options (strings as the CLI flags; skip_routed may be a
+    list of rules)."""
+    if isinstance(skip_routed, (list, tuple)):
+        skip_routed = ";".join(skip_routed)
+    enc = lambda v: None if v is None else str(v).encode()
+    return _lib.LabOpts(enc(route), enc(skip_routed), enc(expert_cache))
+
+
 class Model:
     """The transformer alone (parity work): Model(path, backend="cpu", precision="f32",
     quant_experts="none", **overrides).
@@ -121,7 +130,7 @@ class Model:
     """
 
     def __init__(self, path, backend="cpu", device=0, precision="f32", quant_experts="none",
-                 **overrides):
+                 route=None, skip_routed=None, expert_cache=None, **overrides):
         self._m = ctypes.c_void_p()
         lo = _lib.LoadOpts()
         lib.dm_load_opts_init(ctypes.byref(lo))
@@ -135,9 +144,12 @@ class Model:
                                       ctypes.byref(self._m)))
         self._cfg = lib.dm_model_config(self._m).contents
         self.config = _ConfigView(self._cfg)
+        self._lab = _lab_opts(route, skip_routed, expert_cache)
+        _check(lib.dm_model_set_lab(self._m, ctypes.byref(self._lab)))
 
     def close(self):
         if getattr(self, "_m", None):
+            lib.dm_model_lab_free(self._m)
             lib.dm_model_free(self._m)
             self._m = None
 
@@ -165,8 +177,9 @@ class Model:
         r = None
         if routes:
             T = (c.input_size // c.patch_size) ** 2
-            ids = np.empty((c.moe_layers, B * T, c.top_k), np.int32)
-            w = np.empty((c.moe_layers, B * T, c.top_k), np.float32)
+            k = lib.dm_model_route_slots(self._m)   # the routing policy's most picks
+            ids = np.empty((c.moe_layers, B * T, k), np.int32)
+            w = np.empty((c.moe_layers, B * T, k), np.float32)
             r = _lib.Routes(ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
                             w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
         fp = ctypes.POINTER(ctypes.c_float)
@@ -187,7 +200,8 @@ class Pipeline:
     promoe_variant, router, vae_scale)."""
 
     def __init__(self, model=None, vae=None, backend="cpu", threads=0, device=0, precision="f32",
-                 quant_experts="none", **overrides):
+                 quant_experts="none", route=None, skip_routed=None, expert_cache=None,
+                 **overrides):
         if not _lib.HAVE_PIPELINE:
             raise Error(1, "this libditmoe.so has no generation pipeline (dm_pipeline_open)")
         self.model_path = os.fspath(model) if model else default_asset("ditmoe-fmnist.safetensors")
@@ -200,6 +214,8 @@ class Pipeline:
         if self._ov is not None:
             o.cfg = ctypes.pointer(self._ov)
         o.precision, o.quant_experts = _precision(precision, quant_experts)
+        self._labopts = _lab_opts(route, skip_routed, expert_cache)  # keeps the strings alive
+        o.lab = self._labopts
         self._p = ctypes.c_void_p()
         _check(lib.dm_pipeline_open(ctypes.byref(o), ctypes.byref(self._p)))
         self._cfg = lib.dm_pipeline_config(self._p).contents
@@ -226,7 +242,7 @@ class Pipeline:
         return out.value
 
     def params(self, steps=None, seed=None, cfg_scale=None, sampler=None, cfg_channels=None,
-               cfg_interval=None, eta=None):
+               cfg_interval=None, eta=None, self_contrast=None):
         """dm_sample_params: the model's defaults with the given fields replaced, checked."""
         p = _lib.SampleParams()
         lib.dm_sample_params_init(ctypes.byref(p), ctypes.byref(self._cfg))
@@ -245,6 +261,8 @@ class Pipeline:
             p.cfg_t_lo, p.cfg_t_hi = (float(v) for v in cfg_interval)
         if eta is not None:
             p.eta = float(eta)
+        if self_contrast is not None:
+            _check(lib.dm_self_contrast_set(ctypes.byref(p), str(self_contrast).encode()))
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") % (1 << 53)
         p.seed = int(seed)
@@ -253,7 +271,7 @@ class Pipeline:
 
     def generate(self, classes, n=1, steps=None, seed=None, cfg_scale=None, sampler=None,
                  cfg_channels=None, cfg_interval=None, eta=None, batch=4, routing=False,
-                 progress=None):
+                 progress=None, self_contrast=None):
         """Images for every class (id or name), n each, in the order ditmoe-sample makes them
         (image i = class classes[i // n], noise key i): uint8 [N, H, W, C]. The same seed and
         parameters give exactly the CLI's pixels. seed=None draws one (self.last_seed).
@@ -263,7 +281,8 @@ class Pipeline:
         if isinstance(classes, (int, str, np.integer)):
             classes = [classes]
         ids = [self.class_id(c) for c in classes]
-        p = self.params(steps, seed, cfg_scale, sampler, cfg_channels, cfg_interval, eta)
+        p = self.params(steps, seed, cfg_scale, sampler, cfg_channels, cfg_interval, eta,
+                        self_contrast)
         self.last_seed = p.seed
         N = len(ids) * int(n)
         info = self.info
@@ -273,6 +292,7 @@ class Pipeline:
             shape = _lib.TraceShape()
             lib.dm_trace_shape_from_model(ctypes.byref(shape), ctypes.byref(self._cfg),
                                           ctypes.byref(p))
+            shape.top_k = lib.dm_model_route_slots(lib.dm_pipeline_model(self._p))
             fd, tmp = tempfile.mkstemp(prefix="ditmoe-routes-", suffix=".bin")
             os.close(fd)
             _check(lib.dm_trace_open(tmp.encode(), ctypes.byref(shape), ctypes.byref(self._cfg),
@@ -302,6 +322,20 @@ class Pipeline:
                 os.remove(tmp)
 
 
+def read_routes(path):
+    """A routing dump (docs/routing.md) as (header dict, records): one dict per evaluation with
+    batch, eval, step, image [R], label [R], t [R], kind [R] (0 cond, 1 uncond, 2 self-contrast
+    weak), ids [Lm, R, T, k] (-1 = none), weights or None, token_flags [Lm, R, T] or None."""
+    import json
+    r = ctypes.c_void_p()
+    _check(lib.dm_trace_read_open(os.fsencode(path), ctypes.byref(r)))
+    try:
+        head = json.loads(lib.dm_trace_read_header(r).decode())
+    finally:
+        lib.dm_trace_read_close(r)
+    return head, _read_routes(os.fsdecode(path))
+
+
 def _read_routes(path):
     r = ctypes.c_void_p()
     _check(lib.dm_trace_read_open(path.encode(), ctypes.byref(r)))
@@ -325,6 +359,9 @@ def _read_routes(path):
                         "label": arr(e.label, (R,), np.int64),
                         "t": arr(e.t, (R,), np.float32),
                         "ids": arr(e.ids, (L, R, T, k), np.int32),
-                        "weights": arr(e.weights, (L, R, T, k), np.float32) if e.weights else None})
+                        "weights": arr(e.weights, (L, R, T, k), np.float32) if e.weights else None,
+                        "kind": arr(e.uncond, (R,), np.uint8),   # 0 cond, 1 uncond, 2 weak
+                        "token_flags": (arr(e.token_flags, (L, R, T), np.uint8)
+                                        if e.token_flags else None)})
     finally:
         lib.dm_trace_read_close(r)

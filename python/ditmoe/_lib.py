@@ -56,7 +56,12 @@ class Config(ctypes.Structure):          # dm_config
 class SampleParams(ctypes.Structure):    # dm_sample_params
     _fields_ = [("sampler", c_int), ("steps", c_int), ("cfg_scale", c_float),
                 ("cfg_channels", c_int), ("cfg_t_lo", c_float), ("cfg_t_hi", c_float),
-                ("eta", c_float), ("seed", ctypes.c_uint64), ("num_train_steps", c_int)]
+                ("eta", c_float), ("seed", ctypes.c_uint64), ("num_train_steps", c_int),
+                ("sc_w", c_float), ("sc_weak", c_int), ("sc_replace", c_int)]
+
+
+class LabOpts(ctypes.Structure):         # dm_lab_opts (MoE lab, issue 14)
+    _fields_ = [("route", c_char_p), ("skip_routed", c_char_p), ("expert_cache", c_char_p)]
 
 
 class ConfigOverrides(ctypes.Structure):  # dm_config_overrides
@@ -83,7 +88,7 @@ if HAVE_PIPELINE:
     class PipelineOpts(ctypes.Structure):   # dm_pipeline_opts
         _fields_ = [("model_path", c_char_p), ("vae_path", c_char_p), ("backend", c_int),
                     ("device", c_int), ("threads", c_int), ("cfg", P(ConfigOverrides)),
-                    ("precision", c_int), ("quant_experts", c_int)]
+                    ("precision", c_int), ("quant_experts", c_int), ("lab", LabOpts)]
 
     class PipelineInfo(ctypes.Structure):   # dm_pipeline_info
         _fields_ = [("latent_channels", c_int), ("latent_size", c_int), ("width", c_int),
@@ -138,15 +143,22 @@ _sig("dm_trace_shape_from_model", None, P(TraceShape), P(Config), P(SampleParams
 _sig("dm_trace_open", c_int, c_char_p, P(TraceShape), P(Config), c_char_p, P(SampleParams),
      P(c_void_p))
 _sig("dm_trace_close", c_int, c_void_p)
+_sig("dm_model_set_lab", c_int, c_void_p, P(LabOpts))
+_sig("dm_model_lab_free", None, c_void_p)
+_sig("dm_model_lab_string", c_char_p, c_void_p, c_char_p)
+_sig("dm_model_route_slots", c_int, c_void_p)
+_sig("dm_self_contrast_set", c_int, P(SampleParams), c_char_p)
 _sig("dm_trace_abort", None, c_void_p)
 _sig("dm_trace_read_open", c_int, c_char_p, P(c_void_p))
 _sig("dm_trace_read_shape", P(TraceShape), c_void_p)
+_sig("dm_trace_read_header", c_char_p, c_void_p)
 _sig("dm_trace_read_next", c_int, c_void_p, P(P(TraceRecord)))
 _sig("dm_trace_read_close", None, c_void_p)
 if HAVE_PIPELINE:
     _sig("dm_pipeline_opts_init", None, P(PipelineOpts))
     _sig("dm_pipeline_open", c_int, P(PipelineOpts), P(c_void_p))
     _sig("dm_pipeline_free", None, c_void_p)
+    _sig("dm_pipeline_model", c_void_p, c_void_p)
     _sig("dm_pipeline_config", P(Config), c_void_p)
     _sig("dm_pipeline_get_info", P(PipelineInfo), c_void_p)
     _sig("dm_pipeline_generate", c_int, c_void_p, P(SampleParams), c_int, P(ctypes.c_int64),

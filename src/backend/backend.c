@@ -58,7 +58,7 @@ static const struct {
     OP(alloc), OP(release), OP(upload), OP(download), OP(sync), OP(weight), OP(weight_free),
     OP(weight_bytes), OP(linear), OP(layernorm_mod), OP(gated_add), OP(silu), OP(timestep_embed),
     OP(patchify), OP(unpatchify), OP(add_rows), OP(embed_add), OP(attention), OP(ffn),
-    OP(conv2d), OP(group_norm), OP(upsample2x), OP(vae_attention),
+    OP(router_scores), OP(moe_grouped), OP(mlp_add), OP(conv2d), OP(group_norm), OP(upsample2x), OP(vae_attention),
 };
 
 int dm_backend_has(const dm_backend *be, const char *op)

@@ -199,6 +199,25 @@ typedef struct dm_backend_ops {
     dm_status (*ffn)(void *ctx, const dm_ffn_layer *L, const float *h, int N, int T,
                      const int64_t *labels, int64_t null_id, float *out, dm_route_record *rec);
 
+    /* -- MoE lab (docs/moe-lab.md §7): the ffn op in its parts, for run-time routing policies,
+     * skipped routed experts, the expert cache and weak routing. NULL = unsupported (the model
+     * refuses lab options on this backend with one line). Token choice layers only. -- */
+    /* scores [N, E] HOST = the router's scores of h [N, D]: softmax probabilities (DiT-MoE) or
+     * activated prototype cosines (ProMoE), as dm_moe_token_scores. drop: NULL, or HOST [E] with
+     * 1 = that expert's logit is -inf before the activation (a pruned model's router, softmax
+     * over the kept experts: docs/moe-lab.md §5). */
+    dm_status (*router_scores)(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                               const uint8_t *drop, float *scores);
+    /* out [N, D] = sum over the grouped picks of row_w * Expert_e(h[row]) (0 for tokens without
+     * picks): the routed part only. Grouping HOST: exp_off [n_experts+1], rows / row_w
+     * [exp_off[n_experts]] expert-major with tokens ascending; combined per token in ascending
+     * expert order (the ffn op's order, so top-k here is bit-identical to ffn minus shared). */
+    dm_status (*moe_grouped)(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                             const int32_t *exp_off, const int32_t *rows, const float *row_w,
+                             float *out);
+    /* out [N, D] += MLP(h [N, D]) (the shared expert). */
+    dm_status (*mlp_add)(void *ctx, const dm_mlp_layer *w, const float *h, int N, float *out);
+
     /* -- VAE -- (one image, channel-major [C, H, W]) */
     /* out [Cout, H, W] = conv(x [Cin, H, W]) + b, stride 1, zero padding (k-1)/2, k in {1, 3};
      * acc != 0: out += conv(x) + b (the residual add). out must not alias x. */

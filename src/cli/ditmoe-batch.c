@@ -33,6 +33,7 @@ typedef struct {
     uint64_t seed;
     dm_cli_common common;
     dm_cli_overrides ov; /* what a .pt's weights cannot tell */
+    dm_cli_lab_flags lab; /* MoE lab (issue 14) */
 } args_t;
 
 static args_t A;
@@ -57,6 +58,7 @@ static const dm_cli_opt OPTS[] = {
     {'\0', "shard", DM_OPT_STR, &A.shard, 0, 0, "I/N",
      "MPI rank/size under mpirun, else SLURM_PROCID/SLURM_NTASKS, else 0/1",
      "this process does the indices i with i mod N == I", NULL},
+    DM_CLI_LAB_OPTS(A.lab),
     DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "the CPUs this process may use, shared among the MPI ranks of "
                                  "a node"),
@@ -319,6 +321,23 @@ static dm_status identity(run_t *r)
     size_t len = strlen(bp->engine);
     snprintf(bp->engine + len, sizeof bp->engine - len, ";precision=%s;quant_experts=%d",
              dm_precision_name(prec), qbits);
+    /* MoE lab options that change pixels (only when not the trained default, so manifests of
+     * earlier runs still match) */
+    dm_model *m = dm_pipeline_model(r->pl);
+    char sc[96];
+    dm_self_contrast_string(&r->p, sc, sizeof sc);
+    const char *lab[][2] = {{"route", dm_model_lab_string(m, "route")},
+                            {"skip_routed", dm_model_lab_string(m, "skip_routed")},
+                            {"expert_cache", dm_model_lab_string(m, "expert_cache")},
+                            {"self_contrast", sc}};
+    for (int i = 0; i < 4; i++) {
+        if (!*lab[i][1] || (i == 0 && !strcmp(lab[i][1], "top-k"))) continue;
+        len = strlen(bp->engine);
+        const int w = snprintf(bp->engine + len, sizeof bp->engine - len, ";%s=%s", lab[i][0],
+                               lab[i][1]);
+        if (w < 0 || (size_t)w >= sizeof bp->engine - len)
+            return dm_fail(DM_ERR_ARG, "--%s: options too long for the manifest", lab[i][0]);
+    }
     bp->seed = r->p.seed;
     snprintf(bp->sampler, sizeof bp->sampler, "%s", dm_sampler_name(r->p.sampler));
     bp->steps = r->p.steps;
@@ -351,9 +370,12 @@ static dm_status setup(run_t *r)
     po.device = A.common.device;
     if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
     if ((st = dm_cli_precision(&A.common, &po.precision, &po.quant_experts))) return st;
+    if ((st = dm_cli_lab_opts(&A.lab, &po.lab))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     const dm_config *c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, c, A.seed, &r->p))) return st;
+    if ((st = dm_cli_lab_sample(&A.lab, &r->p))) return st;
+    dm_cli_lab_log(r->pl, &r->p);
     if ((st = dm_batch_classes_parse(A.classes, c, &r->cls))) return st;
     if ((st = make_dir(A.out))) return st;
     if ((st = identity(r))) return st;
@@ -401,6 +423,7 @@ static dm_status setup(run_t *r)
             snprintf(path, sizeof path, "%s", A.dump_routing);
         dm_trace_shape tshape;
         dm_trace_shape_from_model(&tshape, c, &r->p);
+        tshape.top_k = dm_model_route_slots(dm_pipeline_model(r->pl)); /* the policy's most picks */
         if ((st = dm_trace_open(path, &tshape, c, r->model_path, &r->p, &r->trace))) return st;
         char pattern[PATH_MAX + 16];
         snprintf(pattern, sizeof pattern, "%s/%%06d.png", A.out); /* the overlay finds images */
@@ -456,6 +479,7 @@ static dm_status run_batches(run_t *r)
         dm_log(DM_LOG_VERBOSE, "this process: %.3f img/s (transformer+sampler %.3f s/img, VAE "
                "%.3f s/img, PNG %.4f s/img)", (double)r->made / (ps->sample_sec + ps->decode_sec +
                png_sec), ps->sample_sec / r->made, ps->decode_sec / r->made, png_sec / r->made);
+    dm_cli_lab_stats(r->pl);
     return DM_OK;
 }
 

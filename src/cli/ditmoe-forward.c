@@ -16,6 +16,7 @@ typedef struct {
     int bench;
     dm_cli_common common;
     dm_cli_overrides ov; /* what a .pt's weights cannot tell */
+    dm_cli_lab_flags lab; /* MoE lab (issue 14) */
 } args_t;
 
 static args_t A;
@@ -36,6 +37,7 @@ static const dm_cli_opt OPTS[] = {
      "int32 [layers,B*T,k] chosen experts, descending gate weight", NULL},
     {'\0', "bench", DM_OPT_INT, &A.bench, 0, 100000, "N", "0",
      "time N forwards after one warm-up; print forward_ms_median", NULL},
+    DM_CLI_LAB_OPTS(A.lab),
     DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "0 = all cores"),
     DM_CLI_END};
@@ -97,6 +99,9 @@ int main(int argc, char **argv)
     if (missing)
         return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "missing required flag %s (see --help)",
                                          missing));
+    if (A.lab.self_contrast)
+        return dm_cli_exit(PROG, dm_fail(DM_ERR_ARG, "--self-contrast: a sampling option "
+                                         "(ditmoe-sample, ditmoe-batch), not a single forward"));
     dm_cli_common_apply(&A.common, -1);
     {
         dm_precision prec;
@@ -108,25 +113,42 @@ int main(int argc, char **argv)
     dm_model *m = NULL;
     dm_npy x = {0}, t = {0}, y = {0};
     int64_t *labels = NULL;
-    float *out = NULL;
+    float *out = NULL, *t01 = NULL;
+    int64_t *image = NULL;
+    uint8_t *branch = NULL;
     dm_routes routes = {0};
     dm_load_opts lo;
     dm_cli_common_load_opts(&a.common, &lo);
     if ((st = dm_cli_overrides_get(&A.ov, &lo.cfg))) goto done;
     if ((st = dm_model_load_opts(a.model, &lo, &m))) goto done;
+    dm_lab_opts lab;
+    if ((st = dm_cli_lab_opts(&A.lab, &lab)) || (st = dm_model_set_lab(m, &lab))) goto done;
     const dm_config *c = dm_model_config(m);
     if ((st = read_inputs(&a, c, &x, &t, &y, &labels))) goto done;
     const int B = (int)x.shape[0], T = (c->input_size / c->patch) * (c->input_size / c->patch);
     size_t n_out = (size_t)B * c->out_channels * c->input_size * c->input_size;
     out = malloc(n_out * sizeof(float));
-    const int L_moe = dm_config_moe_layers(c);
-    if (a.routes) routes.ids = malloc((size_t)L_moe * B * T * c->top_k * sizeof(int32_t));
-    if (!out || (a.routes && !routes.ids)) {
+    const int L_moe = dm_config_moe_layers(c), K = dm_model_route_slots(m);
+    if (a.routes) routes.ids = malloc((size_t)L_moe * B * T * K * sizeof(int32_t));
+    /* MoE lab rows: image b, branch by label, t01 = t / time_scale (flow) or t / 999 (DDPM) */
+    image = malloc((size_t)B * sizeof(int64_t));
+    branch = malloc((size_t)B);
+    t01 = malloc((size_t)B * sizeof(float));
+    if (!out || (a.routes && !routes.ids) || !image || !branch || !t01) {
         st = dm_fail(DM_ERR_NOMEM, "out of memory");
         goto done;
     }
+    const float tdiv = c->objective == DM_OBJ_RF ? (c->time_scale > 0 ? c->time_scale : 1.0f) : 999.0f;
+    for (int b = 0; b < B; b++) {
+        image[b] = b;
+        branch[b] = labels[b] == c->num_classes ? DM_BRANCH_UNCOND : DM_BRANCH_COND;
+        t01[b] = ((const float *)t.data)[b] / tdiv;
+    }
+    const dm_forward_rows rows = {image, branch, t01, DM_WEAK_RANK2, NULL};
+    if ((st = dm_model_lab_begin(m, B))) goto done;
     dm_forward_report_nonfinite(1);
-    if ((st = dm_model_forward(m, B, x.data, t.data, labels, out, a.routes ? &routes : NULL)))
+    if ((st = dm_model_forward_rows(m, B, x.data, t.data, labels, &rows, out,
+                                    a.routes ? &routes : NULL)))
         goto done;
     if (a.bench > 0) {
         double *ms = malloc((size_t)a.bench * sizeof(double));
@@ -136,7 +158,7 @@ int main(int argc, char **argv)
         }
         for (int i = 0; i < a.bench && st == DM_OK; i++) {
             double t0 = dm_time_sec();
-            st = dm_model_forward(m, B, x.data, t.data, labels, out, NULL);
+            st = dm_model_forward_rows(m, B, x.data, t.data, labels, &rows, out, NULL);
             ms[i] = 1e3 * (dm_time_sec() - t0);
         }
         qsort(ms, (size_t)a.bench, sizeof *ms, cmp_double);
@@ -150,11 +172,15 @@ int main(int argc, char **argv)
         if ((st = dm_npy_write(a.out, DM_F32, 4, shape, out))) goto done;
     }
     if (a.routes) {
-        int64_t shape[3] = {L_moe, (int64_t)B * T, c->top_k};
+        int64_t shape[3] = {L_moe, (int64_t)B * T, K};
         if ((st = dm_npy_write(a.routes, DM_I32, 3, shape, routes.ids))) goto done;
     }
 done:
     free(out);
+    free(t01);
+    free(image);
+    free(branch);
+    dm_model_lab_free(m);
     free(routes.ids);
     free(labels);
     dm_npy_free(&x);

@@ -26,6 +26,7 @@ typedef struct {
     dm_cli_sampler_flags sf; /* sampler overrides, applied on the model's defaults */
     dm_cli_common common;
     dm_cli_overrides ov; /* what a .pt's weights cannot tell */
+    dm_cli_lab_flags lab; /* MoE lab (issue 14) */
 } args_t;
 
 static args_t A;
@@ -58,6 +59,7 @@ static const dm_cli_opt OPTS[] = {
     {'\0', "dump-routing", DM_OPT_STR, &A.dump_routing, 0, 0, "F", "none",
      "write every evaluation's expert choices and gate weights to F\n"
      "(read it with ditmoe-routes; format in docs/routing.md)", NULL},
+    DM_CLI_LAB_OPTS(A.lab),
     DM_CLI_PRECISION_OPTS(A.common),
     DM_CLI_COMMON_OPTS(A.common, "0 = all cores"),
     DM_CLI_END};
@@ -388,6 +390,7 @@ static dm_status finish(run_t *r, double t_start)
     if (!A.latent_only)
         dm_log(DM_LOG_VERBOSE, "VAE decode: %.3f s total, %.3f s per image", ps->decode_sec,
                ps->decode_sec / r->total);
+    dm_cli_lab_stats(r->pl);
     return DM_OK;
 }
 
@@ -404,9 +407,12 @@ static dm_status run(run_t *r)
     po.device = A.common.device;
     if ((st = dm_cli_overrides_get(&A.ov, &po.cfg))) return st;
     if ((st = dm_cli_precision(&A.common, &po.precision, &po.quant_experts))) return st;
+    if ((st = dm_cli_lab_opts(&A.lab, &po.lab))) return st;
     if ((st = dm_pipeline_open(&po, &r->pl))) return st;
     r->c = dm_pipeline_config(r->pl);
     if ((st = dm_cli_sampler_params(&A.sf, r->c, A.seed, &r->p))) return st;
+    if ((st = dm_cli_lab_sample(&A.lab, &r->p))) return st;
+    dm_cli_lab_log(r->pl, &r->p);
     if ((st = parse_classes(r->c, &r->cls, &r->ncls))) return st;
     if ((long)r->ncls * A.n > 10000000L)
         return dm_fail(DM_ERR_ARG, "too many images (%ld)", (long)r->ncls * A.n);
@@ -433,6 +439,7 @@ static dm_status run(run_t *r)
     if (A.dump_routing) { /* the transformer with a routing record, appended per evaluation */
         dm_trace_shape ts;
         dm_trace_shape_from_model(&ts, c, &r->p);
+        ts.top_k = dm_model_route_slots(dm_pipeline_model(r->pl)); /* the policy's most picks */
         if ((st = dm_trace_open(A.dump_routing, &ts, c, r->model_path, &r->p, &r->trace)))
             return st;
         if (!A.latent_only && !A.grid && (st = dm_trace_note(r->trace, "images", r->pattern)))

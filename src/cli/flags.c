@@ -317,3 +317,53 @@ dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *
     p->seed = seed;
     return dm_sample_params_check(p, c);
 }
+
+dm_status dm_cli_lab_opts(dm_cli_lab_flags *f, dm_lab_opts *o)
+{
+    dm_lab_opts_init(o);
+    o->route = f->route;
+    o->expert_cache = f->expert_cache;
+    size_t at = 0;
+    f->skip_joined[0] = '\0';
+    for (int i = 0; i < f->skip.n; i++) {
+        const int w = snprintf(f->skip_joined + at, sizeof f->skip_joined - at, "%s%s",
+                               i ? ";" : "", f->skip.v[i]);
+        if (w < 0 || (size_t)w >= sizeof f->skip_joined - at)
+            return dm_fail(DM_ERR_ARG, "--skip-routed: rules too long (at most %zu characters)",
+                           sizeof f->skip_joined - 1);
+        at += (size_t)w;
+    }
+    o->skip_routed = f->skip.n ? f->skip_joined : NULL;
+    return DM_OK;
+}
+
+dm_status dm_cli_lab_sample(const dm_cli_lab_flags *f, dm_sample_params *p)
+{
+    if (!f->self_contrast) return DM_OK;
+    return dm_self_contrast_set(p, f->self_contrast);
+}
+
+void dm_cli_lab_log(dm_pipeline *pl, const dm_sample_params *p)
+{
+    dm_model *m = dm_pipeline_model(pl);
+    char sc[96];
+    dm_self_contrast_string(p, sc, sizeof sc);
+    const char *route = dm_model_lab_string(m, "route"), *skip = dm_model_lab_string(m, "skip_routed"),
+               *cache = dm_model_lab_string(m, "expert_cache");
+    if (!strcmp(route, "top-k") && !*skip && !*cache && !*sc) return;
+    dm_log(DM_LOG_INFO, "MoE lab: route %s%s%s%s%s%s%s", route, *skip ? ", skip-routed " : "", skip,
+           *cache ? ", expert-cache " : "", cache, *sc ? ", self-contrast " : "", sc);
+}
+
+void dm_cli_lab_stats(dm_pipeline *pl)
+{
+    dm_model *m = dm_pipeline_model(pl);
+    if (!*dm_model_lab_string(m, "expert_cache")) return;
+    int64_t computed = 0, reused = 0;
+    size_t bytes = 0;
+    dm_model_lab_stats(m, &computed, &reused, &bytes);
+    const double all = (double)(computed + reused);
+    dm_log(DM_LOG_VERBOSE, "expert cache: %lld token-layer outputs computed, %lld reused (%.1f %%), "
+           "%.2f MiB", (long long)computed, (long long)reused, all > 0 ? 100.0 * reused / all : 0.0,
+           bytes / 1048576.0);
+}

@@ -191,4 +191,32 @@ typedef struct {
 dm_status dm_cli_sampler_params(const dm_cli_sampler_flags *f, const dm_config *c, uint64_t seed,
                                 dm_sample_params *p);
 
+/* The MoE-lab flags (issue 14, docs/moe-lab.md) of ditmoe-sample, ditmoe-forward and
+ * ditmoe-batch. --skip-routed is repeatable (joined with ';'). */
+typedef struct {
+    const char *route, *expert_cache, *self_contrast;
+    dm_cli_list skip;
+    char skip_joined[1024];
+} dm_cli_lab_flags;
+#define DM_CLI_LAB_OPTS(f)                                                                       \
+    {'\0', "route", DM_OPT_STR, &(f).route, 0, 0, "SPEC", "top-k",                               \
+     "routing policy: top-k[=K] | top-p=P[,max=K][,renorm] |\n"                                  \
+     "threshold=T[,max=K][,renorm] | rank2=TAU[,margin=D] (ProMoE)", NULL},                     \
+    {'\0', "skip-routed", DM_OPT_LIST, &(f).skip, 0, 0, "L@T0-T1", "none",                       \
+     "skip the routed experts of blocks L (e.g. 2,3 or all) while\n"                             \
+     "T0 <= t <= T1 (t: flow time or timestep/999); repeatable", NULL},                          \
+    {'\0', "expert-cache", DM_OPT_STR, &(f).expert_cache, 0, 0, "K[,refresh=R][,mem=MiB][,ffn]", \
+     "off", "reuse routed-expert outputs for K evaluations; R = fixed |\n"                       \
+     "route | delta:EPS; ffn: cache routed + shared", NULL},                                     \
+    {'\0', "self-contrast", DM_OPT_STR, &(f).self_contrast, 0, 0, "W[,weak=..][,mode=..]", "off", \
+     "weak-routing guidance: weak = rank2|rank3|top1|shared,\n"                                  \
+     "mode = add (with CFG) | replace (instead of the uncond pass)", NULL}
+/* Fill o (points into f) from the flags; the skip rules are joined into f->skip_joined. */
+dm_status dm_cli_lab_opts(dm_cli_lab_flags *f, dm_lab_opts *o);
+/* p->sc_* from --self-contrast (errors name the flag). */
+dm_status dm_cli_lab_sample(const dm_cli_lab_flags *f, dm_sample_params *p);
+/* [INFO] line with the lab options when any is on; -v line with the expert cache's counts. */
+void dm_cli_lab_log(dm_pipeline *pl, const dm_sample_params *p);
+void dm_cli_lab_stats(dm_pipeline *pl);
+
 #endif

@@ -80,8 +80,9 @@ static dm_status conditioning(dm_model *m, int B, const float *t, const int64_t 
 
 /* One transformer block. `moe_layer` is the index of this block among the MoE blocks (where its
  * routing goes in `routes`), -1 for a dense block. */
-static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, const int64_t *y,
-                               int moe_layer, dm_routes *routes)
+static dm_status block_forward(dm_model *m, const dm_block_w *bw, int block, int B,
+                               const int64_t *y, int moe_layer, dm_routes *routes,
+                               const dm_forward_rows *rows, int split, int use_cache)
 {
     const dm_backend_ops *op = m->be->ops;
     void *ctx = m->be->ctx;
@@ -102,8 +103,13 @@ static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, const i
 
     /* x = x + gate_mlp * FFN(modulate(LN(x), shift_mlp, scale_mlp)), FFN = MoE or dense MLP */
     TRY(op->layernorm_mod(ctx, x, B, T, D, 1e-6f, mod + 3 * D, mod + 4 * D, 6 * D, h));
+    if (split && moe_layer >= 0) { /* MoE lab: the layer in its parts (lab.c) */
+        TRY(dm_lab_moe(m, bw, block, moe_layer, B, y, rows, use_cache, h, tmp, routes));
+        return op->gated_add(ctx, x, tmp, B, T, D, mod + 5 * D, 6 * D);
+    }
     dm_route_record rec = {0}, *recp = NULL;
     if (routes && moe_layer >= 0) {
+        /* records hold dm_model_route_slots slots; the fused op fills the model's k of them */
         size_t at = (size_t)moe_layer * N * k;
         rec.ids = routes->ids + at;
         rec.weights = routes->weights ? routes->weights + at : NULL;
@@ -115,6 +121,13 @@ static dm_status block_forward(dm_model *m, const dm_block_w *bw, int B, const i
 
 dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, const int64_t *y,
                            float *out, dm_routes *routes)
+{
+    return dm_model_forward_rows(m, B, x, t, y, NULL, out, routes);
+}
+
+dm_status dm_model_forward_rows(dm_model *m, int B, const float *x, const float *t,
+                                const int64_t *y, const dm_forward_rows *rows, float *out,
+                                dm_routes *routes)
 {
     const dm_config *c = &m->cfg;
     const int D = c->hidden, T = m->T, N = B * T, p = c->patch, S = c->input_size;
@@ -136,8 +149,15 @@ dm_status dm_model_forward(dm_model *m, int B, const float *x, const float *t, c
     if (dm_fwd_diag) TRY(dm_fwd_check_stage(m, xs, (size_t)N * D, "patch embedding", -1));
     TRY(conditioning(m, B, t, y));
     if (dm_fwd_diag) TRY(dm_fwd_check_stage(m, w->c.p, (size_t)B * D, "conditioning", -1));
+    /* MoE lab: split MoE layers when an option is on or weak rows are present */
+    const int split = dm_lab_wants_split(m, rows, B);
+    int use_cache = 0;
+    if (split) TRY(dm_lab_begin_eval(m, B, rows, &use_cache));
+    if (rows && rows->token_flags)
+        memset(rows->token_flags, 0, (size_t)dm_config_moe_layers(c) * N);
     for (int l = 0, moe_layer = 0; l < c->depth; l++) {
-        TRY(block_forward(m, &m->blocks[l], B, y, m->blocks[l].is_moe ? moe_layer++ : -1, routes));
+        TRY(block_forward(m, &m->blocks[l], l, B, y, m->blocks[l].is_moe ? moe_layer++ : -1,
+                          routes, rows, split, use_cache));
         if (dm_fwd_diag)
             TRY(dm_fwd_check_stage(m, xs, (size_t)N * D, m->blocks[l].is_moe ? "moe" : "dense", l));
     }

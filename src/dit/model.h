@@ -8,6 +8,8 @@
 
 #include "backend/backend.h"
 #include "ditmoe.h"
+#include "router/expert_cache.h"
+#include "router/route_policy.h"
 
 typedef struct {
     dm_weight *mod_w, *mod_b;           /* adaLN_modulation.1: [6D, D], [6D] */
@@ -39,6 +41,27 @@ typedef struct {
     dm_buf mod;     /* [B, 6D] adaLN parameters of the current block */
 } dm_workspace;
 
+/* MoE-lab state of a model (forward.c; docs/moe-lab.md §7): the options, the expert cache and
+ * host scratch of the split MoE path. All zero = off. */
+typedef struct {
+    int on;                      /* any option set: MoE layers take the split path            */
+    dm_route_policy policy;      /* --route (checked against the model)                      */
+    dm_skip_routed skip;         /* --skip-routed                                            */
+    dm_expert_cache_opts cache_opts;
+    dm_expert_cache *cache;      /* created by dm_model_lab_begin                            */
+    int cache_rows;              /* rows the cache was created for                           */
+    int64_t st_computed, st_reused; /* counters of caches freed since set_lab                */
+    int slots;                   /* k slots of routing records                               */
+    char route_s[96], skip_s[512], cache_s[96];
+    int cap_N;                   /* tokens the scratch holds                                 */
+    dm_route_csr csr, weak, mix, comp; /* policy picks, weak picks, per-row mix, compute view */
+    float *scores;               /* [N, E] router scores (host; E of the layer)              */
+    float *pscores;              /* [N, Emax] the same zero padded to the model's E (cache)  */
+    float *routed;               /* [N, D] routed part (host, for the cache)                 */
+    uint8_t *uncond, *is_weak, *keep, *recompute; /* [N] each                                */
+    uint8_t *drop;               /* [L_moe, E] 1 = router logit at -inf (pruning check), or NULL */
+} dm_lab;
+
 struct dm_model {
     char *path;
     dm_config cfg;
@@ -56,7 +79,21 @@ struct dm_model {
     int n_owned, cap_owned;
     size_t weight_bytes;                  /* backend storage of all weights */
     dm_workspace ws;
+    dm_lab lab;                           /* MoE lab options (forward.c)                    */
 };
+
+/* The split MoE layer (lab.c), used by forward.c: whether this evaluation needs it (options
+ * on, or self-contrast weak rows), the expert cache's begin for the evaluation, and one layer
+ * (out [N, D] backend memory; records go to routes at dm_model_route_slots slots). */
+int dm_lab_wants_split(const dm_model *m, const dm_forward_rows *rows, int B);
+/* Mask experts out of MoE layer `layer`'s router (drop [E], 1 = logit at -inf before the
+ * softmax; NULL clears the layer): the original model with those experts' logits at -inf, which
+ * is what a ditmoe-prune output computes (docs/moe-lab.md §5). Turns the split path on. */
+dm_status dm_lab_set_drop(dm_model *m, int layer, const uint8_t *drop);
+dm_status dm_lab_begin_eval(dm_model *m, int B, const dm_forward_rows *rows, int *use_cache);
+dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer, int B,
+                     const int64_t *y, const dm_forward_rows *rows, int use_cache,
+                     const float *h, float *out, dm_routes *routes);
 
 /* The 2-D sin-cos position table out [G*G, D] (embed.c), used when the file has no pos_embed. */
 void dm_pos_embed_2d(int D, int G, float *out);

@@ -65,6 +65,7 @@ dm_status dm_pipeline_open(const dm_pipeline_opts *o, dm_pipeline **out)
     lo.device = o->device;
     lo.cfg = o->cfg;
     if ((st = dm_model_load_opts(o->model_path, &lo, &p->model))) goto fail;
+    if ((st = dm_model_set_lab(p->model, &o->lab))) goto fail;
     lo.cfg = NULL;
     p->cfg = dm_model_config(p->model);
     const dm_config *c = p->cfg;
@@ -104,6 +105,7 @@ void dm_pipeline_free(dm_pipeline *p)
 {
     if (!p) return;
     dm_vae_free(p->vae);
+    dm_model_lab_free(p->model);
     dm_model_free(p->model);
     free(p->model_path);
     free(p->vae_path);
@@ -137,6 +139,24 @@ static dm_status timed_fn(void *ctx, int B, const float *x, const float *t, cons
     tm->stats->forwards++;
     tm->stats->rows += B;
     return st;
+}
+
+static dm_status timed_rows_fn(void *ctx, int B, const float *x, const float *t,
+                               const int64_t *y, const dm_forward_rows *rows, float *out)
+{
+    timed_t *tm = ctx;
+    double t0 = dm_time_sec();
+    dm_status st = tm->inner.fn_rows(tm->inner.ctx, B, x, t, y, rows, out);
+    tm->stats->forward_sec += dm_time_sec() - t0;
+    tm->stats->forwards++;
+    tm->stats->rows += B;
+    return st;
+}
+
+static dm_status timed_begin(void *ctx, int max_rows)
+{
+    timed_t *tm = ctx;
+    return tm->inner.begin(tm->inner.ctx, max_rows);
 }
 
 static dm_status reserve(dm_pipeline *p, int B)
@@ -185,6 +205,8 @@ dm_status dm_pipeline_generate(dm_pipeline *p, const dm_sample_params *sp, int B
     }
     dm_denoiser d = tm.inner;
     d.fn = timed_fn;
+    d.fn_rows = tm.inner.fn_rows ? timed_rows_fn : NULL;
+    d.begin = tm.inner.begin ? timed_begin : NULL;
     d.ctx = &tm;
     double t0 = dm_time_sec();
     st = dm_sample(&d, sp, B, y, index, h->init, p->z, h->progress, h->progress_ctx);
@@ -298,4 +320,16 @@ void dm_gen_text_init(dm_gen_text *t, const dm_pipeline *p, const dm_sample_para
     dm_gen_text_set(t, "num-train-steps", v);
     snprintf(v, sizeof v, "%llu", (unsigned long long)index);
     dm_gen_text_set(t, "image-index", v);
+    /* MoE lab (issue 14): the policy always, the other options when on */
+    dm_gen_text_set(t, "route", dm_model_lab_string(p->model, "route"));
+    const char *lab_keys[][2] = {{"skip-routed", "skip_routed"}, {"expert-cache", "expert_cache"}};
+    for (int i = 0; i < 2; i++) {
+        const char *val = dm_model_lab_string(p->model, lab_keys[i][1]);
+        if (*val) dm_gen_text_set(t, lab_keys[i][0], val);
+    }
+    if (sp->sc_w > 0.0f) {
+        char sc[96];
+        dm_self_contrast_string(sp, sc, sizeof sc);
+        dm_gen_text_set(t, "self-contrast", sc);
+    }
 }

@@ -65,6 +65,8 @@ dm_status dm_expert_cache_parse(const char *s, dm_expert_cache_opts *out)
             if (errno || *end || end == f + 4 || mb < 1 || mb > (1L << 24))
                 return dm_fail(DM_ERR_ARG, "--expert-cache %s: mem=MiB needs an integer >= 1", s);
             o.max_bytes = (size_t)mb << 20;
+        } else if (!strcmp(f, "ffn")) {
+            o.whole = 1;
         } else if (!strncmp(f, "refresh=", 8)) {
             return dm_fail(DM_ERR_ARG, "--expert-cache %s: refresh='%s' (fixed, route, delta:EPS)", s, f + 8);
         } else {
@@ -79,11 +81,16 @@ void dm_expert_cache_str(const dm_expert_cache_opts *o, char *buf, size_t n)
 {
     if (!o->K) {
         snprintf(buf, n, "off");
-    } else if (o->refresh == DM_CACHE_DELTA) {
-        snprintf(buf, n, "%d,refresh=delta:%.9g", o->K, o->eps);
-    } else {
-        snprintf(buf, n, "%d,refresh=%s", o->K, o->refresh == DM_CACHE_ROUTE ? "route" : "fixed");
+        return;
     }
+    char eps[32] = "";
+    for (int digits = 6; digits <= 9; digits++) { /* the shortest form that reads back */
+        snprintf(eps, sizeof eps, "%.*g", digits, (double)o->eps);
+        if (strtof(eps, NULL) == o->eps) break;
+    }
+    snprintf(buf, n, "%d,refresh=%s%s%s", o->K,
+             o->refresh == DM_CACHE_DELTA ? "delta:" : o->refresh == DM_CACHE_ROUTE ? "route" : "fixed",
+             o->refresh == DM_CACHE_DELTA ? eps : "", o->whole ? ",ffn" : "");
 }
 
 dm_status dm_expert_cache_create(const dm_expert_cache_opts *o, int layers, int T, int D, int E,
@@ -245,9 +252,10 @@ void dm_expert_cache_update(dm_expert_cache *c, int layer, const float *probs,
     const int T = c->T, D = c->D, E = c->E, n = c->R * T;
     for (int i = 0; i < n; i++) {
         if (!c->slots) {
-            c->st.computed++;
+            c->st.computed += recompute[i] != DM_CACHE_LEAVE;
             continue;
         }
+        if (recompute[i] == DM_CACHE_LEAVE) continue; /* neither stored nor served */
         const int r = i / T, t = i % T;
         const size_t cell = ((size_t)c->row_slot[r] * c->layers + layer) * T + t;
         float *o = c->out + cell * D, *x = routed + (size_t)i * D;

@@ -9,7 +9,7 @@
  * unconditional half of CFG, 2 = a self-contrast weak pass (each half its own entry). Every
  * decision for a token depends only on that token's own entry and router probabilities.
  *
- * Refresh rules ("--expert-cache K[,refresh=fixed|route|delta:EPS][,mem=MiB]"):
+ * Refresh rules ("--expert-cache K[,refresh=fixed|route|delta:EPS][,mem=MiB][,ffn]"):
  *  - fixed (default): a computed output serves K evaluations (the computing one included), then
  *    is recomputed; K = 1 means always recompute (nothing is stored: 0 bytes).
  *  - route: as fixed, and also recompute a token as soon as its top-k SET (the model's k, from
@@ -34,6 +34,9 @@ typedef struct {
     dm_cache_refresh refresh;
     float eps;                /* delta: L1 drift bound                                          */
     size_t max_bytes;         /* memory bound (default 1 GiB, "mem=MiB")                        */
+    int whole;                /* ",ffn": the cached value is the whole feed-forward output (routed
+                               * + shared expert), so a served token skips the shared expert too;
+                               * default 0: routed part only, shared always recomputed          */
 } dm_expert_cache_opts;
 
 void dm_expert_cache_opts_init(dm_expert_cache_opts *o); /* off */
@@ -63,7 +66,10 @@ dm_status dm_expert_cache_begin(dm_expert_cache *c, int R, const int64_t *image,
 int dm_expert_cache_decide(dm_expert_cache *c, int layer, const float *probs, uint8_t *recompute);
 /* After the grouped GEMMs ran on the recompute tokens: routed [R*T, D] holds their fresh routed
  * outputs (other tokens' values are ignored); stores them and fills the other tokens from the
- * cache. probs as in decide. */
+ * cache. probs as in decide. A token whose recompute is DM_CACHE_LEAVE (2; the caller skipped its
+ * routed part, --skip-routed) is neither stored nor served: its entry stays as it was and does
+ * not age, and routed keeps the caller's value. */
+#define DM_CACHE_LEAVE 2
 void dm_expert_cache_update(dm_expert_cache *c, int layer, const float *probs,
                             const uint8_t *recompute, float *routed);
 

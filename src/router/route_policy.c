@@ -297,6 +297,8 @@ static double renorm_scale(const dm_route_policy *p, const float *s, const int *
     return kept > 0 ? ref / kept : 1.0;
 }
 
+static void group_csr(dm_route_csr *c, int N);
+
 /* tok_off/ids/weights filled with each token's picks at stride `slots`; compact and group. */
 static void finish_csr(dm_route_csr *c, int N, int slots, const int32_t *count)
 {
@@ -312,6 +314,13 @@ static void finish_csr(dm_route_csr *c, int N, int slots, const int32_t *count)
     }
     c->tok_off[N] = at;
     c->n_picks = at;
+    group_csr(c, N);
+}
+
+/* exp_off / rows / row_w from tok_off / ids / weights. */
+static void group_csr(dm_route_csr *c, int N)
+{
+    const int32_t at = c->n_picks;
     const int nE = c->n_experts;
     memset(c->exp_off, 0, ((size_t)nE + 1) * sizeof(int32_t));
     for (int32_t i = 0; i < at; i++) c->exp_off[c->ids[i] + 1]++;
@@ -451,6 +460,26 @@ void dm_route_csr_filter(const dm_route_csr *in, const uint8_t *keep_tok, dm_rou
             if (keep_tok[in->rows[i]]) out->rows[r] = in->rows[i], out->row_w[r++] = in->row_w[i];
     }
     out->exp_off[in->n_experts] = r;
+}
+
+void dm_route_csr_mix(const dm_route_csr *a, const dm_route_csr *b, const uint8_t *use_b,
+                      dm_route_csr *out)
+{
+    out->N = a->N;
+    out->E = a->E;
+    out->n_experts = a->n_experts > b->n_experts ? a->n_experts : b->n_experts;
+    int32_t at = 0;
+    for (int n = 0; n < a->N; n++) {
+        const dm_route_csr *s = use_b[n] ? b : a;
+        const int32_t o = s->tok_off[n], cnt = s->tok_off[n + 1] - o;
+        out->tok_off[n] = at;
+        memcpy(out->ids + at, s->ids + o, (size_t)cnt * sizeof(int32_t));
+        memcpy(out->weights + at, s->weights + o, (size_t)cnt * sizeof(float));
+        at += cnt;
+    }
+    out->tok_off[a->N] = at;
+    out->n_picks = at;
+    group_csr(out, a->N);
 }
 
 void dm_self_contrast_combine(const dm_self_contrast *sc, float cfg_scale, size_t n, const float *dc,

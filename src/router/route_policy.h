@@ -99,6 +99,12 @@ void dm_route_csr_to_padded(const dm_route_csr *c, int kmax, int32_t *ids, float
  * expert cache (keep = recompute); `in` stays the routing record. out reserved like in. */
 void dm_route_csr_filter(const dm_route_csr *in, const uint8_t *keep_tok, dm_route_csr *out);
 
+/* out = per token the picks of b where use_b[n], else of a (both over the same N tokens and
+ * n_experts), regrouped by expert (tokens ascending): strong and weak rows in one CSR. out
+ * reserved for the larger of the two. */
+void dm_route_csr_mix(const dm_route_csr *a, const dm_route_csr *b, const uint8_t *use_b,
+                      dm_route_csr *out);
+
 /* ---- --skip-routed LAYERS@T0-T1 ------------------------------------------------------------ */
 
 #define DM_SKIP_MAX_RULES 8
@@ -121,7 +127,7 @@ int dm_skip_routed_active(const dm_skip_routed *s, int block, float t01);
 
 /* ---- --self-contrast W[,weak=rank2|rank3|top1|shared] ---------------------------------------- */
 
-typedef enum { DM_WEAK_RANK2 = 0, DM_WEAK_RANK3, DM_WEAK_TOP1, DM_WEAK_SHARED } dm_weak_kind;
+/* dm_weak_kind: in ditmoe.h (MoE lab section) */
 typedef struct {
     float w;           /* D = D_weak + w (D_strong - D_weak); 0 = off                        */
     dm_weak_kind weak; /* the weak conditional pass's routing (default rank2)                */

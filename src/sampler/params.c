@@ -1,7 +1,11 @@
 /* Sampler names, default parameters (one place), and the parameter check against a model. */
 #include "ditmoe.h"
+#include "router/route_policy.h"
+
+#include <stdio.h>
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -103,4 +107,31 @@ dm_status dm_sample_params_check(const dm_sample_params *p, const dm_config *cfg
         return dm_fail(DM_ERR_ARG, "eta: only the ddim sampler uses eta (sampler is %s)",
                        dm_sampler_name(p->sampler));
     return DM_OK;
+}
+
+dm_status dm_self_contrast_set(dm_sample_params *p, const char *spec)
+{
+    dm_self_contrast sc;
+    dm_status st = dm_self_contrast_parse(spec, &sc);
+    if (st) return st;
+    p->sc_w = sc.w;
+    p->sc_weak = (int)sc.weak;
+    p->sc_replace = sc.replace_uncond;
+    return DM_OK;
+}
+
+void dm_self_contrast_string(const dm_sample_params *p, char *buf, size_t n)
+{
+    static const char *weak[] = {"rank2", "rank3", "top1", "shared"};
+    if (!(p->sc_w > 0.0f)) {
+        if (n) buf[0] = '\0';
+        return;
+    }
+    char w[32];
+    for (int digits = 6; digits <= 9; digits++) { /* shortest form that reads back */
+        snprintf(w, sizeof w, "%.*g", digits, (double)p->sc_w);
+        if (strtof(w, NULL) == p->sc_w) break;
+    }
+    snprintf(buf, n, "%s,weak=%s,mode=%s", w, (unsigned)p->sc_weak < 4 ? weak[p->sc_weak] : "?",
+             p->sc_replace ? "replace" : "add");
 }

@@ -4,6 +4,7 @@
  * DiT's forward_with_cfg, whose second state half is dead weight. Per-element math is float32
  * with float64 tables cast to float32 at use, as in the PyTorch reference. */
 #include "ditmoe.h"
+#include "router/route_policy.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -16,49 +17,75 @@ typedef struct {
     const int64_t *y;     /* [B] */
     const uint64_t *idx;  /* [B] */
     size_t n, nout, hw;   /* C*H*W, Cout*H*W, H*W */
-    float *xin;           /* [2B, C, H, W] doubled input */
-    float *tin;           /* [2B] */
-    int64_t *yin;         /* [2B] labels, then null */
-    float *raw;           /* [2B, Cout, H, W] raw model output (guided case) */
+    float *xin;           /* [3B, C, H, W] doubled (tripled with self-contrast) input */
+    float *tin;           /* [3B] */
+    int64_t *yin;         /* [3B] labels, then null (then labels for weak rows) */
+    float *raw;           /* [3B, Cout, H, W] raw model output (guided case) */
+    int64_t *rimg;        /* [3B] MoE lab: global image index of each row */
+    uint8_t *rbr;         /* [3B] branch of each row (0 cond, 1 uncond, 2 weak) */
+    float *rt01;          /* [3B] normalised time of each row */
     float *o;             /* [B, Cout, H, W] guided output */
     float *noise;         /* [B, C, H, W] */
     float *tmp;           /* [B, C, H, W] Heun predictor state */
     float *v1;            /* [B, C, H, W] Heun first slope */
 } run_t;
 
+/* One model call on R rows (the rows-aware denoiser when it has one). */
+static dm_status call(run_t *r, int R, const float *x, double tfrac, float *out)
+{
+    const dm_denoiser *d = r->d;
+    if (!d->fn_rows) return d->fn(d->ctx, R, x, r->tin, r->yin, out);
+    for (int i = 0; i < R; i++) r->rt01[i] = (float)tfrac;
+    const dm_forward_rows rows = {r->rimg, r->rbr, r->rt01, (dm_weak_kind)r->p->sc_weak, NULL};
+    return d->fn_rows(d->ctx, R, x, r->tin, r->yin, &rows, out);
+}
+
 /* o = guided model output at (x, t). tval is what the model sees, tfrac in [0,1] (1 = noise)
- * decides the guidance interval. */
+ * decides the guidance interval. Rows: [cond] unguided, [cond; uncond] CFG, with
+ * self-contrast [cond; uncond; weak] (mode=add, cfg-scale != 1) or [cond; weak]. */
 static dm_status evaluate(run_t *r, const float *x, float tval, double tfrac)
 {
     const dm_denoiser *d = r->d;
     const dm_sample_params *p = r->p;
     const int B = r->B;
-    const int guided = p->cfg_scale != 1.0f && tfrac >= (double)p->cfg_t_lo - 1e-9 &&
-                       tfrac <= (double)p->cfg_t_hi + 1e-9;
-    if (!guided) {
-        for (int b = 0; b < B; b++) r->tin[b] = tval;
-        return d->fn(d->ctx, B, x, r->tin, r->y, r->o);
+    const int inside = tfrac >= (double)p->cfg_t_lo - 1e-9 && tfrac <= (double)p->cfg_t_hi + 1e-9;
+    const int sc = p->sc_w > 0.0f && inside;
+    const int uncond = inside && (sc ? !p->sc_replace && p->cfg_scale != 1.0f
+                                     : p->cfg_scale != 1.0f);
+    const int parts = 1 + uncond + sc;
+    for (int b = 0; b < B; b++) {
+        for (int q = 0; q < parts; q++) {
+            const int i = q * B + b;
+            r->tin[i] = tval;
+            r->rimg[i] = (int64_t)r->idx[b];
+            r->rbr[i] = (uint8_t)(q == 0 ? DM_BRANCH_COND
+                                  : q == 1 && uncond ? DM_BRANCH_UNCOND : DM_BRANCH_WEAK);
+            r->yin[i] = r->rbr[i] == DM_BRANCH_UNCOND ? (int64_t)d->num_classes : r->y[b];
+        }
     }
-    memcpy(r->xin, x, (size_t)B * r->n * sizeof(float));
-    memcpy(r->xin + (size_t)B * r->n, x, (size_t)B * r->n * sizeof(float));
-    for (int b = 0; b < 2 * B; b++) {
-        r->tin[b] = tval;
-        r->yin[b] = b < B ? r->y[b] : (int64_t)d->num_classes;
-    }
-    dm_status st = d->fn(d->ctx, 2 * B, r->xin, r->tin, r->yin, r->raw);
+    if (parts == 1) return call(r, B, x, tfrac, r->o);
+    for (int q = 0; q < parts; q++)
+        memcpy(r->xin + (size_t)q * B * r->n, x, (size_t)B * r->n * sizeof(float));
+    dm_status st = call(r, parts * B, r->xin, tfrac, r->raw);
     if (st) return st;
     const int k = p->cfg_channels <= 0 || p->cfg_channels > d->channels ? d->channels
                                                                          : p->cfg_channels;
     const float s = p->cfg_scale;
+    const dm_self_contrast scp = {p->sc_w, (dm_weak_kind)p->sc_weak, p->sc_replace};
     for (int b = 0; b < B; b++)
         for (int ch = 0; ch < d->out_channels; ch++) {
-            const float *c = r->raw + ((size_t)b * d->out_channels + ch) * r->hw;
-            const float *u = r->raw + ((size_t)(B + b) * d->out_channels + ch) * r->hw;
-            float *dst = r->o + ((size_t)b * d->out_channels + ch) * r->hw;
-            if (ch < k)
-                for (size_t i = 0; i < r->hw; i++) dst[i] = u[i] + s * (c[i] - u[i]);
-            else
+            const size_t at = ((size_t)b * d->out_channels + ch) * r->hw;
+            const size_t part = (size_t)B * d->out_channels * r->hw;
+            const float *c = r->raw + at;
+            const float *u = uncond ? r->raw + part + at : c;
+            const float *w = sc ? r->raw + (size_t)(parts - 1) * part + at : NULL;
+            float *dst = r->o + at;
+            if (ch >= k)
                 memcpy(dst, c, r->hw * sizeof(float)); /* unguided: conditional half */
+            else if (sc)
+                dm_self_contrast_combine(&scp, uncond ? s : 1.0f, r->hw, c, u, w, dst);
+            else
+                for (size_t i = 0; i < r->hw; i++) dst[i] = u[i] + s * (c[i] - u[i]);
         }
     return DM_OK;
 }
@@ -209,15 +236,28 @@ dm_status dm_sample(const dm_denoiser *d, const dm_sample_params *p, int B, cons
     r.hw = (size_t)d->height * d->width;
     r.n = (size_t)d->channels * r.hw;
     r.nout = (size_t)d->out_channels * r.hw;
-    r.xin = malloc(2 * (size_t)B * r.n * sizeof(float));
-    r.tin = malloc(2 * (size_t)B * sizeof(float));
-    r.yin = malloc(2 * (size_t)B * sizeof(int64_t));
-    r.raw = malloc(2 * (size_t)B * r.nout * sizeof(float));
+    if (p->sc_w > 0.0f && !d->fn_rows) {
+        st = dm_fail(DM_ERR_ARG, "--self-contrast: this denoiser has no per-row (weak) pass");
+        return st;
+    }
+    /* most rows of one evaluation: cond, + uncond (CFG), + weak (self-contrast) */
+    const int sc_on = p->sc_w > 0.0f;
+    const int parts = 1 + (sc_on ? !p->sc_replace && p->cfg_scale != 1.0f : p->cfg_scale != 1.0f) +
+                      sc_on;
+    if (d->begin && (st = d->begin(d->ctx, parts * B))) return st;
+    r.xin = malloc(3 * (size_t)B * r.n * sizeof(float));
+    r.tin = malloc(3 * (size_t)B * sizeof(float));
+    r.yin = malloc(3 * (size_t)B * sizeof(int64_t));
+    r.raw = malloc(3 * (size_t)B * r.nout * sizeof(float));
+    r.rimg = malloc(3 * (size_t)B * sizeof(int64_t));
+    r.rbr = malloc(3 * (size_t)B);
+    r.rt01 = malloc(3 * (size_t)B * sizeof(float));
     r.o = malloc((size_t)B * r.nout * sizeof(float));
     r.noise = malloc((size_t)B * r.n * sizeof(float));
     r.tmp = malloc((size_t)B * r.n * sizeof(float));
     r.v1 = malloc((size_t)B * r.n * sizeof(float));
-    if (!r.xin || !r.tin || !r.yin || !r.raw || !r.o || !r.noise || !r.tmp || !r.v1) {
+    if (!r.xin || !r.tin || !r.yin || !r.raw || !r.o || !r.noise || !r.tmp || !r.v1 || !r.rimg ||
+        !r.rbr || !r.rt01) {
         st = dm_fail(DM_ERR_NOMEM, "out of memory for a batch of %d (%zu floats per image)", B,
                      r.nout);
         goto done;
@@ -239,6 +279,9 @@ done:
     free(r.noise);
     free(r.tmp);
     free(r.v1);
+    free(r.rimg);
+    free(r.rbr);
+    free(r.rt01);
     return st;
 }
 
@@ -248,8 +291,21 @@ static dm_status model_fn(void *ctx, int B, const float *x, const float *t, cons
     return dm_model_forward((dm_model *)ctx, B, x, t, y, out, NULL);
 }
 
+static dm_status model_rows_fn(void *ctx, int B, const float *x, const float *t,
+                               const int64_t *y, const dm_forward_rows *rows, float *out)
+{
+    return dm_model_forward_rows((dm_model *)ctx, B, x, t, y, rows, out, NULL);
+}
+
+static dm_status model_begin(void *ctx, int max_rows)
+{
+    return dm_model_lab_begin((dm_model *)ctx, max_rows);
+}
+
 void dm_model_denoiser(dm_model *m, dm_denoiser *d)
 {
+    d->fn_rows = model_rows_fn;
+    d->begin = model_begin;
     const dm_config *c = dm_model_config(m);
     d->fn = model_fn;
     d->ctx = m;

@@ -305,9 +305,10 @@ dm_status dm_trace_read_next(dm_trace_reader *r, const dm_trace_record **out)
         r->cls[i] = (int32_t)dm_get_u32(p + 12);
         uint32_t tb = dm_get_u32(p + 16), kind = dm_get_u32(p + 20);
         memcpy(&r->t[i], &tb, 4);
-        if (r->label[i] < 0 || r->label[i] > s->num_classes || kind > 1 || r->cls[i] < 0 ||
-            r->cls[i] >= s->num_classes || (!kind && r->cls[i] != r->label[i]) ||
-            kind != (uint32_t)(r->label[i] == s->num_classes))
+        /* kind: 0 conditional, 1 unconditional (null label), 2 self-contrast weak (its label) */
+        if (r->label[i] < 0 || r->label[i] > s->num_classes || kind > 2 || r->cls[i] < 0 ||
+            r->cls[i] >= s->num_classes || (kind != 1 && r->cls[i] != r->label[i]) ||
+            (kind == 1) != (r->label[i] == s->num_classes))
             return dm_fail(DM_ERR_FORMAT, "%s: record %ld row %u: label %lld / class %lld / kind %u "
                            "do not fit %d classes", path, idx, i, (long long)r->label[i],
                            (long long)r->cls[i], kind,

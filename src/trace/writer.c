@@ -35,6 +35,7 @@ struct dm_trace {
     dm_model *m;
     int32_t *rids;           /* [Lm, R*T, k] routes from the forward */
     float *rw;               /* [Lm, R*T, k] */
+    uint8_t *rflags;         /* [Lm, R*T] token flags */
     size_t cap_rt;           /* R*T the buffers hold */
 };
 
@@ -114,6 +115,9 @@ static cJSON *sampler_json(const dm_sample_params *p)
     cJSON_AddNumberToObject(o, "eta", p->eta);
     cJSON_AddStringToObject(o, "seed", seed); /* string: a u64 does not fit a double */
     cJSON_AddStringToObject(o, "noise", "image i: dm_noise_normal(seed, i, stream)");
+    char sc[96];
+    dm_self_contrast_string(p, sc, sizeof sc);
+    cJSON_AddStringToObject(o, "self_contrast", sc);
     return o;
 }
 
@@ -215,6 +219,13 @@ dm_status dm_trace_batch(dm_trace *tr, int B, const int64_t *y, const uint64_t *
 dm_status dm_trace_write(dm_trace *tr, int R, const float *t, const int64_t *y,
                          const int32_t *ids, const float *weights, const uint8_t *token_flags)
 {
+    return dm_trace_write_rows(tr, R, t, y, NULL, ids, weights, token_flags);
+}
+
+dm_status dm_trace_write_rows(dm_trace *tr, int R, const float *t, const int64_t *y,
+                              const uint8_t *kinds, const int32_t *ids, const float *weights,
+                              const uint8_t *token_flags)
+{
     if (!tr) return dm_fail(DM_ERR_ARG, "dm_trace_write: no trace");
     if (tr->failed) return tr->failed;
     const double t0 = dm_time_sec();
@@ -249,7 +260,12 @@ dm_status dm_trace_write(dm_trace *tr, int R, const float *t, const int64_t *y,
         if (y[r] < 0 || y[r] > s->num_classes)
             return dm_fail(DM_ERR_ARG, "%s: label %lld of row %d out of range [0,%d]", tr->path,
                            (long long)y[r], r, s->num_classes);
-        const uint32_t kind = y[r] == s->num_classes;
+        uint32_t kind = y[r] == s->num_classes;
+        if (kinds && kinds[r] == DM_BRANCH_WEAK) {
+            if (kind)
+                return dm_fail(DM_ERR_ARG, "%s: weak row %d has the null label", tr->path, r);
+            kind = 2;
+        }
         uint32_t tb;
         memcpy(&tb, &t[r], 4);
         dm_put_u64(p, tr->index[r % tr->B]);
@@ -380,6 +396,7 @@ void dm_trace_abort(dm_trace *tr)
     free(tr->buf);
     free(tr->rids);
     free(tr->rw);
+    free(tr->rflags);
     free(tr);
 }
 
@@ -387,32 +404,54 @@ double dm_trace_seconds(const dm_trace *tr) { return tr ? tr->seconds : 0.0; }
 
 /* ------------------------------------------------------------------ tracing denoiser */
 
-static dm_status trace_fn(void *ctx, int B, const float *x, const float *t, const int64_t *y,
-                          float *out)
+static dm_status trace_rows_fn(void *ctx, int B, const float *x, const float *t,
+                               const int64_t *y, const dm_forward_rows *rows, float *out)
 {
     dm_trace *tr = ctx;
     const dm_config *c = dm_model_config(tr->m);
     const dm_trace_shape *s = &tr->s;
     const size_t RT = (size_t)B * tr->T, k = (size_t)s->top_k;
-    if (s->top_k != c->top_k || s->layers != dm_config_moe_layers(c) || c->patch < 1 ||
-        tr->T != (c->input_size / c->patch) * (c->input_size / c->patch))
+    if (s->top_k != dm_model_route_slots(tr->m) || s->layers != dm_config_moe_layers(c) ||
+        c->patch < 1 || tr->T != (c->input_size / c->patch) * (c->input_size / c->patch))
         return dm_fail(DM_ERR_ARG, "%s: trace shape (%d layers, k %d, %d tokens) does not fit "
-                       "model %s", tr->path, s->layers, s->top_k, tr->T, dm_model_path(tr->m));
+                       "model %s (%d slots)", tr->path, s->layers, s->top_k, tr->T,
+                       dm_model_path(tr->m), dm_model_route_slots(tr->m));
     if (RT > tr->cap_rt) {
         free(tr->rids);
         free(tr->rw);
+        free(tr->rflags);
         tr->rids = malloc((size_t)s->layers * RT * k * sizeof(int32_t));
         tr->rw = malloc((size_t)s->layers * RT * k * sizeof(float));
+        tr->rflags = malloc((size_t)s->layers * RT);
         tr->cap_rt = RT;
-        if (!tr->rids || !tr->rw) {
+        if (!tr->rids || !tr->rw || !tr->rflags) {
             tr->cap_rt = 0;
             return dm_fail(DM_ERR_NOMEM, "out of memory for routing records of %d rows", B);
         }
     }
     dm_routes r = {tr->rids, s->weights ? tr->rw : NULL}; /* [L_moe, B*T, k] */
-    dm_status st = dm_model_forward(tr->m, B, x, t, y, out, &r);
+    /* token flags only when the expert cache or a skip rule can mark tokens */
+    const int flags = *dm_model_lab_string(tr->m, "expert_cache") != '\0' ||
+                      *dm_model_lab_string(tr->m, "skip_routed") != '\0';
+    dm_forward_rows fr = {0};
+    if (rows) fr = *rows;
+    fr.token_flags = flags ? tr->rflags : NULL;
+    dm_status st = dm_model_forward_rows(tr->m, B, x, t, y, &fr, out, &r);
     if (st) return st;
-    return dm_trace_write(tr, B, t, y, tr->rids, r.weights, NULL);
+    return dm_trace_write_rows(tr, B, t, y, rows ? rows->branch : NULL, tr->rids, r.weights,
+                               fr.token_flags);
+}
+
+static dm_status trace_fn(void *ctx, int B, const float *x, const float *t, const int64_t *y,
+                          float *out)
+{
+    return trace_rows_fn(ctx, B, x, t, y, NULL, out);
+}
+
+static dm_status trace_begin(void *ctx, int max_rows)
+{
+    dm_trace *tr = ctx;
+    return dm_model_lab_begin(tr->m, max_rows);
 }
 
 void dm_trace_denoiser(dm_trace *tr, dm_model *m, dm_denoiser *out)
@@ -420,5 +459,14 @@ void dm_trace_denoiser(dm_trace *tr, dm_model *m, dm_denoiser *out)
     dm_model_denoiser(m, out);
     tr->m = m;
     out->fn = trace_fn;
+    out->fn_rows = trace_rows_fn;
+    out->begin = trace_begin;
     out->ctx = tr;
+    /* the MoE-lab options in the header's sampler object (route always) */
+    cJSON *smp = cJSON_GetObjectItem(tr->head, "sampler");
+    if (smp && !cJSON_GetObjectItem(smp, "route")) {
+        cJSON_AddStringToObject(smp, "route", dm_model_lab_string(m, "route"));
+        cJSON_AddStringToObject(smp, "skip_routed", dm_model_lab_string(m, "skip_routed"));
+        cJSON_AddStringToObject(smp, "expert_cache", dm_model_lab_string(m, "expert_cache"));
+    }
 }

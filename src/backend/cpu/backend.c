@@ -1,7 +1,9 @@
 /* The CPU backend: the op table of backend/backend.h over the kernels of backend/cpu/ (ops.h).
  * Memory is host memory; upload/download are copies; every op runs synchronously. */
 #include "backend/cpu/cpu.h"
+#include "router/moe.h"
 
+#include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -293,6 +295,54 @@ static dm_status cpu_vae_attention(void *ctx, float *x, int C, int N, int G,
 
 static void cpu_close(void *ctx);
 
+static int ffn_f_max(const dm_ffn_layer *L)
+{
+    int F_max = L->shared.F;
+    for (int e = 0; e < L->d.n_experts; e++)
+        if (L->experts[e].F > F_max) F_max = L->experts[e].F;
+    return F_max;
+}
+
+static dm_status cpu_router_scores(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                                   const uint8_t *drop, float *scores)
+{
+    (void)ctx;
+    const dm_moe_desc *d = &L->d;
+    const int E = d->E;
+    if (!L->gate || E < 1) return dm_fail(DM_ERR_ARG, "cpu: router_scores: layer has no router");
+    dm_linear_packed(h, N, &L->gate->pm, NULL, scores);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *s = scores + (size_t)n * E;
+        if (drop)
+            for (int e = 0; e < E; e++)
+                if (drop[e]) s[e] = -INFINITY;
+        dm_moe_token_scores(d, h + (size_t)n * d->D, s);
+    }
+    return DM_OK;
+}
+
+static dm_status cpu_moe_grouped(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                                 const int32_t *exp_off, const int32_t *rows, const float *row_w,
+                                 float *out)
+{
+    dm_cpu_ctx *c = ctx;
+    const int nE = L->d.n_experts, n_rows = exp_off[nE];
+    const int k = n_rows > N ? (n_rows + N - 1) / N : 1; /* rows to reserve per token */
+    if (dm_moe_scratch_reserve(&c->moe, N, L->d.D, ffn_f_max(L), nE, k))
+        return dm_fail(DM_ERR_NOMEM, "cpu: moe_grouped: out of memory for %d rows", n_rows);
+    return dm_moe_apply_grouped(L, h, N, &c->moe, exp_off, rows, row_w, out);
+}
+
+static dm_status cpu_mlp_add(void *ctx, const dm_mlp_layer *w, const float *h, int N, float *out)
+{
+    dm_cpu_ctx *c = ctx;
+    const int D = w->w2->rows; /* w2: [D, F] */
+    if (dm_moe_scratch_reserve(&c->moe, N, D, w->F, 1, 1))
+        return dm_fail(DM_ERR_NOMEM, "cpu: mlp_add: out of memory for %d tokens", N);
+    return dm_moe_mlp_add(w, h, N, D, &c->moe, out);
+}
+
 static const dm_backend_ops k_cpu_ops = {
     .name = "cpu",
     .close = cpu_close,
@@ -315,6 +365,9 @@ static const dm_backend_ops k_cpu_ops = {
     .embed_add = cpu_embed_add,
     .attention = cpu_attention,
     .ffn = cpu_ffn,
+    .router_scores = cpu_router_scores,
+    .moe_grouped = cpu_moe_grouped,
+    .mlp_add = cpu_mlp_add,
     .conv2d = cpu_conv2d,
     .group_norm = cpu_group_norm,
     .upsample2x = cpu_upsample2x,

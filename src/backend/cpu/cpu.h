@@ -67,6 +67,14 @@ void dm_moe_route(const dm_ffn_layer *L, const float *h, int N, int T, const int
                   int64_t null_id, dm_moe_scratch *s);
 /* out [N, D] = sum over picks of weight * Expert(h) + Shared(h), from the routing in s->r. */
 dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out);
+/* The routed part alone from an explicit grouping (offset [n_experts+1] / rows / slot_w),
+ * the scratch reserved for offset[n_experts] rows; and out [N, D] += MLP(h) (shared expert).
+ * dm_moe_apply = the first on s->r, then the second: the same arithmetic in the same order. */
+dm_status dm_moe_apply_grouped(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s,
+                               const int32_t *offset, const int32_t *rows, const float *slot_w,
+                               float *out);
+dm_status dm_moe_mlp_add(const dm_mlp_layer *w, const float *h, int N, int D, dm_moe_scratch *s,
+                         float *out);
 
 /* Fast embedding kernels (embed.c); references in src/dit/embed.c. */
 void dm_patchify(const float *x, int B, int C, int S, int p, float *patches);

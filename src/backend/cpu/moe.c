@@ -192,16 +192,19 @@ void dm_moe_route(const dm_ffn_layer *L, const float *h, int N, int T, const int
         group_token_choice(d, N, r);
 }
 
-dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out)
+/* out [N, D] = routed part from a grouping (offset / rows / slot_w over n_rows rows); the
+ * scratch must hold n_rows gathered rows. */
+static dm_status apply_routed(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s,
+                              const int32_t *offset, const int32_t *rows, const float *slot_w,
+                              int n_rows, float *out)
 {
     dm_status st;
     const int D = L->d.D;
-    const dm_routing *r = &s->r;
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < r->n_rows; i++)
-        memcpy(s->xg + (size_t)i * D, h + (size_t)r->rows[i] * D, (size_t)D * sizeof(float));
+    for (int i = 0; i < n_rows; i++)
+        memcpy(s->xg + (size_t)i * D, h + (size_t)rows[i] * D, (size_t)D * sizeof(float));
     for (int e = 0; e < L->d.n_experts; e++) {
-        int off = r->offset[e], n = r->offset[e + 1] - off;
+        int off = offset[e], n = offset[e + 1] - off;
         if (n > 0 && (st = dm_mlp_forward(&L->experts[e], s->xg + (size_t)off * D, n, s->a, s->h,
                                           s->y + (size_t)off * D)))
             return st;
@@ -210,18 +213,39 @@ dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scra
      * an expert a token appears once, so experts run in order and rows in parallel. */
     memset(out, 0, (size_t)N * D * sizeof(float));
     for (int e = 0; e < L->d.n_experts; e++) {
-        int off = r->offset[e], n = r->offset[e + 1] - off;
+        int off = offset[e], n = offset[e + 1] - off;
 #pragma omp parallel for schedule(static)
         for (int i = off; i < off + n; i++) {
-            float *o = out + (size_t)r->rows[i] * D;
-            const float *yv = s->y + (size_t)i * D, wt = r->slot_w[i];
+            float *o = out + (size_t)rows[i] * D;
+            const float *yv = s->y + (size_t)i * D, wt = slot_w[i];
             for (int d = 0; d < D; d++) o[d] += wt * yv[d];
         }
     }
-    if (L->shared.F > 0) {
-        if ((st = dm_mlp_forward(&L->shared, h, N, s->a, s->h, s->y))) return st;
+    return DM_OK;
+}
+
+dm_status dm_moe_mlp_add(const dm_mlp_layer *w, const float *h, int N, int D, dm_moe_scratch *s,
+                         float *out)
+{
+    dm_status st;
+    if ((st = dm_mlp_forward(w, h, N, s->a, s->h, s->y))) return st;
 #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < (size_t)N * D; i++) out[i] += s->y[i];
-    }
+    for (size_t i = 0; i < (size_t)N * D; i++) out[i] += s->y[i];
+    return DM_OK;
+}
+
+dm_status dm_moe_apply_grouped(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s,
+                               const int32_t *offset, const int32_t *rows, const float *slot_w,
+                               float *out)
+{
+    return apply_routed(L, h, N, s, offset, rows, slot_w, offset[L->d.n_experts], out);
+}
+
+dm_status dm_moe_apply(const dm_ffn_layer *L, const float *h, int N, dm_moe_scratch *s, float *out)
+{
+    dm_status st;
+    const dm_routing *r = &s->r;
+    if ((st = apply_routed(L, h, N, s, r->offset, r->rows, r->slot_w, r->n_rows, out))) return st;
+    if (L->shared.F > 0) return dm_moe_mlp_add(&L->shared, h, N, L->d.D, s, out);
     return DM_OK;
 }
