@@ -14,7 +14,8 @@ counted, it is the same for every routing technique): every evaluation row pays 
 MLPs, shared experts, routers, final linear: per token; t-MLP and adaLN: per row) and, per token
 and MoE layer, one routed expert's weights per pick recorded in the dump (id != 0xFF/0xFFFF).
 Tokens flagged "cached" (token-flag bit 4, DM_TRACE_TOK_CACHED, when the writer sets it) did not
-compute their routed experts and are not counted. Counting from a dump is exact for the
+compute their routed experts and are not counted; with `--expert-cache ...,ffn` (read from the
+header's sampler.expert_cache) they did not compute the shared expert either. Counting from a dump is exact for the
 routed part whatever the policy (variable k, skipped layers give 0 picks only if the writer
 records the compute view; see docs/moe-lab.md section 9 for what the engine records).
 `--skip-routed`: the engine records the router's picks of skipped tokens (docs/routing.md), so the
@@ -89,6 +90,7 @@ def model_costs(model_path):
     T = (meta["input_size"] // meta["patch_size"]) ** 2
     per_tok = per_row = 0
     expert = {}                                   # block -> {id: MACs per pick}
+    shared = {}                                   # block -> shared-expert MACs per token
     for name, shp in shapes.items():
         if not name.endswith(".weight") or len(shp) < 2:
             continue
@@ -99,6 +101,10 @@ def model_costs(model_path):
             expert[int(m.group(1))][int(m.group(2))] += numel
         elif "adaLN_modulation" in name or name.startswith("t_embedder"):
             per_row += numel
+        elif re.match(r"blocks\.\d+\.(?:moe|mlp)\.shared_expert", name):
+            b = int(name.split(".")[1])
+            shared[b] = shared.get(b, 0) + numel
+            per_tok += numel
         elif name.startswith("y_embedder"):
             pass                                  # a table lookup
         else:                                     # x_embedder, qkv, proj, dense/shared MLP, final
@@ -107,7 +113,7 @@ def model_costs(model_path):
         if name.endswith("cluster_centers"):
             per_tok += int(np.prod(shapes[name]))
     per_tok += meta["depth"] * 2 * T * D          # attention scores and values
-    return dict(per_token=per_tok, per_row=per_row, tokens=T, expert=expert)
+    return dict(per_token=per_tok, per_row=per_row, tokens=T, expert=expert, shared=shared)
 
 
 def skip_rules(spec, depth):
@@ -138,6 +144,7 @@ def count_macs(dump, model_path):
     tscale = 999.0 if m.get("objective") == "ddpm" else float(meta.get("time_scale", 1.0))
     rules = skip_rules(hdr.get("sampler", {}).get("skip_routed"), m.get("depth", 0))
     skipped = 0
+    ffn = "ffn" in (hdr.get("sampler", {}).get("expert_cache") or "")   # served tokens skip the shared expert too
     route_layer = np.zeros(len(blocks))
     nb = 5                                        # step bands, noisy -> clean
     steps = max(int(sh.get("steps") or 1), 1)
@@ -161,6 +168,9 @@ def count_macs(dump, model_path):
             live = (r.flags & TOK_CACHED) == 0
             cached += int((~live).sum())
             valid &= live[:, :, None]
+            if ffn:
+                for li, b in enumerate(blocks):
+                    dense -= int((~live[li]).sum()) * c["shared"].get(b, 0)
         for li, b in enumerate(blocks):
             ids = r.ids[li][valid[li]]
             cnt = np.bincount(ids.astype(np.int64), minlength=sh["experts"] + 1)
