@@ -100,8 +100,9 @@ def main(argv=None):
     p.add_argument("--title", default="Fashion-MNIST DiT-MoE / ProMoE: quality vs active compute "
                                       "(50 Euler steps, CFG 2.0, ditmoe-sample)")
     p.add_argument("--tags", default=None, help="comma list: only these tags, in this order")
+    p.add_argument("--exclude", default="", help="comma list of tags to leave out")
     a = p.parse_args(argv)
-    rows = load(a.results)
+    rows = [r for r in load(a.results) if r["tag"] not in a.exclude.split(",")]
     if a.tags:
         order = a.tags.split(",")
         rows = sorted([r for r in rows if r["tag"] in order],
