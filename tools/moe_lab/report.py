@@ -101,8 +101,10 @@ def main(argv=None):
                                       "(50 Euler steps, CFG 2.0, ditmoe-sample)")
     p.add_argument("--tags", default=None, help="comma list: only these tags, in this order")
     p.add_argument("--exclude", default="", help="comma list of tags to leave out")
+    p.add_argument("--seed", type=int, default=None, help="only rows of this noise seed")
     a = p.parse_args(argv)
-    rows = [r for r in load(a.results) if r["tag"] not in a.exclude.split(",")]
+    rows = [r for r in load(a.results) if r["tag"] not in a.exclude.split(",")
+            and (a.seed is None or r["seed"] == a.seed)]
     if a.tags:
         order = a.tags.split(",")
         rows = sorted([r for r in rows if r["tag"] in order],
