@@ -38,7 +38,7 @@ expect() {
 
 # A dump reader of our own (docs/routing.md), for the recounts below.
 cat >"$T/dump.py" <<'PYEOF'
-import json, struct
+import json, os, struct, subprocess
 import numpy as np
 
 def parse_dump(path):
@@ -59,6 +59,25 @@ def parse_dump(path):
                          uncond=[r[4] for r in rows], ids=ids.reshape(Lm, R, Tn, k)))
         pos += 32 + payload
     return sh, recs
+
+def forward_inputs(T, cfg, seed, t_lo, t_hi, B=6):
+    """Random x, t in [t_lo, t_hi], labels incl. the null class, saved as T/{x,t,y}.npy."""
+    rng = np.random.default_rng(seed)
+    S = cfg["input_size"]
+    x = rng.normal(size=(B, cfg["in_channels"], S, S)).astype(np.float32)
+    t = rng.uniform(t_lo, t_hi, size=B).astype(np.float32)
+    y = np.array([0, 3, 5, 7, 9, cfg["num_classes"]], np.int64)
+    for n, a in (("x", x), ("t", t), ("y", y)):
+        np.save(os.path.join(T, n + ".npy"), a)
+    return x, t, y
+
+def c_forward(T, model):
+    """ditmoe-forward of model on T/{x,t,y}.npy."""
+    out = os.path.join(T, "f.npy")
+    subprocess.run([os.path.join(os.environ.get("DITMOE_BIN", "build/bin"), "ditmoe-forward"),
+                    "--model", model, "--x", os.path.join(T, "x.npy"), "--t", os.path.join(T, "t.npy"),
+                    "--y", os.path.join(T, "y.npy"), "--out", out, "-q"], check=True)
+    return np.load(out)
 PYEOF
 
 # --- ditmoe-routes --affinity --persistence: the lab's keys equal a recount
@@ -163,19 +182,12 @@ _, meta = safetensors_io.read(os.path.join(T, "some.safetensors"))
 cfg = json.loads(meta["ditmoe"])
 kept = cfg["pruned"]["kept"]
 assert cfg["num_experts"] == 8 and [len(k) for k in kept] == [6, 6, 8, 8], cfg["pruned"]
-rng = np.random.default_rng(5)
-B = 6
-x = rng.normal(size=(B, cfg["in_channels"], cfg["input_size"], cfg["input_size"])).astype(np.float32)
-t = rng.uniform(0.05, 0.95, size=B).astype(np.float32)
-y = np.array([0, 3, 5, 7, 9, cfg["num_classes"]], np.int64)
-for n, a in (("x", x), ("t", t), ("y", y)):
-    np.save(os.path.join(T, n + ".npy"), a)
+sys.path.insert(0, T)
+import dump
+x, t, y = dump.forward_inputs(T, cfg, 5, 0.05, 0.95)
+B = len(y)
 def c_forward(model):
-    out = os.path.join(T, "f.npy")
-    subprocess.run([os.path.join(os.environ.get("DITMOE_BIN", "build/bin"), "ditmoe-forward"),
-                    "--model", model, "--x", os.path.join(T, "x.npy"), "--t", os.path.join(T, "t.npy"),
-                    "--y", os.path.join(T, "y.npy"), "--out", out, "-q"], check=True)
-    return np.load(out)
+    return dump.c_forward(T, model)
 dit, _ = shipped.load_dit(os.path.join(src, "assets", "ditmoe-fmnist.safetensors"))
 def masked(l):
     def hook(_m, _i, out):
@@ -235,19 +247,12 @@ _, cfg = load(os.path.join(T, "promoe6.safetensors"))
 kept = cfg["pruned"]["kept"]
 assert cfg["num_experts"] == 6 and [len(k) for k in kept] == [6, 6], cfg["pruned"]
 dit, c0 = load(os.path.join(src, "assets", "promoe-fmnist.safetensors"))
-rng = np.random.default_rng(6)
-B = 6
-x = rng.normal(size=(B, c0["in_channels"], c0["input_size"], c0["input_size"])).astype(np.float32)
-t = rng.uniform(50, 950, size=B).astype(np.float32)
-y = np.array([0, 3, 5, 7, 9, c0["num_classes"]], np.int64)
-for n, a in (("x", x), ("t", t), ("y", y)):
-    np.save(os.path.join(T, n + ".npy"), a)
+sys.path.insert(0, T)
+import dump
+x, t, y = dump.forward_inputs(T, c0, 6, 50, 950)
+B = len(y)
 def c_forward(model):
-    out = os.path.join(T, "f.npy")
-    subprocess.run([os.path.join(os.environ.get("DITMOE_BIN", "build/bin"), "ditmoe-forward"),
-                    "--model", model, "--x", os.path.join(T, "x.npy"), "--t", os.path.join(T, "t.npy"),
-                    "--y", os.path.join(T, "y.npy"), "--out", out, "-q"], check=True)
-    return np.load(out)
+    return dump.c_forward(T, model)
 moe = [b.mlp for b in dit.blocks if isinstance(b.mlp, promoe_ref.ProtoMoE)]
 assert len(moe) == 2
 with torch.no_grad():
