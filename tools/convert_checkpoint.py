@@ -2,8 +2,9 @@
 """Convert an official DiT-MoE or ProMoE PyTorch checkpoint (.pt/.pth) to a ditmoe .safetensors.
 
     /usr/bin/python3 tools/convert_checkpoint.py IN.pt OUT.safetensors [--dtype f32|f16|bf16]
-        [--heads N] [--top-k K] [--objective ddpm|rf] [--num-classes N] [--class-names FILE]
-        [--name TEXT] [--sampler S] [--steps N] [--cfg-scale F] [--cfg-channels N]
+        [--quant-experts none|int8|int4] [--heads N] [--top-k K] [--objective ddpm|rf]
+        [--num-classes N] [--class-names FILE] [--name TEXT] [--sampler S] [--steps N]
+        [--cfg-scale F] [--cfg-channels N]
         [--promoe-variant tc|ec] [--router identity|softmax|sigmoid]      (ProMoE only)
 
 Accepts a bare state dict or one wrapped under "ema_model_state_dict" (ProMoE's train.py),
@@ -17,6 +18,11 @@ weights cannot tell token from expert choice, top-k or the router activation, so
 flags, defaulting to the released models (tc, top-1, identity; heads 384/768/1024/1152 ->
 6/12/16/16); objective rf with t fed as 1000*sigma, sampling euler 250 steps, cfg 1.5, all
 channels.
+--quant-experts int8|int4 stores the routed experts' matrices quantised (docs/format.md "Quantised
+routed experts"; tools/expert_quant.py): the same tensors, scales, bytes and "quant_experts"
+metadata as ditmoe-convert --quant-experts writes for the same input and flags. They are quantised
+from the checkpoint's values (--dtype applies to the other float tensors; scales are never
+narrowed); int4 needs every routed expert's input width to be a multiple of 32.
 DiT-MoE: what the weights cannot tell comes from flags, defaulting to the released-config table
 (hidden 384/768/1152/1408 -> 6/12/16/16 heads; top-k 2; qknorm -> rf, timm -> ddpm).
 Exit status: 0 ok, 2 bad input (message on stderr, no output file left behind), 1 other failure.
@@ -30,6 +36,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import expert_quant  # noqa: E402
 import safetensors_io  # noqa: E402
 
 RELEASED = {384: ("S", 6), 768: ("B", 12), 1152: ("XL", 16), 1408: ("G", 16)}
@@ -405,8 +412,18 @@ def convert(args):
     except InputError as e:
         raise InputError(f"{args.input}: {e}")
     target = DTYPES[args.dtype] if args.dtype else None
-    tensors = {}
+    bits = expert_quant.BITS.get(args.quant_experts)
+    tensors, nq = {}, 0
     for k, v in sd.items():
+        if bits and v.is_floating_point() and expert_quant.routed_expert(k, cfg):
+            if v.dtype not in DTYPES.values():    # f64: to f32 first, as ditmoe-convert reads it
+                v = v.to(torch.float32)
+            try:
+                tensors[k], tensors[k + ".scale"] = expert_quant.quantise(k, v, bits)
+            except ValueError as e:
+                raise InputError(f"{args.input}: {e}")
+            nq += 1
+            continue
         if v.is_floating_point():
             if target is not None:
                 v = v.to(target)
@@ -414,8 +431,11 @@ def convert(args):
                 v = v.to(torch.float32)
         tensors[k] = v.contiguous()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    safetensors_io.write(args.output, tensors, {"ditmoe": json.dumps(cfg), "format": "pt"})
-    return cfg, len(tensors)
+    meta = {"ditmoe": json.dumps(cfg), "format": "pt"}
+    if bits:
+        meta["quant_experts"] = args.quant_experts
+    safetensors_io.write(args.output, tensors, meta)
+    return cfg, len(tensors), nq
 
 
 def parse_args(argv):
@@ -425,6 +445,10 @@ def parse_args(argv):
     ap.add_argument("output", help="output .safetensors")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="convert floating tensors (default: keep f32/f16/bf16 as stored)")
+    ap.add_argument("--quant-experts", default="none", metavar="none|int8|int4",
+                    help="store the routed experts' matrices int8 (one scale per output channel) "
+                         "or int4 (groups of 32 inputs, bf16 scales), as ditmoe-convert does "
+                         "(default none: float)")
     ap.add_argument("--heads", type=int, help="attention heads (default: released-config table)")
     ap.add_argument("--top-k", type=int, help="experts per token (default: DiT-MoE 2, ProMoE 1)")
     ap.add_argument("--objective", choices=("ddpm", "rf"),
@@ -454,17 +478,22 @@ def main(argv=None):
     if not args.vae_scale > 0:
         print("convert_checkpoint: error: --vae-scale must be a positive number", file=sys.stderr)
         return 2
+    if args.quant_experts != "none" and args.quant_experts not in expert_quant.BITS:
+        print(f"convert_checkpoint: error: --quant-experts '{args.quant_experts}': expected none, "
+              f"int8 or int4", file=sys.stderr)
+        return 2
     try:
-        cfg, n = convert(args)
+        cfg, n, nq = convert(args)
     except InputError as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     extra = (f" {cfg['promoe']['variant']} {cfg['promoe']['router']}"
              if cfg["arch"] == "promoe" else "")
+    qx = f", {nq} expert matrices {args.quant_experts}" if nq else ""
     print(f"convert_checkpoint: wrote {args.output}: {cfg['arch']} {cfg['name'] or 'model'} "
           f"D={cfg['hidden_size']} L={cfg['depth']} H={cfg['num_heads']} "
           f"E={cfg['num_experts']} k={cfg['top_k']} {cfg['attention']} {cfg['objective']}"
-          f"{extra}, {n} tensors")
+          f"{extra}, {n} tensors{qx}")
     return 0
 
 
