@@ -6,6 +6,7 @@
 
 #include <check.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -122,6 +123,37 @@ START_TEST(packed_linear_is_batch_invariant)
         ck_assert_mem_eq(one, y + (size_t)n * out, sizeof(float) * out);
     }
     dm_pmat_free(&W), free(x), free(b), free(y), free(one);
+}
+END_TEST
+
+/* The packed product in row blocks of 48 and k-chunks of 512 (gemm.c): more rows than a block,
+ * every partial-tile size, in > one chunk and not a multiple of it, any thread count. Each row
+ * equals that row computed alone, bit for bit, and the whole matches the double reference. */
+START_TEST(packed_linear_blocks_and_chunks)
+{
+    const int N = 113, in = 1100, out = 70;
+    float *x = rand_buf((size_t)N * in, 1), *b = rand_buf(out, 1);
+    dm_pmat W = rand_pmat(out, in, 0.05f);
+    float *y = malloc(sizeof(float) * N * out), *y1 = malloc(sizeof(float) * N * out);
+    float *r = malloc(sizeof(float) * N * out), *one = malloc(sizeof(float) * out);
+    const int nt = omp_get_max_threads();
+    omp_set_num_threads(2);
+    dm_linear_packed(x, N, &W, b, y);
+    omp_set_num_threads(1);
+    dm_linear_packed(x, N, &W, b, y1);
+    omp_set_num_threads(nt);
+    ck_assert_mem_eq(y, y1, sizeof(float) * N * out);
+    for (int n = 0; n < N; n++) {
+        dm_linear_packed(x + (size_t)n * in, 1, &W, b, one);
+        ck_assert_mem_eq(one, y + (size_t)n * out, sizeof(float) * out);
+    }
+    for (int m = 2; m <= 13; m++) { /* the first m rows alone: tiles of 1..12 rows, one of 12 + 1 */
+        dm_linear_packed(x, m, &W, b, y1);
+        ck_assert_mem_eq(y1, y, sizeof(float) * m * out);
+    }
+    dm_linear_packed_ref(x, N, &W, b, r);
+    ck_assert_double_le(rel_err(y, r, (size_t)N * out), 1e-5);
+    dm_pmat_free(&W), free(x), free(b), free(y), free(y1), free(r), free(one);
 }
 END_TEST
 
@@ -381,6 +413,7 @@ int main(void)
     tcase_add_test(tc, linear_matches_reference);
     tcase_add_test(tc, packed_linear_matches_reference);
     tcase_add_test(tc, packed_linear_is_batch_invariant);
+    tcase_add_test(tc, packed_linear_blocks_and_chunks);
     tcase_add_test(tc, packed_linear_bf16);
     tcase_add_test(tc, packed_linear_f16);
     tcase_add_test(tc, exp_fast_matches_libm);

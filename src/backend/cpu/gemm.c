@@ -12,6 +12,7 @@
 #include "backend/cpu/ops.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -19,7 +20,6 @@
 #define DM_HAVE_F16 1
 #endif
 
-#define MR 8 /* rows per tile */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
@@ -136,41 +136,55 @@ static inline void row_f16(const void *panel, size_t k, v16 *w0, v16 *w1)
 }
 #endif
 
-/* C[m rows, ncols] = A[m, K] · panel + bias; m <= MR. One body per weight type (ROW loads and
- * widens a panel row), so every type sums in the same order. */
+/* ---- the packed-weight product: register tiles over an A block packed per k-chunk ---------
+ *
+ * y rows are taken in blocks of LRB tiles of LMR rows. For each chunk of DM_LINEAR_KC k values the block's
+ * rows are copied into a contiguous [tile][k][LMR] buffer (so one pointer serves every row's
+ * broadcast), then every panel of the item runs over that chunk for each tile: the B chunk (LKC x
+ * 32 floats) stays in L1 while the tiles use it, the A tile in L1/L2 while the panels go by.
+ * Between chunks the running sums wait in y itself (stored as float32 and reloaded: exactly the
+ * register values), and the bias is added once after the last chunk. So every output element is
+ * still one FMA chain over k = 0..in-1 from 0, then + bias: the same bits as a one-row product,
+ * whatever N, the row's place in its tile, the chunking or the thread count. */
+#ifndef LMR
+#define LMR 12 /* rows per register tile: 12 x 2 accumulators of 16 floats */
+#endif
+#ifndef LRB
+#define LRB 4 /* tiles per row block */
+#endif
+#ifndef DM_LINEAR_KC
+#define DM_LINEAR_KC 512 /* k per chunk (heap buffer; the block's A is 96 KiB, in L2) */
+#endif
+#define LKC_STACK 64 /* k per chunk when the heap buffer cannot be had (same bits) */
+
+/* acc[0..R) += A tile chunk (packed [kc][LMR]) · panel rows 0..kc-1. R is a constant after
+ * inlining, so the loop over rows unrolls and the 2R sums live in registers. */
 #define DEFINE_TILE(NAME, ROW)                                                                    \
-    static void NAME(const float *A, int K, int m, const void *wp, const float *bias, float *C, \
-                     int ldc, int ncols)                                                          \
+    static inline __attribute__((always_inline)) void NAME##_rows(const int R, const float *ap,  \
+                                                                  int kc, const void *wp,        \
+                                                                  v16 acc[LMR][2])               \
     {                                                                                             \
-        v16 acc[MR][2];                                                                           \
-        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = (v16){0};                            \
-        for (int k = 0; k < K; k++) {                                                             \
+        v16 c[LMR][2];                                                                            \
+        for (int r = 0; r < R; r++) c[r][0] = acc[r][0], c[r][1] = acc[r][1];                     \
+        for (int k = 0; k < kc; k++) {                                                            \
             v16 w0, w1;                                                                           \
             ROW(wp, (size_t)k, &w0, &w1);                                                         \
-            for (int r = 0; r < MR; r++)                                                          \
-                if (r < m) {                                                                      \
-                    const float a = A[(size_t)r * K + k];                                         \
-                    acc[r][0] += a * w0;                                                          \
-                    acc[r][1] += a * w1;                                                          \
-                }                                                                                 \
+            const float *a = ap + (size_t)k * LMR;                                                \
+            for (int r = 0; r < R; r++) {                                                         \
+                c[r][0] += a[r] * w0;                                                             \
+                c[r][1] += a[r] * w1;                                                             \
+            }                                                                                     \
         }                                                                                         \
-        store_tile(acc, m, bias, C, ldc, ncols);                                                  \
+        for (int r = 0; r < R; r++) acc[r][0] = c[r][0], acc[r][1] = c[r][1];                     \
+    }                                                                                             \
+    static void NAME(int m, const float *ap, int kc, const void *wp, v16 acc[LMR][2])             \
+    {                                                                                             \
+        if (m > 8) NAME##_rows(LMR, ap, kc, wp, acc);                                              \
+        else if (m > 4) NAME##_rows(8, ap, kc, wp, acc);                                          \
+        else if (m > 2) NAME##_rows(4, ap, kc, wp, acc);                                          \
+        else if (m > 1) NAME##_rows(2, ap, kc, wp, acc);                                          \
+        else NAME##_rows(1, ap, kc, wp, acc);                                                     \
     }
-
-static inline void store_tile(v16 acc[MR][2], int m, const float *bias, float *C, int ldc,
-                              int ncols)
-{
-    for (int r = 0; r < m; r++) {
-        float row[DM_PANEL];
-        memcpy(row, &acc[r][0], sizeof acc[r][0]);
-        memcpy(row + 16, &acc[r][1], sizeof acc[r][1]);
-        float *c = C + (size_t)r * ldc;
-        if (bias)
-            for (int i = 0; i < ncols; i++) c[i] = row[i] + bias[i];
-        else
-            memcpy(c, row, (size_t)ncols * sizeof(float));
-    }
-}
 
 DEFINE_TILE(tile_f32, row_f32)
 DEFINE_TILE(tile_bf16, row_bf16)
@@ -178,26 +192,100 @@ DEFINE_TILE(tile_bf16, row_bf16)
 DEFINE_TILE(tile_f16, row_f16)
 #endif
 
-typedef void (*tile_fn)(const float *, int, int, const void *, const float *, float *, int, int);
+typedef void (*tile_fn)(int, const float *, int, const void *, v16[LMR][2]);
+
+/* Tile rows 0..m-1 of C, columns 0..nc-1: load the running sums (first: zeros) ... */
+static void sums_load(v16 acc[LMR][2], int m, int first, const float *C, int ldc, int nc)
+{
+    for (int r = 0; r < LMR; r++) acc[r][0] = acc[r][1] = (v16){0};
+    if (first) return;
+    for (int r = 0; r < m; r++) {
+        float row[DM_PANEL] = {0};
+        memcpy(row, C + (size_t)r * ldc, (size_t)nc * sizeof(float));
+        memcpy(&acc[r][0], row, sizeof acc[r][0]);
+        memcpy(&acc[r][1], row + 16, sizeof acc[r][1]);
+    }
+}
+
+/* ... and store them back (last: + bias, the one rounding after the chain). */
+static void sums_store(v16 acc[LMR][2], int m, const float *bias, float *C, int ldc, int nc)
+{
+    for (int r = 0; r < m; r++) {
+        float row[DM_PANEL];
+        memcpy(row, &acc[r][0], sizeof acc[r][0]);
+        memcpy(row + 16, &acc[r][1], sizeof acc[r][1]);
+        float *c = C + (size_t)r * ldc;
+        if (bias)
+            for (int i = 0; i < nc; i++) c[i] = row[i] + bias[i];
+        else
+            memcpy(c, row, (size_t)nc * sizeof(float));
+    }
+}
+
+/* Rows r0 .. r0+rn-1 (rn <= LRB*LMR) of x, k0 .. k0+kc-1, as LRB tiles [kc][LMR] (zero rows past
+ * rn, which are computed but never stored). */
+static void pack_block(const float *x, int K, int r0, int rn, int k0, int kc, float *ap)
+{
+    for (int t = 0; t * LMR < rn; t++) {
+        float *d = ap + (size_t)t * kc * LMR;
+        for (int r = 0; r < LMR; r++) {
+            const int row = t * LMR + r;
+            const float *s = x + (size_t)(r0 + row) * K + k0;
+            if (row < rn)
+                for (int k = 0; k < kc; k++) d[(size_t)k * LMR + r] = s[k];
+            else
+                for (int k = 0; k < kc; k++) d[(size_t)k * LMR + r] = 0.0f;
+        }
+    }
+}
 
 void dm_linear_packed(const float *x, int N, const dm_pmat *W, const float *b, float *y)
 {
+    if (N <= 0 || W->out <= 0) return;
     const int K = W->in, out = W->out, np = (out + DM_PANEL - 1) / DM_PANEL;
-    const int mt = (N + MR - 1) / MR;
+    const int BR = LRB * LMR, nb = (N + BR - 1) / BR;
     const size_t esize = dm_dtype_size(W->dtype);
     tile_fn tile = W->dtype == DM_BF16 ? tile_bf16 :
 #ifdef DM_HAVE_F16
                    W->dtype == DM_F16 ? tile_f16 :
 #endif
                                         tile_f32;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int i = 0; i < mt; i++)
-        for (int j = 0; j < np; j++) {
-            const int m = N - i * MR < MR ? N - i * MR : MR;
-            const int nc = out - j * DM_PANEL < DM_PANEL ? out - j * DM_PANEL : DM_PANEL;
-            tile(x + (size_t)i * MR * K, K, m, (const char *)W->p + (size_t)j * K * DM_PANEL * esize,
-                 b ? b + j * DM_PANEL : NULL, y + (size_t)i * MR * out + j * DM_PANEL, out, nc);
+    /* work items: (row block, run of panels); enough of them for the threads to balance */
+    const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    int pc = 1;
+    while (pc < np && nb * pc < 8 * nt) pc++;
+    const int ppc = (np + pc - 1) / pc;
+    pc = (np + ppc - 1) / ppc;
+#pragma omp parallel if (nt > 1 && nb * pc > 1)
+    {
+        float stack[LRB * LMR * LKC_STACK] __attribute__((aligned(64)));
+        float *heap = K > LKC_STACK ? aligned_alloc(64, sizeof(float) * LRB * LMR * DM_LINEAR_KC) : NULL;
+        float *ap = heap ? heap : stack;
+        const int kmax = heap ? DM_LINEAR_KC : LKC_STACK;
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < nb * pc; it++) {
+            const int r0 = it / pc * BR, rn = N - r0 < BR ? N - r0 : BR;
+            const int j0 = it % pc * ppc, j1 = j0 + ppc < np ? j0 + ppc : np;
+            /* K == 0: no chain at all, one pass that stores y = bias (or 0) */
+            for (int k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += kmax) {
+                const int kc = K - k0 < kmax ? K - k0 : kmax;
+                pack_block(x, K, r0, rn, k0, kc, ap);
+                for (int j = j0; j < j1; j++) {
+                    const int nc = out - j * DM_PANEL < DM_PANEL ? out - j * DM_PANEL : DM_PANEL;
+                    const char *wp = (const char *)W->p + ((size_t)j * K + k0) * DM_PANEL * esize;
+                    for (int t = 0; t * LMR < rn; t++) {
+                        const int m = rn - t * LMR < LMR ? rn - t * LMR : LMR;
+                        float *c = y + (size_t)(r0 + t * LMR) * out + j * DM_PANEL;
+                        v16 acc[LMR][2];
+                        sums_load(acc, m, k0 == 0, c, out, nc);
+                        tile(m, ap + (size_t)t * kc * LMR, kc, wp, acc);
+                        sums_store(acc, m, k0 + kc == K && b ? b + j * DM_PANEL : NULL, c, out, nc);
+                    }
+                }
+            }
         }
+        free(heap);
+    }
 }
 
 void dm_linear_packed_ref(const float *x, int N, const dm_pmat *W, const float *b, float *y)
