@@ -8,7 +8,7 @@
  *   everything under f32 without quant -> the backend's float32 (or 16-bit-widened) packed path.
  * EMBED / MOD / FINAL stay float32 under bf16 because they carry most of bf16's error for almost
  * none of its time: on random S/2-8E2A at batch 16 they were 2/3 of the RMS error and 3/4 of the
- * routing flips, for < 0.1 % of the FLOPs (M = batch rows, or K = 16 / N = 32; docs/perf.md,
+ * routing flips, for about 0.1 % of the FLOPs (M = batch rows, or K = 16 / N = 32; docs/perf.md,
  * "bf16 error budget").
  * The router stays float32 so quantisation cannot flip expert choices; the shared expert keeps the
  * model precision (QuantMoE-Bench: the always-on expert deserves more bits; docs/spec/
