@@ -357,7 +357,8 @@ END_TEST
 #ifdef DM_BACKEND_BACKEND_H /* the op table's roles exist (backend/backend.h, via lowp.h) */
 /* The storage rule: experts quantised only when asked, the router never, bf16 for the per-token
  * GEMMs (attention, experts, shared expert, dense MLP) under --precision bf16 and float32 for the
- * embedders, adaLN and final layer, int4 on a width that is not a multiple of 32 refused with the tensor's name. */
+ * embedders, adaLN and final layer, int4 on a width that is not a multiple of 32 refused with the
+ * tensor's name. */
 START_TEST(policy_by_role)
 {
     float W[4 * 64];
