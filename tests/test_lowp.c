@@ -355,8 +355,10 @@ START_TEST(feature_names)
 END_TEST
 
 #ifdef DM_BACKEND_BACKEND_H /* the op table's roles exist (backend/backend.h, via lowp.h) */
-/* The storage rule: experts quantised only when asked, the router never, bf16 for the rest under
- * --precision bf16, int4 on a width that is not a multiple of 32 refused with the tensor's name. */
+/* The storage rule: experts quantised only when asked, the router never, bf16 for the per-token
+ * GEMMs (attention, experts, shared expert, dense MLP) under --precision bf16 and float32 for the
+ * embedders, adaLN and final layer, int4 on a width that is not a multiple of 32 refused with the
+ * tensor's name. */
 START_TEST(policy_by_role)
 {
     float W[4 * 64];
@@ -377,14 +379,31 @@ START_TEST(policy_by_role)
     ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
     ck_assert_int_eq(f, DM_LP_Q4);
     ck_assert_int_eq(lp, 1);
-    const dm_weight_role keep[] = {DM_ROLE_SHARED, DM_ROLE_ATTN, DM_ROLE_MOD, DM_ROLE_EMBED, DM_ROLE_FINAL};
+    /* the per-token GEMMs go bf16 under --precision bf16, never quantised */
+    const dm_weight_role keep[] = {DM_ROLE_SHARED, DM_ROLE_ATTN, DM_ROLE_MLP};
     for (size_t k = 0; k < sizeof keep / sizeof *keep; k++) {
         d.role = keep[k];
+        ck_assert_int_eq(dm_lp_bf16_role(d.role), 1);
         ck_assert_int_eq(dm_lp_choose(&q8, &d, &lp, &f), DM_OK);
         ck_assert_int_eq(lp, 0);
         ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
+        ck_assert_int_eq(lp, 1);
         ck_assert_int_eq(f, DM_LP_BF16);
     }
+    /* the per-image / small products (embedders, adaLN, final layer) stay float32 in bf16 too */
+    const dm_weight_role f32roles[] = {DM_ROLE_MOD, DM_ROLE_EMBED, DM_ROLE_FINAL};
+    for (size_t k = 0; k < sizeof f32roles / sizeof *f32roles; k++) {
+        d.role = f32roles[k];
+        ck_assert_int_eq(dm_lp_bf16_role(d.role), 0);
+        for (int q = 0; q < 3; q++) {
+            const dm_lp_policy *pol = q == 0 ? &bf16 : q == 1 ? &bf16q4 : &q8;
+            lp = 1;
+            ck_assert_int_eq(dm_lp_choose(pol, &d, &lp, &f), DM_OK);
+            ck_assert_int_eq(lp, 0);
+        }
+    }
+    ck_assert_int_eq(dm_lp_bf16_role(DM_ROLE_ROUTER), 0);
+    ck_assert_int_eq(dm_lp_bf16_role(DM_ROLE_VAE), 0);
     d.role = DM_ROLE_ROUTER;
     ck_assert_int_eq(dm_lp_choose(&bf16q4, &d, &lp, &f), DM_OK);
     ck_assert_int_eq(lp, 0);

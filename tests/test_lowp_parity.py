@@ -2,8 +2,12 @@
 int8|int4 against the fp32 PyTorch reference tests/ref/dit_moe_ref.py.
 
 Stated tolerances (max|diff| over the output, relative to the reference output's RMS):
-  bf16 (every GEMM but the router's with bf16 operands, fp32 accumulation): <= 2e-2 x RMS
-  int8 routed experts (rest f32) and bf16 + int8:                           <= 5e-2 x RMS
+  bf16 (attention, expert and shared-expert GEMMs with bf16 operands, fp32 accumulation;
+        router, embedders, adaLN and final layer f32):                      <= 5e-3 x RMS
+        (measured 1.3e-3; 1.1e-2 when the embedders, adaLN and final layer were bf16 too)
+  bf16 + int8 routed experts:                                               <= 1e-2 x RMS
+        (measured 2.6e-3)
+  int8 routed experts (rest f32):                                           <= 5e-2 x RMS
   int4 routed experts: reported; asserted only <= 0.25 x RMS (a sanity bound).
 Routing: identical expert sets for every token whose k-th / (k+1)-th softmax gap in the
 reference is >= 2e-2 (low precision moves the gate's input a little; closer calls may flip).
@@ -64,11 +68,11 @@ class TestLowpParity(fp.TestForwardParity):
         ref, _, scores = fp.reference(model, x, t, y)
         rms = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
         xs, ts, ys = x.numpy(), t.numpy(), y.numpy()
-        modes = [("bf16", ["--precision", "bf16"], 2e-2, None),
+        modes = [("bf16", ["--precision", "bf16"], 5e-3, None),
                  ("int8", ["--quant-experts", "int8"], 5e-2, None),
-                 ("bf16+int8", ["--precision", "bf16", "--quant-experts", "int8"], 5e-2, None),
+                 ("bf16+int8", ["--precision", "bf16", "--quant-experts", "int8"], 1e-2, None),
                  ("int4", ["--quant-experts", "int4"], 0.25, None),
-                 ("bf16 generic", ["--precision", "bf16"], 2e-2, {"DITMOE_CPU_FEATURES": "generic"}),
+                 ("bf16 generic", ["--precision", "bf16"], 5e-3, {"DITMOE_CPU_FEATURES": "generic"}),
                  ("int8 generic", ["--quant-experts", "int8"], 5e-2, {"DITMOE_CPU_FEATURES": "generic"})]
         outs = {}
         for what, extra, tol, env in modes:

@@ -102,7 +102,9 @@ def _f32(a, shape=None, name="array"):
 
 
 def _precision(precision, quant_experts):
-    """-> (dm_precision, bits) from "f32"|"bf16" and "none"|"int8"|"int4" (issue 13)."""
+    """-> (dm_precision, bits) from "f32"|"bf16" and "none"|"int8"|"int4" (issue 13). "bf16" is
+    the CLI's --precision bf16: attention and expert GEMMs in bf16, the router, embedders, adaLN
+    and final layer in float32."""
     p, q = ctypes.c_int(), ctypes.c_int()
     if lib.dm_precision_from_name(str(precision).encode(), ctypes.byref(p)) != 0:
         raise Error(2, f"precision {precision!r}: expected f32 or bf16")

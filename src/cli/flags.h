@@ -103,7 +103,8 @@ void dm_cli_common_load_opts(const dm_cli_common *c, dm_load_opts *o);
 /* --precision / --quant-experts (issue 13): the programs that run the transformer. */
 #define DM_CLI_PRECISION_OPTS(c)                                                                 \
     {'\0', "precision", DM_OPT_STR, &(c).precision, 0, 0, "P", "f32",                           \
-     "GEMM arithmetic: f32 | bf16 (bf16 operands, fp32 accumulation; router stays f32)", NULL}, \
+     "GEMM arithmetic: f32 | bf16 (attention and expert GEMMs with bf16 operands, fp32 "       \
+     "accumulation; router, embedders, adaLN and final layer stay f32)", NULL},                 \
     {'\0', "quant-experts", DM_OPT_STR, &(c).quant_experts, 0, 0, "Q", "none",                  \
      "routed experts' weights: none | int8 (per channel) | int4 (groups of 32)", NULL}
 /* The values of --precision / --quant-experts, checked (DM_ERR_ARG naming the flag). */

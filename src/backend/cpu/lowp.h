@@ -114,7 +114,7 @@ dm_status dm_lp_export(const dm_lpmat *m, void *q, void *scale);
 
 /* ---- which weights are stored in low precision (weights_lowp.c) ------------------------------ */
 typedef struct {
-    int bf16;        /* --precision bf16: every LINEAR weight but the router's in bf16 */
+    int bf16;        /* --precision bf16: the per-token GEMMs' weights (dm_lp_bf16_role) in bf16 */
     int expert_bits; /* --quant-experts: 0 (none), 8 or 4: routed experts only */
 } dm_lp_policy;
 #if defined(__has_include)
@@ -124,6 +124,10 @@ typedef struct {
  * dm_lp_pack, 0 when the backend keeps its float path. DM_ERR_ARG naming the tensor for int4 on an
  * input width that is not a multiple of 32 (or an unsupported bit count). p == NULL: f32. */
 dm_status dm_lp_choose(const dm_lp_policy *p, const dm_weight_desc *d, int *lowp, dm_lp_format *fmt);
+/* 1 for the roles whose LINEAR weights --precision bf16 stores in bf16: ATTN, EXPERT, SHARED, MLP
+ * (the per-token GEMMs, ~all of the FLOPs); 0 for EMBED, MOD, FINAL (per-image or tiny products,
+ * kept float32: most of the bf16 error, no measurable time), ROUTER, NORM and VAE. */
+int dm_lp_bf16_role(dm_weight_role r);
 /* dm_lp_choose, then dm_lp_pack of d->data when chosen (*lowp says which; m zeroed otherwise).
  * A pre-quantised desc (d->quant 8 / 4) goes to dm_lp_import whatever the policy's precision;
  * DM_ERR_ARG when the policy asks for the other expert format (re-quantising is not done) or the

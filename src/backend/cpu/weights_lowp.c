@@ -2,9 +2,14 @@
  * weight() op applies under --precision bf16 and --quant-experts int8|int4 (issue 13).
  *
  *   role EXPERT (routed experts, incl. ProMoE's unconditional one), quant int8/int4 -> DM_LP_Q8/Q4;
- *   any other LINEAR weight except ROUTER, precision bf16                          -> DM_LP_BF16;
- *   ROUTER and VAE always, VECTOR / CONV uses, and everything under f32 without quant -> the
- *   backend's float32 (or 16-bit-widened) packed path, unchanged.
+ *   the per-token GEMMs (ATTN, EXPERT, SHARED, MLP LINEAR weights), precision bf16  -> DM_LP_BF16;
+ *   ROUTER and VAE always, the per-image / small products (EMBED: patch embedding and timestep
+ *   MLP; MOD: adaLN modulation; FINAL: final adaLN and linear), VECTOR / CONV uses, and
+ *   everything under f32 without quant -> the backend's float32 (or 16-bit-widened) packed path.
+ * EMBED / MOD / FINAL stay float32 under bf16 because they carry most of bf16's error for almost
+ * none of its time: on random S/2-8E2A at batch 16 they were 2/3 of the RMS error and 3/4 of the
+ * routing flips, for about 0.1 % of the FLOPs (M = batch rows, or K = 16 / N = 32; docs/perf.md,
+ * "bf16 error budget").
  * The router stays float32 so quantisation cannot flip expert choices; the shared expert keeps the
  * model precision (QuantMoE-Bench: the always-on expert deserves more bits; docs/spec/
  * moe-inference.md A3). int4 on a weight whose input width is not a multiple of 32 is an error
@@ -28,6 +33,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+int dm_lp_bf16_role(dm_weight_role r)
+{
+    return r == DM_ROLE_ATTN || r == DM_ROLE_EXPERT || r == DM_ROLE_SHARED || r == DM_ROLE_MLP;
+}
+
 dm_status dm_lp_choose(const dm_lp_policy *p, const dm_weight_desc *d, int *lowp, dm_lp_format *fmt)
 {
     *lowp = 0;
@@ -48,7 +58,7 @@ dm_status dm_lp_choose(const dm_lp_policy *p, const dm_weight_desc *d, int *lowp
         *fmt = p->expert_bits == 8 ? DM_LP_Q8 : DM_LP_Q4;
         return DM_OK;
     }
-    if (p->bf16) {
+    if (p->bf16 && dm_lp_bf16_role(d->role)) {
         *lowp = 1;
         *fmt = DM_LP_BF16;
     }
