@@ -44,8 +44,10 @@ typedef struct {
 
 /* What a weight is FOR. A backend may choose storage per role: e.g. quantise routed experts only
  * (int8), keep routers and norms in float32. Such a precision choice arrives as a field of
- * dm_load_opts, which dm_backend_open passes to the backend, so model code does not change; the
- * CPU backend today stores every role the same way (the file's F32, or its BF16/F16 as 16-bit). */
+ * dm_load_opts, which dm_backend_open passes to the backend, so model code does not change. The
+ * CPU backend (weights_lowp.c): under --precision bf16, ATTN, EXPERT, SHARED and MLP weights run
+ * with bf16 operands while EMBED, MOD, FINAL and ROUTER stay float32; --quant-experts stores
+ * EXPERT as int8/int4; otherwise the file's F32, or its BF16/F16 kept 16-bit. */
 typedef enum {
     DM_ROLE_EMBED = 0, /* patch embedding, timestep MLP, label table, position table */
     DM_ROLE_MOD,       /* adaLN modulation linears */
