@@ -13,7 +13,11 @@ Also prints max|C - reference| / RMS(reference) for each batch as a sanity check
 Rows (issue 13): PyTorch fp32, PyTorch bf16 autocast (torch.autocast("cpu", bfloat16): the fair
 anchor for a bf16 path), ditmoe f32, bf16, bf16 + int8 experts, bf16 + int4 experts; each with the
 max error vs the fp32 reference (/ its RMS) and the peak RSS (C: of the ditmoe-forward process,
-from /usr/bin/time -f %M; PyTorch: this process' peak so far, model included).
+from /usr/bin/time -f %M; PyTorch: this process' peak so far, model included). For the C rows
+also the max error over the tokens whose chosen experts equal ditmoe f32's in every layer, and how
+many tokens changed experts somewhere (`--routes` of each run): a near tie of the gate scores
+flips under any rounding change, and such a token's output moves by a discrete step that says
+nothing about the arithmetic's error.
 """
 import resource
 import argparse
@@ -82,12 +86,13 @@ def time_reference(model, x, t, y, runs, bf16=False):
 
 
 def time_c(binary, model_path, x, t, y, runs, threads, tmp, extra=()):
-    paths = [os.path.join(tmp, n) for n in ("x.npy", "t.npy", "y.npy", "out.npy")]
+    paths = [os.path.join(tmp, n) for n in ("x.npy", "t.npy", "y.npy", "out.npy", "routes.npy")]
     np.save(paths[0], x.numpy())
     np.save(paths[1], t.numpy())
     np.save(paths[2], y.numpy())
     cmd = [binary, "--model", model_path, "--x", paths[0], "--t", paths[1], "--y", paths[2],
-           "--out", paths[3], "--bench", str(runs), "--threads", str(threads), *extra]
+           "--out", paths[3], "--routes", paths[4], "--bench", str(runs), "--threads", str(threads),
+           *extra]
     rss_file = os.path.join(tmp, "rss")
     # /usr/bin/time -f %M: the child's own peak (a fork of this process would report ours)
     pr = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file, *cmd], capture_output=True,
@@ -100,7 +105,7 @@ def time_c(binary, model_path, x, t, y, runs, threads, tmp, extra=()):
         sys.exit(f"bench_forward: no forward_ms_median= line in ditmoe-forward output: {out!r}")
     with open(rss_file) as f:
         rss = float(f.read().split()[-1]) / 1024.0
-    return float(m.group(1)), np.load(paths[3]), rss
+    return float(m.group(1)), np.load(paths[3]), rss, np.load(paths[4])
 
 
 def main():
@@ -130,34 +135,59 @@ def main():
             if not a.skip_ref:
                 ref_ms, ref_out = time_reference(model, x, t, y, a.runs)
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-                rows.append((B, "PyTorch fp32", ref_ms, 0.0, rss))
+                rows.append((B, "PyTorch fp32", ref_ms, 0.0, rss, None, None))
                 bf_ms, bf_out = time_reference(model, x, t, y, a.runs, bf16=True)
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-                rows.append((B, "PyTorch bf16 autocast", bf_ms, err_rel(bf_out, ref_out), rss))
+                rows.append((B, "PyTorch bf16 autocast", bf_ms, err_rel(bf_out, ref_out), rss, None,
+                             None))
+            f32_routes = None
             for name, extra in modes:
-                c_ms, c_out, rss = time_c(binary, path, x, t, y, a.runs, a.threads, tmp, extra)
-                rows.append((B, name, c_ms, err_rel(c_out, ref_out) if ref_out is not None else None, rss))
+                c_ms, c_out, rss, routes = time_c(binary, path, x, t, y, a.runs, a.threads, tmp, extra)
+                if f32_routes is None:
+                    f32_routes = routes
+                stable = stable_tokens(routes, f32_routes)
+                rows.append((B, name, c_ms, err_rel(c_out, ref_out) if ref_out is not None else None, rss,
+                             err_rel(c_out, ref_out, stable) if ref_out is not None else None,
+                             int(stable.size - stable.sum())))
                 print(f"[bench] batch {B}: {name} {c_ms:.1f} ms", file=sys.stderr)
 
     print(f"DiT-MoE-S/2-8E2A-shaped random model, 32x32x4 latent, threads={a.threads}, "
           f"median of {a.runs} after 1 warm-up")
     print(f"{'batch':>5} | {'engine':<22} | {'ms':>9} | {'vs torch fp32':>13} | {'ms/img':>7} | "
-          f"{'max|diff|/RMS':>13} | {'peak RSS MiB':>12}")
+          f"{'max|diff|/RMS':>13} | {'peak RSS MiB':>12} | {'same-routing max':>16} | flipped")
     ref = {}
     for r in rows:
         if r is None:
             continue
-        B, name, ms, rel, rss = r
+        B, name, ms, rel, rss, rel_stable, flipped = r
         if name == "PyTorch fp32":
             ref[B] = ms
         sp = f"{ref[B] / ms:12.2f}x" if B in ref else f"{'-':>13}"
         es = f"{rel:13.2e}" if rel is not None else f"{'-':>13}"
-        print(f"{B:5d} | {name:<22} | {ms:9.1f} | {sp} | {ms / B:7.1f} | {es} | {rss:12.0f}")
+        ss = f"{rel_stable:16.2e}" if rel_stable is not None else f"{'-':>16}"
+        fs = f"{flipped:7d}" if flipped is not None else f"{'-':>7}"
+        print(f"{B:5d} | {name:<22} | {ms:9.1f} | {sp} | {ms / B:7.1f} | {es} | {rss:12.0f} | {ss} | {fs}")
+    print("same-routing max: max|diff|/RMS over the output pixels of tokens whose chosen experts equal "
+          "ditmoe f32's in every layer; flipped: tokens where some layer chose another set (near ties "
+          "of the f32 gate scores: a discrete change, not rounding error)")
 
 
-def err_rel(out, ref):
+def err_rel(out, ref, stable=None):
+    """max|out - ref| / RMS(ref); with a token mask [B, T], the max over those tokens' pixels."""
     rms = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
-    return float(np.abs(out.astype(np.float64) - ref).max()) / rms
+    d = np.abs(out.astype(np.float64) - ref)
+    if stable is not None:
+        B, C, H, W = d.shape
+        p = 2                                            # patch size: token (i, j) -> 2x2 pixels
+        mask = stable.reshape(B, H // p, W // p).repeat(p, axis=1).repeat(p, axis=2)
+        d = d * mask[:, None, :, :]
+    return float(d.max()) / rms
+
+
+def stable_tokens(routes, base):
+    """[B, T] bool: the token's expert set equals base's in every layer (routes [L, B*T, k])."""
+    same = (np.sort(routes, axis=2) == np.sort(base, axis=2)).all(axis=2).all(axis=0)
+    return same.reshape(-1, 256)                         # T = 256 tokens for the 32x32 latent
 
 
 if __name__ == "__main__":
