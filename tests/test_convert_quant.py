@@ -27,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import numpy as np
@@ -38,6 +37,8 @@ BIN = os.environ.get("DITMOE_BIN") or os.path.join(SRC, "build", "bin")
 PYTHON = os.environ.get("PYTHON") or sys.executable
 sys.path.insert(0, os.path.join(SRC, "tools"))
 sys.path.insert(0, os.path.join(SRC, "tests", "ref"))
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import TempDirCase  # noqa: E402
 import safetensors_io  # noqa: E402
 import promoe_ref  # noqa: E402
 from dit_moe_ref import DiTMoE, randomize_  # noqa: E402
@@ -107,18 +108,8 @@ def promoe_sd(seed=1, **over):
     return sd
 
 
-class Base(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory(prefix="ditmoe-convquant-")
-        cls.dir = cls._tmp.name
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
+class Base(TempDirCase):
+    PREFIX = "ditmoe-convquant-"
 
     def save(self, sd, name):
         p = self.path(name)

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import numpy as np
@@ -28,6 +27,8 @@ SRC = os.environ.get("DITMOE_SRC") or os.path.dirname(os.path.dirname(os.path.ab
 BIN = os.environ.get("DITMOE_BIN") or os.path.join(SRC, "build", "bin")
 sys.path.insert(0, os.path.join(SRC, "tools"))
 sys.path.insert(0, os.path.join(SRC, "tests", "ref"))
+sys.path.insert(0, os.path.join(SRC, "tests"))
+from testlib import TempDirCase  # noqa: E402
 import safetensors_io  # noqa: E402
 
 CONVERT = os.path.join(BIN, "ditmoe-convert")
@@ -46,18 +47,8 @@ def bf16_bits_to_f32(u16):
     return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-class Base(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory(prefix="ditmoe-quantfile-")
-        cls.dir = cls._tmp.name
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
+class Base(TempDirCase):
+    PREFIX = "ditmoe-quantfile-"
 
     def inputs(self, model, B=4):
         meta = json.loads(safetensors_io.read_header(model)[1]["ditmoe"])

@@ -13,6 +13,8 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
+import unittest
 import zlib
 
 import numpy as np
@@ -109,3 +111,20 @@ def read_png(path):
     ch = 1 if ctype == 0 else 3
     pix = _unfilter(zlib.decompress(idat), h, w * ch, ch)
     return pix.reshape(h, w, ch), text
+
+
+class TempDirCase(unittest.TestCase):
+    """A TestCase whose class owns one temporary directory (PREFIX names it); path(name) is in it."""
+    PREFIX = "ditmoe-test-"
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory(prefix=cls.PREFIX)
+        cls.dir = cls._tmp.name
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
