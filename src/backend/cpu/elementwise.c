@@ -88,17 +88,65 @@ void dm_swiglu(const float *gu, int rows, int F, float *h)
     }
 }
 
+/* Softmax lanes: element i of a row goes to lane i % SM_LANES (the tail i >= n - n % SM_LANES to
+ * lanes 0 .. n % SM_LANES - 1), lanes are combined by one fixed tree. The order depends only on
+ * n, so a row's result does not depend on the other rows, the batch or the thread count, and it
+ * is the same bits whether or not the compiler vectorises the lane loops (no FMA contraction in
+ * C11 mode). */
+#define SM_LANES 16
+
+/* exp(d) for d = x - max <= 0: dm_exp_fast, and exactly 0 below its clamp (a masked -inf logit
+ * gives 0, not exp(-87)); NaN passes through. */
+static inline float sm_exp(float d) { return d < -87.0f ? 0.0f : dm_exp_fast(d); }
+
+static float lanes_sum(float *a)
+{
+    for (int w = SM_LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) a[l] += a[l + w];
+    return a[0];
+}
+
+static void softmax_row(float *row, int n)
+{
+    const int nv = n - n % SM_LANES;
+    float mx[SM_LANES];
+    for (int l = 0; l < SM_LANES; l++) mx[l] = row[0];
+    for (int i = 0; i < nv; i += SM_LANES)
+#pragma omp simd
+        for (int l = 0; l < SM_LANES; l++) mx[l] = row[i + l] > mx[l] ? row[i + l] : mx[l];
+    for (int i = nv; i < n; i++) mx[i - nv] = row[i] > mx[i - nv] ? row[i] : mx[i - nv];
+    float m = mx[0];
+    for (int l = 1; l < SM_LANES; l++) m = mx[l] > m ? mx[l] : m;
+    float acc[SM_LANES] = {0};
+    for (int i = 0; i < nv; i += SM_LANES)
+#pragma omp simd
+        for (int l = 0; l < SM_LANES; l++) {
+            const float e = sm_exp(row[i + l] - m);
+            row[i + l] = e;
+            acc[l] += e;
+        }
+    for (int i = nv; i < n; i++) {
+        const float e = sm_exp(row[i] - m);
+        row[i] = e;
+        acc[i - nv] += e;
+    }
+    const float inv = 1.0f / lanes_sum(acc);
+#pragma omp simd
+    for (int i = 0; i < n; i++) row[i] *= inv;
+}
+
 void dm_softmax_rows(float *x, int N, int n)
+{
+    for (int r = 0; r < N; r++) softmax_row(x + (size_t)r * n, n);
+}
+
+void dm_softmax_rows_ref(float *x, int N, int n)
 {
     for (int r = 0; r < N; r++) {
         float *row = x + (size_t)r * n;
-        float m = row[0];
+        double m = row[0], s = 0;
         for (int i = 1; i < n; i++) m = row[i] > m ? row[i] : m;
-        float s = 0.0f;
-        for (int i = 0; i < n; i++) {
-            row[i] = expf(row[i] - m);
-            s += row[i];
-        }
-        for (int i = 0; i < n; i++) row[i] /= s;
+        for (int i = 0; i < n; i++) s += exp((double)row[i] - m);
+        for (int i = 0; i < n; i++) row[i] = (float)(exp((double)row[i] - m) / s);
     }
 }
