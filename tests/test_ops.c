@@ -261,16 +261,24 @@ END_TEST
 
 START_TEST(layernorm_matches_reference)
 {
-    int N = 19, D = 96;
-    float *x = rand_buf((size_t)N * D, 3), *w = rand_buf(D, 1), *b = rand_buf(D, 1);
-    float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
-    dm_layernorm(x, N, D, 1e-6f, NULL, NULL, y);
-    dm_layernorm_ref(x, N, D, 1e-6f, NULL, NULL, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
-    dm_layernorm(x, N, D, 1e-6f, w, b, y);
-    dm_layernorm_ref(x, N, D, 1e-6f, w, b, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
-    free(x), free(w), free(b), free(y), free(r);
+    /* Rows on and off the 16 summation lanes, one row alone (N = 1: no parallel region), and rows
+     * with a large common offset (mean 100, spread 3). Tolerance: rel_err <= 1e-5. */
+    const int shapes[][2] = {{19, 96}, {5, 37}, {1, 40}, {3, 384}, {2, 7}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        const int N = shapes[si][0], D = shapes[si][1];
+        float *x = rand_buf((size_t)N * D, 3), *w = rand_buf(D, 1), *b = rand_buf(D, 1);
+        float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
+        for (int off = 0; off <= 100; off += 100) {
+            for (size_t i = 0; i < (size_t)N * D; i++) x[i] += (float)off;
+            dm_layernorm(x, N, D, 1e-6f, NULL, NULL, y);
+            dm_layernorm_ref(x, N, D, 1e-6f, NULL, NULL, r);
+            ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+            dm_layernorm(x, N, D, 1e-6f, w, b, y);
+            dm_layernorm_ref(x, N, D, 1e-6f, w, b, r);
+            ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+        }
+        free(x), free(w), free(b), free(y), free(r);
+    }
 }
 END_TEST
 
