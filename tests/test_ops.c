@@ -293,16 +293,72 @@ END_TEST
 
 START_TEST(layernorm_matches_reference)
 {
-    int N = 19, D = 96;
-    float *x = rand_buf((size_t)N * D, 3), *w = rand_buf(D, 1), *b = rand_buf(D, 1);
-    float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
-    dm_layernorm(x, N, D, 1e-6f, NULL, NULL, y);
-    dm_layernorm_ref(x, N, D, 1e-6f, NULL, NULL, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
-    dm_layernorm(x, N, D, 1e-6f, w, b, y);
-    dm_layernorm_ref(x, N, D, 1e-6f, w, b, r);
-    ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
-    free(x), free(w), free(b), free(y), free(r);
+    /* Rows on and off the 16 summation lanes, one row alone (N = 1: no parallel region), and rows
+     * with a large common offset (mean 100, spread 3). Tolerance: rel_err <= 1e-5. */
+    const int shapes[][2] = {{19, 96}, {5, 37}, {1, 40}, {3, 384}, {2, 7}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        const int N = shapes[si][0], D = shapes[si][1];
+        float *x = rand_buf((size_t)N * D, 3), *w = rand_buf(D, 1), *b = rand_buf(D, 1);
+        float *y = malloc(sizeof(float) * N * D), *r = malloc(sizeof(float) * N * D);
+        for (int off = 0; off <= 100; off += 100) {
+            for (size_t i = 0; i < (size_t)N * D; i++) x[i] += (float)off;
+            dm_layernorm(x, N, D, 1e-6f, NULL, NULL, y);
+            dm_layernorm_ref(x, N, D, 1e-6f, NULL, NULL, r);
+            ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+            dm_layernorm(x, N, D, 1e-6f, w, b, y);
+            dm_layernorm_ref(x, N, D, 1e-6f, w, b, r);
+            ck_assert_double_le(rel_err(y, r, (size_t)N * D), 1e-5);
+        }
+        free(x), free(w), free(b), free(y), free(r);
+    }
+}
+END_TEST
+
+/* dm_softmax_rows against the double reference, rows of lengths on and off the 16 lanes.
+ * Tolerance per element: |p - ref| <= 4e-6 ref + 1e-37. The relative part covers dm_exp_fast
+ * (<= 5e-7), the float x - max (half an ulp of |x - max| <= 32: <= 2e-6 relative in exp), the
+ * float sum and the reciprocal; the absolute part covers entries flushed to 0 below the clamp
+ * (x - max < -87: exp < 1.7e-38) and denormal results. Rows of 1000-scale logits keep most
+ * entries far below the max; -inf entries must give exactly 0. Each row's bits do not depend on
+ * the other rows (row r alone == row r of the block). */
+START_TEST(softmax_matches_reference)
+{
+    const int lens[] = {1, 2, 15, 16, 17, 31, 33, 64, 100, 256, 1000, 1027};
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
+        const int n = lens[li], R = 6;
+        float *x = rand_buf((size_t)R * n, 8.0f);
+        for (int i = 0; i < n; i++) x[(size_t)1 * n + i] *= 4.0f;      /* +-32: wide spread */
+        for (int i = 0; i < n; i++) x[(size_t)2 * n + i] += 1000.0f;   /* large offset */
+        for (int i = 0; i < n; i++) x[(size_t)3 * n + i] *= 1000.0f;   /* most entries flushed */
+        for (int i = 0; i < n; i++) x[(size_t)4 * n + i] = 1.0f;       /* uniform */
+        for (int i = 0; n > 1 && i < n; i += 3) x[(size_t)5 * n + i] = -INFINITY; /* masked, */
+        if (n > 1) x[(size_t)5 * n + 1] = 0.5f; /* the first entry included; one not masked */
+        float *y = malloc(sizeof(float) * R * n), *r = malloc(sizeof(float) * R * n);
+        memcpy(y, x, sizeof(float) * R * n);
+        memcpy(r, x, sizeof(float) * R * n);
+        dm_softmax_rows(y, R, n);
+        dm_softmax_rows_ref(r, R, n);
+        double worst = 0;
+        for (size_t i = 0; i < (size_t)R * n; i++) {
+            const double d = fabs((double)y[i] - r[i]) - 1e-37;
+            if (d > 0 && d / r[i] > worst) worst = d / r[i];
+            ck_assert_msg(isfinite(y[i]) && y[i] >= 0.0f, "n %d: p[%zu] = %g", n, i, y[i]);
+        }
+        ck_assert_msg(worst <= 4e-6, "softmax n %d: worst relative error %.3g > 4e-6", n, worst);
+        for (int i = 0; i < n; i++)
+            if (isinf(x[(size_t)5 * n + i])) ck_assert_float_eq(y[(size_t)5 * n + i], 0.0f);
+        for (int i = 0; i < n; i++) ck_assert_float_eq_tol(y[(size_t)4 * n + i], 1.0f / n, 1e-6f / n);
+        if (n == 1)
+            for (int q = 0; q < R; q++) ck_assert_float_eq(y[q], 1.0f);
+        for (int q = 0; q < R; q++) {
+            float *one = malloc(sizeof(float) * n);
+            memcpy(one, x + (size_t)q * n, sizeof(float) * n);
+            dm_softmax_rows(one, 1, n);
+            ck_assert_mem_eq(one, y + (size_t)q * n, sizeof(float) * n);
+            free(one);
+        }
+        free(x), free(y), free(r);
+    }
 }
 END_TEST
 
@@ -422,6 +478,7 @@ int main(void)
     tcase_add_test(tc, gemm_fixed_order);
     tcase_add_test(tc, linear_is_thread_invariant);
     tcase_add_test(tc, layernorm_matches_reference);
+    tcase_add_test(tc, softmax_matches_reference);
     tcase_add_test(tc, attention_matches_reference);
     tcase_add_test(tc, attention_qknorm_matches_reference);
     tcase_add_test(tc, attention_is_thread_and_batch_invariant);

@@ -6,18 +6,55 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Row sums in LANES lanes: element i of a row goes to lane i % LANES (the tail
+ * i >= n - n % LANES to lanes 0 .. n % LANES - 1), and the lanes are combined by one fixed tree.
+ * The order depends only on n, so a row's result does not depend on the other rows, the batch or
+ * the thread count, and it is the same bits whether or not the compiler vectorises the lane
+ * loops (no FMA contraction in C11 mode). */
+#define LANES 16
+
+static float lanes_sum(float *a)
+{
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) a[l] += a[l + w];
+    return a[0];
+}
+
+/* sum of x[0 .. n) in the lane order above */
+static float row_sum(const float *x, int n)
+{
+    const int nv = n - n % LANES;
+    float acc[LANES] = {0};
+    for (int i = 0; i < nv; i += LANES)
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) acc[l] += x[i + l];
+    for (int i = nv; i < n; i++) acc[i - nv] += x[i];
+    return lanes_sum(acc);
+}
+
+/* sum of (x[i] - m)^2 over i in [0, n), same order */
+static float row_sum_sq(const float *x, int n, float m)
+{
+    const int nv = n - n % LANES;
+    float acc[LANES] = {0};
+    for (int i = 0; i < nv; i += LANES)
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            const float d = x[i + l] - m;
+            acc[l] += d * d;
+        }
+    for (int i = nv; i < n; i++) {
+        const float d = x[i] - m;
+        acc[i - nv] += d * d;
+    }
+    return lanes_sum(acc);
+}
+
 static void layernorm_row(const float *x, int D, float eps, const float *w, const float *b, float *y)
 {
-    float mean = 0.0f;
-    for (int i = 0; i < D; i++) mean += x[i];
-    mean /= (float)D;
-    float var = 0.0f;
-    for (int i = 0; i < D; i++) {
-        float d = x[i] - mean;
-        var += d * d;
-    }
-    var /= (float)D;
-    float inv = 1.0f / sqrtf(var + eps);
+    const float mean = row_sum(x, D) / (float)D;
+    const float var = row_sum_sq(x, D, mean) / (float)D;
+    const float inv = 1.0f / sqrtf(var + eps);
     for (int i = 0; i < D; i++) {
         float v = (x[i] - mean) * inv;
         y[i] = w ? v * w[i] + (b ? b[i] : 0.0f) : v;
@@ -26,6 +63,10 @@ static void layernorm_row(const float *x, int D, float eps, const float *w, cons
 
 void dm_layernorm(const float *x, int N, int D, float eps, const float *w, const float *b, float *y)
 {
+    if (N == 1) { /* one row (the per-token qk-norm in attention.c): no parallel region */
+        layernorm_row(x, D, eps, w, b, y);
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) layernorm_row(x + (size_t)n * D, D, eps, w, b, y + (size_t)n * D);
 }
@@ -88,17 +129,52 @@ void dm_swiglu(const float *gu, int rows, int F, float *h)
     }
 }
 
+/* exp(d) for d = x - max <= 0: dm_exp_fast, and exactly 0 below its clamp (a masked -inf logit
+ * gives 0, not exp(-87)); NaN passes through. */
+static inline float sm_exp(float d) { return d < -87.0f ? 0.0f : dm_exp_fast(d); }
+
+/* max in lanes (exact in any order), exp stored and summed in the lane order, times 1 / sum */
+static void softmax_row(float *row, int n)
+{
+    const int nv = n - n % LANES;
+    float mx[LANES];
+    for (int l = 0; l < LANES; l++) mx[l] = row[0];
+    for (int i = 0; i < nv; i += LANES)
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) mx[l] = row[i + l] > mx[l] ? row[i + l] : mx[l];
+    for (int i = nv; i < n; i++) mx[i - nv] = row[i] > mx[i - nv] ? row[i] : mx[i - nv];
+    float m = mx[0];
+    for (int l = 1; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
+    float acc[LANES] = {0};
+    for (int i = 0; i < nv; i += LANES)
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) {
+            const float e = sm_exp(row[i + l] - m);
+            row[i + l] = e;
+            acc[l] += e;
+        }
+    for (int i = nv; i < n; i++) {
+        const float e = sm_exp(row[i] - m);
+        row[i] = e;
+        acc[i - nv] += e;
+    }
+    const float inv = 1.0f / lanes_sum(acc);
+#pragma omp simd
+    for (int i = 0; i < n; i++) row[i] *= inv;
+}
+
 void dm_softmax_rows(float *x, int N, int n)
+{
+    for (int r = 0; r < N; r++) softmax_row(x + (size_t)r * n, n);
+}
+
+void dm_softmax_rows_ref(float *x, int N, int n)
 {
     for (int r = 0; r < N; r++) {
         float *row = x + (size_t)r * n;
-        float m = row[0];
+        double m = row[0], s = 0;
         for (int i = 1; i < n; i++) m = row[i] > m ? row[i] : m;
-        float s = 0.0f;
-        for (int i = 0; i < n; i++) {
-            row[i] = expf(row[i] - m);
-            s += row[i];
-        }
-        for (int i = 0; i < n; i++) row[i] /= s;
+        for (int i = 0; i < n; i++) s += exp((double)row[i] - m);
+        for (int i = 0; i < n; i++) row[i] = (float)(exp((double)row[i] - m) / s);
     }
 }

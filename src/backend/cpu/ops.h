@@ -79,8 +79,11 @@ static inline float dm_exp_fast(float x)
     return p * scale.f;
 }
 
-/* Softmax in place over each row of x [N, n]. */
+/* Softmax in place over each row of x [N, n], n >= 1: exp(x - max) by dm_exp_fast (exactly 0
+ * where x - max < -87, so -inf entries give 0), summed in 16 lanes and a fixed tree (an order
+ * that depends only on n), times the reciprocal of the sum. The reference is in double. */
 void dm_softmax_rows(float *x, int N, int n);
+void dm_softmax_rows_ref(float *x, int N, int n);
 
 /* Multi-head self-attention, no mask. qkv [B*T, 3*H*hd] laid out [3][H][hd] per token;
  * q_norm/k_norm: optional LayerNorm over hd (eps qk->eps) with affine weight/bias [hd] shared by heads

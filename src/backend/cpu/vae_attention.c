@@ -1,8 +1,9 @@
 /* VAE mid-block attention (one head of dim C over the N = H*W pixels) through our fixed-order
  * GEMM (gemm.h): q, k, v = W·GN(x) + b; scores in blocks of query rows, S = q^T k / sqrt(C),
- * row softmax, o^T = S v^T; x += Wo·o + bo. Every value is one fixed-order sum computed by one
- * thread, so the result does not depend on the thread count. */
+ * row softmax (dm_softmax_rows), o^T = S v^T; x += Wo·o + bo. Every value is one fixed-order
+ * sum computed by one thread, so the result does not depend on the thread count. */
 #include "backend/cpu/gemm.h"
+#include "backend/cpu/ops.h" /* dm_softmax_rows */
 #include "backend/cpu/vae_kernels.h"
 
 #include <math.h>
@@ -66,15 +67,7 @@ void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, fl
         dm_gemm(qt + (size_t)n0 * C, (size_t)C, m, C, (dm_gemm_b){k, (size_t)N}, N, S, (size_t)N,
                 &es, par);
 #pragma omp parallel for schedule(static) if (par)
-        for (int i = 0; i < m; i++) {
-            float *s = S + (size_t)i * N;
-            float mx = s[0];
-            for (int j = 1; j < N; j++) mx = s[j] > mx ? s[j] : mx;
-            double sum = 0;
-            for (int j = 0; j < N; j++) { s[j] = expf(s[j] - mx); sum += s[j]; }
-            const float inv = (float)(1.0 / sum);
-            for (int j = 0; j < N; j++) s[j] *= inv;
-        }
+        for (int i = 0; i < m; i++) dm_softmax_rows(S + (size_t)i * N, 1, N);
         /* o^T[n0 : n0+m] [m, C] = S [m, N] · v^T [N, C] */
         dm_gemm(S, (size_t)N, m, N, (dm_gemm_b){vt, (size_t)C}, C, ot + (size_t)n0 * C, (size_t)C,
                 NULL, par);
