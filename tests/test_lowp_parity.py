@@ -7,7 +7,8 @@ Stated tolerances (max|diff| over the output, relative to the reference output's
         (measured 1.3e-3; 1.1e-2 when the embedders, adaLN and final layer were bf16 too)
   bf16 + int8 routed experts:                                               <= 1e-2 x RMS
         (measured 2.6e-3)
-  int8 routed experts (rest f32):                                           <= 5e-2 x RMS
+  int8 routed experts (rest f32):                                           <= 1e-2 x RMS
+        (measured 2.1e-3)
   int4 routed experts: reported; asserted only <= 0.25 x RMS (a sanity bound).
 Routing: identical expert sets for every token whose k-th / (k+1)-th softmax gap in the
 reference is >= 2e-2 (low precision moves the gate's input a little; closer calls may flip).
@@ -69,11 +70,11 @@ class TestLowpParity(fp.TestForwardParity):
         rms = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
         xs, ts, ys = x.numpy(), t.numpy(), y.numpy()
         modes = [("bf16", ["--precision", "bf16"], 5e-3, None),
-                 ("int8", ["--quant-experts", "int8"], 5e-2, None),
+                 ("int8", ["--quant-experts", "int8"], 1e-2, None),
                  ("bf16+int8", ["--precision", "bf16", "--quant-experts", "int8"], 1e-2, None),
                  ("int4", ["--quant-experts", "int4"], 0.25, None),
                  ("bf16 generic", ["--precision", "bf16"], 5e-3, {"DITMOE_CPU_FEATURES": "generic"}),
-                 ("int8 generic", ["--quant-experts", "int8"], 5e-2, {"DITMOE_CPU_FEATURES": "generic"})]
+                 ("int8 generic", ["--quant-experts", "int8"], 1e-2, {"DITMOE_CPU_FEATURES": "generic"})]
         outs = {}
         for what, extra, tol, env in modes:
             with self.subTest(what):

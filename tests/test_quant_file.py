@@ -261,6 +261,26 @@ class BadFiles(Base):
             t[k] = v
         self.bad(self.q8, m128, k, "-128", "[3, 5]")
 
+    def test_nonfinite_expert_weight(self):
+        """Quantising NaN or Inf is refused with the tensor and element named (at load and in the
+        converter), not turned into undefined integer conversions."""
+        k = "blocks.1.moe.experts.3.gate_proj.weight"
+        for v, word in ((float("nan"), "NaN"), (float("-inf"), "-Inf")):
+            def poison(t, m):
+                w = t[k].clone()
+                w[2, 9] = v
+                t[k] = w
+            p = self.edit(ASSETS["ditmoe"], poison, "nonfinite.safetensors")
+            for bits in ("int8", "int4"):
+                rc, err = self.forward(p, self.path("o.npy"), "--quant-experts", bits, ok=False)
+                # at load gate and up are one matrix (gate rows first), named gate_proj+up_proj
+                self.assert_bad(rc, err, "blocks.1.moe.experts.3.gate_proj", word, "[2, 9]")
+                dst = self.path("nonfinite-q.safetensors")
+                rc, err = self.convert(p, dst, "--quant-experts", bits, ok=False)
+                self.assert_bad(rc, err, k, word, "[2, 9]")
+                self.assertFalse(os.path.exists(dst))
+                self.assertFalse([f for f in os.listdir(self.dir) if "nonfinite-q" in f])
+
     def test_int4_width(self):
         """A file that claims int4 for weights whose input width (40) is not a multiple of 32."""
         from dit_moe_ref import DiTMoE, randomize_

@@ -157,6 +157,15 @@ dm_status dm_lp_pack(dm_lpmat *m, dm_lp_format fmt, const void *W, dm_dtype dtyp
         }
         Wf = tmp;
     }
+    size_t bad;
+    if (fmt != DM_LP_BF16 && !dm_all_finite(Wf, (size_t)out * in, &bad)) {
+        /* a scale from NaN or Inf has no meaning, and converting one to an integer is undefined */
+        const float v = Wf[bad];
+        free(tmp);
+        return dm_fail(DM_ERR_FORMAT, "%s: cannot quantise to %s: element [%zu, %zu] is %s", name,
+                       dm_lp_format_name(fmt), bad / (size_t)in, bad % (size_t)in,
+                       isnan(v) ? "NaN" : v > 0 ? "+Inf" : "-Inf");
+    }
     m->fmt = fmt;
     m->out = out;
     m->in = in;
