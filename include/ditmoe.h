@@ -844,6 +844,14 @@ dm_status dm_prune_write(const dm_st_file *f, const dm_config *cfg, const dm_pru
  * patterns (uint16) [out * in / 32]. DM_ERR_ARG naming `name` for int4 with in % 32 != 0. */
 dm_status dm_quant_weight(int bits, const void *W, dm_dtype dtype, int out, int in,
                           const char *name, void *q, void *scale);
+/* Rows [r0, r0 + nr) of a stored-quantised weight [out, in] (layouts above; q and scale may be
+ * unaligned) as float32 y [nr, in]: int8 q[o, k] * s[o], int4 q[o, k] * d[o, k / 32] (d the bf16
+ * scale widened), each one float32 product: the values the CPU backend's kernels use (dm_lp_get;
+ * a group whose scale is +-0 gives 0 * d). For a backend without integer kernels (CUDA: it stores
+ * them as bf16). DM_ERR_FORMAT naming `name` and the row for an int8 -128 or a scale that is not
+ * finite, as at load; DM_ERR_ARG for a bad shape or range (int4: in % 32 != 0). */
+dm_status dm_dequant_rows(int bits, const void *q, const void *scale, int out, int in, int r0,
+                          int nr, const char *name, float *y);
 /* dm_st_write, except that a tensor whose data is NULL gets its bytes from fill(ud, i, &data)
  * just before they are written (data must stay valid until the next call): a file can be written
  * with one tensor in memory at a time. */

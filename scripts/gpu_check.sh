@@ -10,7 +10,7 @@
 # machine with only the CUDA toolkit and its libraries: cudart is static in the binaries, cuBLAS
 # comes from the machine's CUDA, cuDNN is dlopen'ed (system library path, or the nvidia-cudnn
 # wheel found through python3). Without binaries and with cmake + nvcc it builds first.
-# Sections: probe ceil ops inv e2e bench; a failing section never stops the later ones; the
+# Sections: probe ceil ops inv e2e lab bench; a failing section never stops the later ones; the
 # summary table is printed last (and written to OUT_DIR/summary.txt).
 set -u -o pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
@@ -106,6 +106,8 @@ OPS="'$BIN/test_cuda_ops'"
 [ -x "$BIN/test_backend_ops" ] && OPS="$OPS; rc1=\$?; '$BIN/test_backend_ops' --backend cuda; rc2=\$?"
 OPS="$OPS; command -v compute-sanitizer > /dev/null && compute-sanitizer --tool memcheck --error-exitcode 9 \
     '$BIN/test_cuda_ops' --op moe | tail -5; rc3=\$?; \
+    command -v compute-sanitizer > /dev/null && compute-sanitizer --tool memcheck --error-exitcode 9 \
+    '$BIN/test_cuda_ops' --op split | tail -5; \
     echo \"SUMMARY ops: \$(grep -c ' PASS' '$OUT/ops.log') PASS, \$(grep -c 'FAIL' '$OUT/ops.log') FAIL lines\"; \
     exit \$(( \${rc1:-0} | \${rc2:-0} ))"
 section ops 150 "$OPS"
@@ -167,6 +169,24 @@ E2E="'$CHK' --section probe > /dev/null; [ \$? -eq 77 ] && { echo 'skipped: no C
     '$PY' compare.py same b1_\$m.npy b4_\$m.npy 1 4 || rc=1; done; \
     echo \"SUMMARY e2e: \$(grep -h 'worst PSNR' e2e.log 2> /dev/null | paste -sd ' / ' -)\"; exit \$rc"
 section e2e 90 "$E2E"
+
+# ---- lab: the MoE lab's split ops and stored int8 experts end to end (never run on a GPU yet,
+# docs/gpu.md "Not yet run on a GPU"): --route top-p + --expert-cache through router_scores /
+# moe_grouped / mlp_add, and a stored-int8 file (dequantised to bf16 on upload), GPU vs CPU ----
+LAB="'$CHK' --section probe > /dev/null; [ \$? -eq 77 ] && { echo 'skipped: no CUDA device'; exit 77; }; \
+    cd '$OUT'; S='$BIN/ditmoe-sample'; M='$SRC/assets/ditmoe-fmnist.safetensors'; \
+    V='$SRC/assets/vae-fmnist.safetensors'; rc=0; \
+    '$BIN/ditmoe-convert' \$M lab_int8.safetensors --quant-experts int8 || rc=1; \
+    for be in cpu cuda; do \
+        \$S --model \$M --vae \$V --class 1 -n 4 --steps 25 --seed 7 --backend \$be -q --route top-p=0.6 \
+            --expert-cache 2 --save-latent lab_topp_\$be.npy -o lab_topp_\${be}_%d.png || rc=1; \
+        \$S --model lab_int8.safetensors --vae \$V --class 1 -n 4 --steps 25 --seed 7 --backend \$be -q \
+            --save-latent lab_int8_\$be.npy -o lab_int8_\${be}_%d.png || rc=1; done; \
+    for x in topp int8; do '$PY' compare.py latent lab_\${x}_cuda.npy lab_\${x}_cpu.npy; \
+        '$PY' compare.py psnr \$(for i in 0 1 2 3; do echo lab_\${x}_cuda_\$i.png lab_\${x}_cpu_\$i.png; done) \
+            || { [ \$x = topp ] && rc=1; }; done; \
+    echo \"SUMMARY lab: \$(grep -h 'worst PSNR' '$OUT/lab.log' | paste -sd ' / ' -) (top-p, int8)\"; exit \$rc"
+section lab 30 "$LAB"
 
 # ---- bench: one block's ops at XL/G shapes, and PyTorch eager on the same GPU ----
 cat > "$OUT/torch_block.py" << 'PY'

@@ -7,9 +7,15 @@
  * checked for batch invariance: a row computed alone equals, bit for bit, the same row inside
  * batches of 7, 257 and 1000 rows at other positions (pinned cuBLASLt algorithms).
  *
+ * Two cases go through the op table (backend/backend.h) instead, CUDA against the CPU backend on
+ * the same inputs: "split" (the MoE lab's router_scores, moe_grouped, mlp_add; and ffn ==
+ * moe_grouped + mlp_add bit for bit on the GPU) and "quant" (stored int8 / int4 routed experts,
+ * dequantised to bf16 on upload, against the CPU backend's values dm_lp_get).
+ *
  * Without a usable CUDA device (or in a build without CUDA) it prints one line and exits 77,
  * which ctest reports as Skipped (SKIP_RETURN_CODE, cmake/cuda.cmake).
- * Usage: test_cuda_ops [--device N] [--op NAME]   (NAME: a case name below, e.g. "linear") */
+ * Usage: test_cuda_ops [--device N] [--op NAME]   (NAME: a case name below, e.g. "linear",
+ * "split", "quant") */
 #include "ditmoe.h"
 
 #include <stdio.h>
@@ -23,9 +29,13 @@ int main(void)
     return 77;
 }
 #else
+#include "backend/backend.h"
+#include "backend/cpu/lowp.h"
 #include "backend/cpu/ops.h"
 #include "backend/cuda/dmcuda.h"
 #include "backend/cuda/philox.h"
+#include "router/moe.h"
+#include "router/route_policy.h"
 
 #include <math.h>
 
@@ -33,6 +43,7 @@ static dmc_ctx *C;
 static dmc_stream S;
 static int n_fail, n_pass;
 static const char *only;
+static int g_device;
 
 /* ---- helpers ---- */
 
@@ -376,7 +387,7 @@ static void t_moe(void)
         int32_t *dids = dev(NULL, (size_t)N * k * 4);
         float *dw = dev(NULL, (size_t)N * k * 4), *dpw = dev(NULL, (size_t)N * nE * 4);
         uint8_t *dsel = dev(NULL, (size_t)N * nE);
-        check(dmc_moe_router(dh, N, T, D, dW, E, k, kind, act, has_unc ? du : NULL, nE, dsc, dids,
+        check(dmc_moe_router(dh, N, T, D, dW, E, k, kind, act, NULL, has_unc ? du : NULL, nE, dsc, dids,
                              dw, dsel, dpw, S), "router");
         /* reference picks as a [N, nE] weight matrix (0 = not picked) */
         float *refp = calloc((size_t)N * nE, 4), *sco = malloc((size_t)N * E * 4);
@@ -623,11 +634,312 @@ static void t_vae(void)
     free(x), free(w), free(ref), free(y), free(w16), free(gx), free(gg), free(gb), free(gref), free(gy), free(up);
 }
 
+/* ---- through the op table: CUDA vs the CPU backend ---- */
+
+static dm_backend *open_be(dm_backend_kind k)
+{
+    dm_load_opts o;
+    dm_load_opts_init(&o);
+    o.backend = k;
+    o.device = g_device;
+    dm_backend *be = NULL;
+    if (dm_backend_open(&o, &be)) {
+        fprintf(stderr, "open %s: %s\n", dm_backend_name(k), dm_last_error());
+        exit(1);
+    }
+    return be;
+}
+static void be_check(dm_status st, const char *what)
+{
+    if (st) {
+        fprintf(stderr, "%s: %s\n", what, dm_last_error());
+        exit(1);
+    }
+}
+/* A weight on be from host floats: LINEAR ones as BF16 file bytes (the CPU backend widens them
+ * exactly, the CUDA backend keeps them), the rest F32. */
+static dm_weight *mkw(dm_backend *be, dm_weight_role role, dm_weight_use use, int rows, int cols,
+                      const float *f)
+{
+    const size_t n = (size_t)rows * cols;
+    uint16_t *b = use == DM_USE_LINEAR && role != DM_ROLE_ROUTER ? h16_of(f, n, DMC_BF16) : NULL;
+    dm_weight_desc d = {.name = "test", .role = role, .use = use, .dtype = b ? DM_BF16 : DM_F32,
+                        .rows = rows, .cols = cols, .data = b ? (const void *)b : (const void *)f};
+    dm_weight *w = NULL;
+    be_check(be->ops->weight(be->ctx, &d, &w), "weight");
+    free(b);
+    return w;
+}
+static float *bfill(size_t n, float scale) /* random values that bf16 represents exactly */
+{
+    float *p = hfill(n, scale);
+    for (size_t i = 0; i < n; i++) p[i] = round16(p[i], DMC_BF16);
+    return p;
+}
+static float *be_buf(dm_backend *be, const float *host, size_t n)
+{
+    dm_buf b;
+    be_check(be->ops->alloc(be->ctx, (n ? n : 1) * sizeof(float), &b), "alloc");
+    if (host) be_check(be->ops->upload(be->ctx, b.p, host, n * sizeof(float)), "upload");
+    return b.p;
+}
+static void be_free(dm_backend *be, float *p)
+{
+    dm_buf b = {p, 1};
+    be->ops->release(be->ctx, &b);
+}
+static void be_get(dm_backend *be, float *host, const float *p, size_t n)
+{
+    be_check(be->ops->download(be->ctx, host, p, n * sizeof(float)), "download");
+}
+
+/* Host parameters of one MLP, and its weights on the two backends (0 CPU, 1 CUDA). */
+typedef struct {
+    float *w1, *b1, *w2, *b2;
+} mlp_host;
+static void mlp_make(dm_backend *be[2], dm_mlp_act act, int D, int F, int bias, dm_weight_role role,
+                     mlp_host *h, dm_mlp_layer L[2])
+{
+    const int F1 = act == DM_MLP_SWIGLU ? 2 * F : F;
+    h->w1 = bfill((size_t)F1 * D, 1.0f / sqrtf((float)D));
+    h->w2 = bfill((size_t)D * F, 1.0f / sqrtf((float)F));
+    h->b1 = bias ? hfill((size_t)F, 0.1f) : NULL;
+    h->b2 = bias ? hfill((size_t)D, 0.1f) : NULL;
+    for (int i = 0; i < 2; i++)
+        L[i] = (dm_mlp_layer){
+            .act = act, .F = F,
+            .w1 = mkw(be[i], role, DM_USE_LINEAR, F1, D, h->w1),
+            .b1 = bias ? mkw(be[i], DM_ROLE_NORM, DM_USE_VECTOR, F, 1, h->b1) : NULL,
+            .w2 = mkw(be[i], role, DM_USE_LINEAR, D, F, h->w2),
+            .b2 = bias ? mkw(be[i], DM_ROLE_NORM, DM_USE_VECTOR, D, 1, h->b2) : NULL};
+}
+static void mlp_free(dm_backend *be[2], mlp_host *h, dm_mlp_layer L[2])
+{
+    for (int i = 0; i < 2; i++) {
+        be[i]->ops->weight_free(be[i]->ctx, (dm_weight *)L[i].w1);
+        be[i]->ops->weight_free(be[i]->ctx, (dm_weight *)L[i].b1);
+        be[i]->ops->weight_free(be[i]->ctx, (dm_weight *)L[i].w2);
+        be[i]->ops->weight_free(be[i]->ctx, (dm_weight *)L[i].b2);
+    }
+    free(h->w1), free(h->b1), free(h->w2), free(h->b2);
+}
+
+/* The MoE lab's split ops (backend.h) against the CPU backend on the same bf16-exact inputs and
+ * weights. Tolerances: router_scores 1e-5 (fp32 router on both); moe_grouped and mlp_add 1.5e-2
+ * (the GPU rounds the expert hidden layer to bf16, the CPU f32 path does not; inputs and weights
+ * are bf16-exact so nothing else differs but the summation order). Bit for bit on the GPU: top-k
+ * through moe_grouped + mlp_add == ffn (same kernels, same group sizes, same pinned GEMMs); a
+ * grouping without picks gives zeros; a non-ascending grouping is refused (DM_ERR_ARG). */
+#define TOL_SPLIT 1.5e-2
+static void t_split(void)
+{
+    const struct {
+        dm_route_kind kind;
+        int E, nE, k;
+        dm_gate_act gact;
+        dm_mlp_act act;
+        int bias, pol; /* pol: 0 top-k, 1 top-p 0.6 */
+        const char *name;
+    } cases[] = {
+        {DM_ROUTE_SOFTMAX_TOPK, 8, 8, 2, DM_GATE_IDENTITY, DM_MLP_SWIGLU, 0, 1, "split DiT-MoE E 8 top-p 0.6"},
+        {DM_ROUTE_SOFTMAX_TOPK, 16, 16, 2, DM_GATE_IDENTITY, DM_MLP_SWIGLU, 0, 0, "split DiT-MoE E 16 top-2"},
+        {DM_ROUTE_PROTO_TC, 12, 13, 1, DM_GATE_SIGMOID, DM_MLP_GELU_TANH, 1, 0, "split ProMoE TC E 12+1 top-1"},
+    };
+    const int D = 128, F = 128, Fs = 96, B = 3, T = 37, N = B * T;
+    const int64_t null_id = 10, labels[3] = {4, null_id, 7};
+    dm_backend *be[2] = {open_be(DM_BACKEND_CPU), open_be(DM_BACKEND_CUDA)};
+    const size_t ND = (size_t)N * D;
+    float *h = bfill(ND, 1.0f), *base = hfill(ND, 1.0f);
+    float *o0 = malloc(ND * 4), *o1 = malloc(ND * 4), *fused = malloc(ND * 4), *nan = malloc(ND * 4);
+    for (size_t i = 0; i < ND; i++) nan[i] = NAN;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int E = cases[ci].E, nE = cases[ci].nE, k = cases[ci].k;
+        const dm_moe_desc d = {.kind = cases[ci].kind, .E = E, .k = k, .D = D,
+                               .act = cases[ci].gact, .n_experts = nE};
+        float *gate = hfill((size_t)E * D, 0.2f);
+        if (d.kind != DM_ROUTE_SOFTMAX_TOPK) /* unit prototypes */
+            for (int e = 0; e < E; e++) {
+                double nn = 0;
+                for (int i = 0; i < D; i++) nn += (double)gate[e * D + i] * gate[e * D + i];
+                for (int i = 0; i < D; i++) gate[e * D + i] /= (float)sqrt(nn);
+            }
+        mlp_host *hx = malloc(sizeof *hx * nE), hs;
+        dm_mlp_layer *lx[2] = {malloc(sizeof(dm_mlp_layer) * nE), malloc(sizeof(dm_mlp_layer) * nE)};
+        dm_mlp_layer ls[2], le[2];
+        for (int e = 0; e < nE; e++) {
+            mlp_make(be, cases[ci].act, D, F, cases[ci].bias, DM_ROLE_EXPERT, &hx[e], le);
+            lx[0][e] = le[0], lx[1][e] = le[1];
+        }
+        mlp_make(be, cases[ci].act, D, Fs, cases[ci].bias, DM_ROLE_SHARED, &hs, ls);
+        dm_ffn_layer L[2];
+        float *dh[2], *dout[2];
+        for (int i = 0; i < 2; i++) {
+            L[i] = (dm_ffn_layer){.d = d, .gate = mkw(be[i], DM_ROLE_ROUTER, DM_USE_LINEAR, E, D, gate),
+                                  .experts = lx[i], .shared = ls[i]};
+            dh[i] = be_buf(be[i], h, ND);
+            dout[i] = be_buf(be[i], NULL, ND);
+        }
+        char name[128];
+        /* router_scores, without and with dropped experts */
+        float *sc[2] = {malloc((size_t)N * E * 4), malloc((size_t)N * E * 4)};
+        uint8_t drop[16] = {0};
+        drop[1] = drop[E - 2] = 1;
+        for (int pass = 0; pass < 2; pass++) {
+            for (int i = 0; i < 2; i++)
+                be_check(be[i]->ops->router_scores(be[i]->ctx, &L[i], dh[i], N, pass ? drop : NULL, sc[i]),
+                         "router_scores");
+            snprintf(name, sizeof name, "%s: router_scores%s", cases[ci].name, pass ? " drop 2" : "");
+            report(name, rel_err(sc[1], sc[0], (size_t)N * E), 1e-5);
+        }
+        int zero = 1;
+        for (int n = 0; n < N; n++) zero &= sc[1][(size_t)n * E + 1] == 0.0f && sc[1][(size_t)n * E + E - 2] == 0.0f;
+        snprintf(name, sizeof name, "%s: dropped experts score 0", cases[ci].name);
+        report_bits(name, zero);
+        /* the grouping of a policy over the CPU's scores (no drop), run on both */
+        for (int i = 0; i < 2; i++)
+            be_check(be[i]->ops->router_scores(be[i]->ctx, &L[i], dh[i], N, NULL, sc[i]), "router_scores");
+        dm_route_policy pol;
+        dm_route_policy_init(&pol);
+        if (cases[ci].pol == 1) pol.kind = DM_POLICY_TOPP, pol.p = 0.6f;
+        uint8_t unc[3 * 37];
+        for (int n = 0; n < N; n++) unc[n] = (uint8_t)dm_moe_is_uncond(&d, labels, null_id, n, T);
+        const uint8_t *up = nE > E ? unc : NULL;
+        dm_route_csr csr = {0};
+        be_check(dm_route_csr_reserve(&csr, N, dm_route_policy_max_picks(&pol, E, k), nE), "csr");
+        dm_route_select(&pol, sc[0], N, E, k, up, E, &csr);
+        for (int i = 0; i < 2; i++) {
+            be_check(be[i]->ops->upload(be[i]->ctx, dout[i], nan, ND * 4), "poison");
+            be_check(be[i]->ops->moe_grouped(be[i]->ctx, &L[i], dh[i], N, csr.exp_off, csr.rows,
+                                             csr.row_w, dout[i]), "moe_grouped");
+        }
+        be_get(be[0], o0, dout[0], ND);
+        be_get(be[1], o1, dout[1], ND);
+        snprintf(name, sizeof name, "%s: moe_grouped (%.2f picks/token)", cases[ci].name, (double)csr.n_picks / N);
+        report(name, rel_err(o1, o0, ND), TOL_SPLIT);
+        /* mlp_add into a random out */
+        for (int i = 0; i < 2; i++) {
+            be_check(be[i]->ops->upload(be[i]->ctx, dout[i], base, ND * 4), "upload");
+            be_check(be[i]->ops->mlp_add(be[i]->ctx, &L[i].shared, dh[i], N, dout[i]), "mlp_add");
+        }
+        be_get(be[0], o0, dout[0], ND);
+        be_get(be[1], o1, dout[1], ND);
+        snprintf(name, sizeof name, "%s: mlp_add", cases[ci].name);
+        report(name, rel_err(o1, o0, ND), TOL_SPLIT);
+        /* on the GPU: top-k over the GPU's own scores, grouped + shared == ffn, bit for bit */
+        if (cases[ci].pol == 0) {
+            dm_route_select(&pol, sc[1], N, E, k, up, E, &csr);
+            float *df = be_buf(be[1], NULL, ND);
+            be_check(be[1]->ops->moe_grouped(be[1]->ctx, &L[1], dh[1], N, csr.exp_off, csr.rows,
+                                             csr.row_w, dout[1]), "moe_grouped");
+            be_check(be[1]->ops->mlp_add(be[1]->ctx, &L[1].shared, dh[1], N, dout[1]), "mlp_add");
+            be_check(be[1]->ops->ffn(be[1]->ctx, &L[1], dh[1], N, T, labels, null_id, df, NULL), "ffn");
+            be_get(be[1], o1, dout[1], ND);
+            be_get(be[1], fused, df, ND);
+            snprintf(name, sizeof name, "%s: grouped + mlp_add == ffn", cases[ci].name);
+            report_bits(name, !memcmp(o1, fused, ND * 4));
+            be_free(be[1], df);
+        }
+        /* no picks at all: zeros; a grouping whose rows do not ascend: refused */
+        int32_t off0[17] = {0};
+        be_check(be[1]->ops->upload(be[1]->ctx, dout[1], nan, ND * 4), "poison");
+        be_check(be[1]->ops->moe_grouped(be[1]->ctx, &L[1], dh[1], N, off0, csr.rows, csr.row_w, dout[1]),
+                 "moe_grouped empty");
+        be_get(be[1], o1, dout[1], ND);
+        int zeros = 1;
+        for (size_t i = 0; i < ND; i++) zeros &= o1[i] == 0.0f;
+        snprintf(name, sizeof name, "%s: moe_grouped without picks -> 0", cases[ci].name);
+        report_bits(name, zeros);
+        int32_t off2[17] = {0}, rows2[2] = {5, 3};
+        float w2[2] = {0.5f, 0.5f};
+        for (int e = 1; e <= nE; e++) off2[e] = 2;
+        const dm_status bad = be[1]->ops->moe_grouped(be[1]->ctx, &L[1], dh[1], N, off2, rows2, w2, dout[1]);
+        snprintf(name, sizeof name, "%s: descending rows refused (DM_ERR_ARG)", cases[ci].name);
+        report_bits(name, bad == DM_ERR_ARG && strstr(dm_last_error(), "moe_grouped"));
+        dm_route_csr_free(&csr);
+        for (int i = 0; i < 2; i++) {
+            be[i]->ops->weight_free(be[i]->ctx, (dm_weight *)L[i].gate);
+            be_free(be[i], dh[i]);
+            be_free(be[i], dout[i]);
+            free(sc[i]);
+        }
+        for (int e = 0; e < nE; e++) {
+            le[0] = lx[0][e], le[1] = lx[1][e];
+            mlp_free(be, &hx[e], le);
+        }
+        mlp_free(be, &hs, ls);
+        free(hx), free(lx[0]), free(lx[1]), free(gate);
+    }
+    dm_backend_close(be[0]);
+    dm_backend_close(be[1]);
+    free(h), free(base), free(o0), free(o1), free(fused), free(nan);
+}
+
+/* Stored int8 / int4 routed experts (docs/format.md): uploaded through the op table, read back
+ * exactly through linear with identity rows (one product per output, fp32 accumulation: exact),
+ * against bf16(dm_lp_get) of the CPU backend's import: equal values (bits up to the sign of 0). Also the one-tensor error of
+ * a stored weight with a non-expert role. */
+static void t_quant(void)
+{
+    const int out = 40, in = 96;
+    dm_backend *be = open_be(DM_BACKEND_CUDA);
+    float *W = hfill((size_t)out * in, 0.05f), *x = calloc((size_t)in * in, 4);
+    for (int i = 0; i < in; i++) x[(size_t)i * in + i] = 1.0f;
+    float *y = malloc((size_t)in * out * 4);
+    for (int bits = 8; bits >= 4; bits -= 4) {
+        const size_t qb = bits == 8 ? (size_t)out * in : (size_t)out * in / 2;
+        const size_t sb = bits == 8 ? 4 * (size_t)out : 2 * (size_t)out * (in / 32);
+        void *q = malloc(qb), *sc = malloc(sb);
+        be_check(dm_quant_weight(bits, W, DM_F32, out, in, "w", q, sc), "quantise");
+        if (bits == 4) { /* row 3, group 1: scale -0 over nonzero nibbles (CPU value -0) */
+            const uint16_t mz = 0x8000;
+            memcpy((char *)sc + 2 * ((size_t)3 * (in / 32) + 1), &mz, 2);
+            memset((uint8_t *)q + (size_t)3 * (in / 2) + 16, 0x5b, 16);
+        }
+        dm_lpmat m;
+        be_check(dm_lp_import(&m, bits == 8 ? DM_LP_Q8 : DM_LP_Q4, out, in, q, sc, "w"), "import");
+        dm_weight_desc d = {.name = "blocks.0.moe.experts.0.up_proj.weight", .role = DM_ROLE_EXPERT,
+                            .use = DM_USE_LINEAR, .dtype = bits == 8 ? DM_I8 : DM_U8, .rows = out,
+                            .cols = in, .data = q, .quant = bits, .scale = sc};
+        dm_weight *w = NULL;
+        be_check(be->ops->weight(be->ctx, &d, &w), "stored weight");
+        float *dx = be_buf(be, x, (size_t)in * in), *dy = be_buf(be, NULL, (size_t)in * out);
+        be_check(be->ops->linear(be->ctx, dx, in, w, NULL, dy), "linear");
+        be_get(be, y, dy, (size_t)in * out);
+        int eq = 1;
+        double mx = 0, ss = 0;
+        for (int o = 0; o < out; o++)
+            for (int k = 0; k < in; k++) {
+                const float ref = dm_lp_get(&m, o, k), got = y[(size_t)k * out + o];
+                /* == on floats: the GEMM's fp32 sum turns a stored -0 into +0 */
+                eq &= got == round16(ref, DMC_BF16);
+                mx = fmax(mx, fabs((double)got - ref));
+                ss += (double)ref * ref;
+            }
+        char name[96];
+        snprintf(name, sizeof name, "quant int%d upload == bf16(CPU values)", bits);
+        /* (the int4 case includes a group of scale -0 over nonzero nibbles: 0 on both sides) */
+        report_bits(name, eq);
+        snprintf(name, sizeof name, "quant int%d upload vs CPU fp32 values", bits);
+        report(name, mx / sqrt(ss / ((double)out * in)), 1e-2); /* one bf16 rounding */
+        be->ops->weight_free(be->ctx, w);
+        w = NULL;
+        d.role = DM_ROLE_SHARED;
+        const dm_status st = be->ops->weight(be->ctx, &d, &w);
+        snprintf(name, sizeof name, "quant int%d shared role refused", bits);
+        report_bits(name, st == DM_ERR_FORMAT && !w && strstr(dm_last_error(), "up_proj.weight"));
+        be_free(be, dx), be_free(be, dy);
+        dm_lp_free(&m);
+        free(q), free(sc);
+    }
+    dm_backend_close(be);
+    free(W), free(x), free(y);
+}
+
 int main(int argc, char **argv)
 {
     int device = 0;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--device") && i + 1 < argc) device = atoi(argv[++i]);
+        if (!strcmp(argv[i], "--device") && i + 1 < argc) g_device = device = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--op") && i + 1 < argc) only = argv[++i];
         else {
             fprintf(stderr, "usage: test_cuda_ops [--device N] [--op NAME]\n");
@@ -656,6 +968,8 @@ int main(int argc, char **argv)
     if (want("moe")) t_moe();
     if (want("noise")) t_noise();
     if (want("vae")) t_vae();
+    if (want("split")) t_split();
+    if (want("quant")) t_quant();
     dmc_ctx_free(C);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;

@@ -5,9 +5,13 @@
  *    group; dm_quant_weight gives the exported values; the GEMM outputs are bitwise equal;
  *  - the file layout is the documented one (int8 row-major, int4 even k in the low nibble);
  *  - bad stored values (-128, a non-finite scale, int4 width) are refused naming the tensor;
+ *  - dm_dequant_rows (src/base: the values a float-only backend uploads) equals dm_lp_get of the
+ *    imported matrix bit for bit (incl. a zero row, a zero group and a group of scale -0 with
+ *    nonzero nibbles) and refuses the same bad values;
  *  - the CPU backend's weight() takes desc.quant (any precision), refuses the other
  *    --quant-experts kind and non-expert roles; the CUDA backend (when compiled and a device
- *    opens) refuses desc.quant with DM_ERR_FORMAT, else that case prints a skip line. */
+ *    opens) takes desc.quant (dequantised to bf16; its values are checked in test_cuda_ops
+ *    "quant") and refuses it for a non-expert role, else that case prints a skip line. */
 #include "backend/backend.h"
 #include "backend/cpu/lowp.h"
 
@@ -135,6 +139,57 @@ START_TEST(import_refuses_bad_values)
 }
 END_TEST
 
+/* dm_dequant_rows == dm_lp_get of dm_lp_import, bit for bit, whole matrix and a row range. */
+START_TEST(dequant_equals_cpu_values)
+{
+    const int bits = _i % 2 ? 4 : 8, out = SHAPES[_i / 2][0], in = SHAPES[_i / 2][1];
+    const dm_lp_format fmt = bits == 8 ? DM_LP_Q8 : DM_LP_Q4;
+    float *W = make_w(out, in);
+    void *q = malloc(qbytes(bits, out, in)), *s = malloc(sbytes(bits, out, in));
+    ck_assert_int_eq(dm_quant_weight(bits, W, DM_F32, out, in, "w", q, s), DM_OK);
+    if (bits == 4 && out > 3) { /* row 3, group 0: scale -0 over nonzero nibbles */
+        const uint16_t mz = 0x8000;
+        memcpy((char *)s + 2 * ((size_t)3 * (in / 32)), &mz, 2);
+        memset((uint8_t *)q + (size_t)3 * (in / 2), 0x93, 16);
+    }
+    dm_lpmat m;
+    ck_assert_int_eq(dm_lp_import(&m, fmt, out, in, q, s, "w"), DM_OK);
+    float *y = malloc((size_t)out * in * sizeof *y), *ref = malloc((size_t)out * in * sizeof *ref);
+    for (int o = 0; o < out; o++)
+        for (int k = 0; k < in; k++) ref[(size_t)o * in + k] = dm_lp_get(&m, o, k);
+    ck_assert_int_eq(dm_dequant_rows(bits, q, s, out, in, 0, out, "w", y), DM_OK);
+    ck_assert_int_eq(memcmp(y, ref, (size_t)out * in * sizeof *y), 0);
+    const int r0 = out / 3, nr = out - r0 > 2 ? 2 : out - r0;
+    ck_assert_int_eq(dm_dequant_rows(bits, q, s, out, in, r0, nr, "w", y), DM_OK);
+    ck_assert_int_eq(memcmp(y, ref + (size_t)r0 * in, (size_t)nr * in * sizeof *y), 0);
+    ck_assert_int_eq(dm_dequant_rows(bits, q, s, out, in, out - 1, 2, "w", y), DM_ERR_ARG);
+    dm_lp_free(&m);
+    free(W), free(q), free(s), free(y), free(ref);
+}
+END_TEST
+
+START_TEST(dequant_refuses_bad_values)
+{
+    const int out = 4, in = 64;
+    int8_t q8[4 * 64] = {0};
+    float s8[4] = {0.01f, 0.02f, 0.03f, 0.04f}, y[4 * 64];
+    q8[2 * in + 9] = -128;
+    ck_assert_int_eq(dm_dequant_rows(8, q8, s8, out, in, 0, out, "e.w", y), DM_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "e.w: value -128 at [2, 9]"));
+    q8[2 * in + 9] = 0;
+    s8[3] = INFINITY;
+    ck_assert_int_eq(dm_dequant_rows(8, q8, s8, out, in, 0, out, "e.w", y), DM_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "row 3"));
+    uint8_t q4[4 * 32] = {0};
+    uint16_t s4[4 * 2] = {0};
+    s4[5] = 0x7fc0; /* NaN */
+    ck_assert_int_eq(dm_dequant_rows(4, q4, s4, out, in, 0, out, "e.w", y), DM_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "row 2, group 1"));
+    ck_assert_int_eq(dm_dequant_rows(4, q4, s4, out, 48, 0, out, "e.w", y), DM_ERR_ARG);
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "e.w"));
+}
+END_TEST
+
 static dm_backend *open_cpu(int quant, dm_precision prec)
 {
     dm_load_opts o;
@@ -203,14 +258,14 @@ START_TEST(cpu_backend_takes_stored)
 }
 END_TEST
 
-START_TEST(cuda_refuses_stored)
+START_TEST(cuda_takes_stored)
 {
     dm_load_opts o;
     dm_load_opts_init(&o);
     o.backend = DM_BACKEND_CUDA;
     dm_backend *be = NULL;
     if (dm_backend_check(DM_BACKEND_CUDA) != DM_OK || dm_backend_open(&o, &be) != DM_OK) {
-        printf("cuda_refuses_stored: skipped (no CUDA backend or device here)\n");
+        printf("cuda_takes_stored: skipped (no CUDA backend or device here)\n");
         return;
     }
     int8_t q[32 * 32] = {0};
@@ -219,10 +274,16 @@ START_TEST(cuda_refuses_stored)
                         .use = DM_USE_LINEAR, .dtype = DM_I8, .rows = 32, .cols = 32, .data = q,
                         .quant = 8, .scale = s};
     dm_weight *w = NULL;
+    ck_assert_int_eq(be->ops->weight(be->ctx, &d, &w), DM_OK); /* dequantised to bf16 */
+    ck_assert_ptr_nonnull(w);
+    ck_assert_uint_eq(be->ops->weight_bytes(w), 32 * 32 * 2);
+    be->ops->weight_free(be->ctx, w);
+    w = NULL;
+    d.role = DM_ROLE_SHARED;
+    d.name = "blocks.0.moe.shared_experts.down_proj.weight";
     ck_assert_int_eq(be->ops->weight(be->ctx, &d, &w), DM_ERR_FORMAT);
     ck_assert_ptr_null(w);
-    ck_assert_ptr_nonnull(strstr(dm_last_error(), "down_proj.weight"));
-    ck_assert_ptr_nonnull(strstr(dm_last_error(), "quantised"));
+    ck_assert_ptr_nonnull(strstr(dm_last_error(), "shared_experts.down_proj.weight"));
     dm_backend_close(be);
 }
 END_TEST
@@ -234,7 +295,9 @@ int main(void)
     tcase_add_loop_test(tc, import_rebuilds_pack, 0, 6);
     tcase_add_test(tc, import_refuses_bad_values);
     tcase_add_loop_test(tc, cpu_backend_takes_stored, 0, 4);
-    tcase_add_test(tc, cuda_refuses_stored);
+    tcase_add_loop_test(tc, dequant_equals_cpu_values, 0, 6);
+    tcase_add_test(tc, dequant_refuses_bad_values);
+    tcase_add_test(tc, cuda_takes_stored);
     suite_add_tcase(st, tc);
     SRunner *sr = srunner_create(st);
     srunner_run_all(sr, CK_NORMAL);

@@ -49,6 +49,18 @@ static dm_route_kind moe_kind(const dm_model *m)
     return DM_ROUTE_DENSE;
 }
 
+/* The split MoE ops of the backend (cpu and cuda have them); one line naming the backend. */
+static dm_status require_split(const dm_model *m)
+{
+    const dm_backend *be = m->be;
+    if (!dm_backend_has(be, "router_scores") || !dm_backend_has(be, "moe_grouped") ||
+        !dm_backend_has(be, "mlp_add"))
+        return dm_fail(DM_ERR_BACKEND, "backend %s has no split MoE ops (router_scores, "
+                       "moe_grouped, mlp_add): --route/--skip-routed/--expert-cache/"
+                       "--self-contrast need --backend cpu or cuda", be->ops->name);
+    return DM_OK;
+}
+
 dm_status dm_model_set_lab(dm_model *m, const dm_lab_opts *o)
 {
     lab_free_state(&m->lab);
@@ -82,14 +94,7 @@ dm_status dm_model_set_lab(dm_model *m, const dm_lab_opts *o)
     if (nl.on && kind == DM_ROUTE_PROTO_EC)
         return dm_fail(DM_ERR_ARG, "%s: ProMoE expert-choice routing takes only --route top-k "
                        "(no other policy, --skip-routed or --expert-cache)", m->path);
-    if (nl.on) {
-        const dm_backend *be = m->be;
-        if (!dm_backend_has(be, "router_scores") || !dm_backend_has(be, "moe_grouped") ||
-            !dm_backend_has(be, "mlp_add"))
-            return dm_fail(DM_ERR_BACKEND, "backend %s has no split MoE ops (router_scores, "
-                           "moe_grouped, mlp_add): --route/--skip-routed/--expert-cache/"
-                           "--self-contrast need --backend cpu", be->ops->name);
-    }
+    if (nl.on) TRY(require_split(m));
     dm_route_policy_str(&nl.policy, nl.route_s, sizeof nl.route_s);
     if (topk_default) snprintf(nl.route_s, sizeof nl.route_s, "top-k");
     if (has_text(o->skip_routed)) snprintf(nl.skip_s, sizeof nl.skip_s, "%s", o->skip_routed);
@@ -241,6 +246,7 @@ dm_status dm_lab_moe(dm_model *m, const dm_block_w *bw, int block, int moe_layer
     if (d->kind == DM_ROUTE_PROTO_EC)
         return dm_fail(DM_ERR_ARG, "%s: ProMoE expert choice has no weak or run-time routing",
                        m->path);
+    TRY(require_split(m)); /* weak rows (--self-contrast) reach here without a lab option */
     TRY(reserve(m, N));
     /* per-layer expert counts (a model pruned in some layers only): E <= Emax, the cache and
      * the drop table use the model-wide stride Emax */

@@ -140,6 +140,7 @@ void dmc_ctx_free(dmc_ctx *c)
         if (c->half_done[i]) cudaEventDestroy(c->half_done[i]);
     if (c->pinned) cudaFreeHost(c->pinned);
     if (c->host_small) cudaFreeHost(c->host_small);
+    free(c->host_grp);
     if (c->ws) cudaFree(c->ws);
     if (c->lt) cublasLtDestroy(c->lt);
     if (c->blas) cublasDestroy(c->blas);

@@ -49,12 +49,15 @@ struct dmc_ctx {
     cudaEvent_t half_done[2];
     int half_used[2];
     void *host_small; /* pinned, 64 KiB: offsets and other small device->host reads */
+    void *host_grp;   /* pageable, grown: moe_grouped's packed host grouping (ffn.c) */
+    size_t host_grp_bytes;
     dmc_plan *plans;
     int n_plans, cap_plans;
     dmc_cudnn *dnn;
     int fast;      /* DITMOE_CUDA_FAST=1: per-size heuristics (not batch-invariant) */
     int attn_env;  /* DITMOE_CUDA_ATTN: DMC_ATTN_AUTO / NAIVE / CUDNN */
     int attn_f16;  /* the attention projections are fp16: cuDNN SDPA runs in fp16, else bf16 */
+    int quant_logged[2]; /* weights.c: the one-time line for stored int4 [0] / int8 [1] experts */
 };
 
 /* Scratch slot `slot` with at least `bytes`; NULL and a dm_fail message on failure. */

@@ -35,6 +35,13 @@ dm_status dmc_be_linear(void *ctx, const float *x, int N, const dm_weight *W, co
                         float *y);
 dm_status dmc_be_ffn(void *ctx, const dm_ffn_layer *L, const float *h, int N, int T,
                      const int64_t *labels, int64_t null_id, float *out, dm_route_record *rec);
+/* The MoE lab's split ops (backend.h): h, out device; scores, drop and the grouping HOST. */
+dm_status dmc_be_router_scores(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                               const uint8_t *drop, float *scores);
+dm_status dmc_be_moe_grouped(void *ctx, const dm_ffn_layer *L, const float *h, int N,
+                             const int32_t *exp_off, const int32_t *rows, const float *row_w,
+                             float *out);
+dm_status dmc_be_mlp_add(void *ctx, const dm_mlp_layer *w, const float *h, int N, float *out);
 dm_status dmc_be_conv2d(void *ctx, const float *x, int Cin, int H, int W, const dm_weight *w,
                         const dm_weight *b, int Cout, int k, int acc, float *out);
 dm_status dmc_be_group_norm(void *ctx, const float *x, int C, size_t HW, int G, float eps,

@@ -77,11 +77,13 @@ int dmc_softmax_rows(float *x, size_t rows, int n, float scale, dmc_stream s);
  *   (0 identity, 1 softmax, 2 sigmoid).
  * Token choice (kind 0, 1): ids/w [N, k] = top-k (ties -> lower id), and the pick matrix
  * sel/pw [N, nE] (sel 1 where picked, pw its weight). Tokens of images with uncond[b] != 0
- * (ProMoE, nE = E + 1) pick expert E with weight 1 (other slots -1 / 0). Kind 2 writes scores
- * only (then dmc_moe_ec_select). */
+ * (ProMoE, nE = E + 1) pick expert E with weight 1 (other slots -1 / 0). Kind 2, or ids ==
+ * NULL, writes scores only (then dmc_moe_ec_select, or the MoE lab's router_scores). drop: NULL
+ * or [E] on the device, 1 = that expert's logit is -inf before the activation (a pruned router,
+ * as the CPU backend's router_scores). */
 int dmc_moe_router(const float *h, int N, int T, int D, const float *Wg, int E, int k, int kind,
-                   int act, const uint8_t *uncond, int nE, float *scores, int32_t *ids, float *w,
-                   uint8_t *sel, float *pw, dmc_stream s);
+                   int act, const uint8_t *drop, const uint8_t *uncond, int nE, float *scores,
+                   int32_t *ids, float *w, uint8_t *sel, float *pw, dmc_stream s);
 /* Expert choice: expert e keeps token n of image b iff fewer than cap tokens of b beat it
  * (u > v, or u == v at a lower token); uncond images go to expert E (weight 1). */
 int dmc_moe_ec_select(const float *scores, int N, int T, int E, int cap, const uint8_t *uncond,

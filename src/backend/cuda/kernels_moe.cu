@@ -45,8 +45,8 @@ __device__ void softmax_small(float *p, int E)
 }
 
 __global__ void k_router(const float *h, int N, int T, int D, const float *Wg, int E, int k,
-                         int kind, int act, const uint8_t *uncond, int nE, float *scores,
-                         int32_t *ids, float *w, uint8_t *sel, float *pw)
+                         int kind, int act, const uint8_t *drop, const uint8_t *uncond, int nE,
+                         float *scores, int32_t *ids, float *w, uint8_t *sel, float *pw)
 {
     const int n = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;
@@ -57,6 +57,7 @@ __global__ void k_router(const float *h, int N, int T, int D, const float *Wg, i
         float s = 0.0f;
         for (int d = lane; d < D; d += 32) s += x[d] * g[d];
         p[e] = warp_sum(s);
+        if (drop && drop[e]) p[e] = -INFINITY; /* a pruned expert: logit -inf before the act */
     }
     float inv = 1.0f;
     if (kind != 0) {
@@ -74,7 +75,7 @@ __global__ void k_router(const float *h, int N, int T, int D, const float *Wg, i
             for (int e = 0; e < E; e++) p[e] = 1.0f / (1.0f + expf(-p[e]));
     }
     for (int e = 0; e < E; e++) scores[(size_t)n * E + e] = p[e];
-    if (kind == 2) return; /* expert choice: dmc_moe_ec_select */
+    if (kind == 2 || !ids) return; /* expert choice (dmc_moe_ec_select), or scores only */
     const int unc = uncond != NULL && nE > E && uncond[n / T];
     uint8_t *sr = sel + (size_t)n * nE;
     float *pr = pw + (size_t)n * nE;
@@ -101,14 +102,15 @@ __global__ void k_router(const float *h, int N, int T, int D, const float *Wg, i
 }
 
 extern "C" int dmc_moe_router(const float *h, int N, int T, int D, const float *Wg, int E, int k,
-                              int kind, int act, const uint8_t *uncond, int nE, float *scores,
-                              int32_t *ids, float *w, uint8_t *sel, float *pw, dmc_stream s)
+                              int kind, int act, const uint8_t *drop, const uint8_t *uncond,
+                              int nE, float *scores, int32_t *ids, float *w, uint8_t *sel,
+                              float *pw, dmc_stream s)
 {
     if (E < 1 || E > MAX_E || k < 1 || k > E) return (int)cudaErrorInvalidValue;
     if (N > 0)
         k_router<<<(N + WARPS - 1) / WARPS, 32 * WARPS, 0, s>>>(h, N, T, D, Wg, E, k, kind, act,
-                                                                uncond, nE, scores, ids, w, sel,
-                                                                pw);
+                                                                drop, uncond, nE, scores, ids, w,
+                                                                sel, pw);
     return launched();
 }
 
