@@ -335,6 +335,44 @@ def randomize_(model, seed=0):
 
 
 @torch.no_grad()
+def init_dit_weights_(model, seed, per_block):
+    """DiT's training initialisation (spec 2.11), shared by DiT-MoE (tools/train/train_dit.py) and
+    ProMoE (promoe_ref.init_weights_): xavier-uniform linears and the patch-embed conv (as a
+    linear) with zero bias, N(0, 0.02) label table and timestep MLP, zero adaLN and final layer;
+    per_block(block, g) draws each block's own weights (router, cluster centres) from the same
+    generator, in block order, after zeroing its adaLN. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+
+    def xavier(w):
+        fan_out, fan_in = w.shape[0], int(np.prod(w.shape[1:]))
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            xavier(m.weight)
+            if m.bias is not None:
+                m.bias.zero_()
+    xavier(model.x_embedder.proj.weight)
+    model.x_embedder.proj.bias.zero_()
+    tab = model.y_embedder.embedding_table.weight
+    tab.copy_(0.02 * torch.randn(tab.shape, generator=g))
+    for i in (0, 2):
+        w = model.t_embedder.mlp[i].weight
+        w.copy_(0.02 * torch.randn(w.shape, generator=g))
+    for b in model.blocks:
+        b.adaLN_modulation[-1].weight.zero_()
+        b.adaLN_modulation[-1].bias.zero_()
+        per_block(b, g)
+    fl = model.final_layer
+    fl.adaLN_modulation[-1].weight.zero_()
+    fl.adaLN_modulation[-1].bias.zero_()
+    fl.linear.weight.zero_()
+    fl.linear.bias.zero_()
+    return model
+
+
+@torch.no_grad()
 def round_params_(model, dtype):
     """Round every floating parameter through `dtype` (e.g. torch.bfloat16) and back to fp32,
     so the reference sees exactly what a converted low-precision file holds."""

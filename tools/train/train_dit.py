@@ -15,23 +15,20 @@ Stages: train, export (EMA -> RUN/ema.pt -> tools/convert_checkpoint.py -> asset
     nice -n 10 /usr/bin/python3 tools/train/train_dit.py --steps 4000
 """
 import argparse
-import math
 import os
 import sys
 
 # OpenMP threads must not spin while the shared machine is oversubscribed (measured: 7x slower)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
 import torch
-import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "ref"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tools", "train"))
 
-from dit_moe_ref import DiTMoE  # noqa: E402
+from dit_moe_ref import DiTMoE, init_dit_weights_  # noqa: E402
 import rf_train  # noqa: E402
 from rf_train import export_rf, train_rf  # noqa: E402
 from train_vae import Logger  # noqa: E402
@@ -81,37 +78,12 @@ def model_kwargs(a):
                 class_dropout_prob=0.1, aux_alpha=a.aux_alpha)
 
 
-@torch.no_grad()
 def init_weights_(model, seed):
-    """DiT's initialisation (spec 2.11): xavier-uniform linears with zero bias, patch-embed conv
-    as a linear, N(0, 0.02) label table and timestep MLP, zero adaLN and final layer; routers
-    N(0, 0.02) (as upcycle.py does)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def xavier(w):
-        fan_out, fan_in = w.shape[0], int(np.prod(w.shape[1:]))
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
-
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            xavier(m.weight)
-            if m.bias is not None:
-                m.bias.zero_()
-    xavier(model.x_embedder.proj.weight)
-    model.x_embedder.proj.bias.zero_()
-    model.y_embedder.embedding_table.weight.copy_(
-        0.02 * torch.randn(model.y_embedder.embedding_table.weight.shape, generator=g))
-    for i in (0, 2):
-        w = model.t_embedder.mlp[i].weight
-        w.copy_(0.02 * torch.randn(w.shape, generator=g))
-    for b in model.blocks:
-        b.adaLN_modulation[-1].weight.zero_(); b.adaLN_modulation[-1].bias.zero_()
+    """DiT's initialisation (spec 2.11, dit_moe_ref.init_dit_weights_); routers N(0, 0.02) (as
+    upcycle.py does)."""
+    def per_block(b, g):
         b.moe.gate.weight.copy_(0.02 * torch.randn(b.moe.gate.weight.shape, generator=g))
-    fl = model.final_layer
-    fl.adaLN_modulation[-1].weight.zero_(); fl.adaLN_modulation[-1].bias.zero_()
-    fl.linear.weight.zero_(); fl.linear.bias.zero_()
-    return model
+    return init_dit_weights_(model, seed, per_block)
 
 
 def count_params(model, k, E):
