@@ -301,17 +301,31 @@ def infer_promoe(sd, args):
     return cfg
 
 
-def expected_shapes_promoe(cfg):
+def _stem_shapes(cfg):
+    """Patch, time and label embedders (the same in DiT-MoE and ProMoE), in check order."""
     D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
-    E, Fe, Fs, Fm = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"], cfg["mlp_hidden"]
     T = (cfg["input_size"] // P) ** 2
+    return {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
+            "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
+            "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
+            "t_embedder.mlp.2.bias": (D,),
+            "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+
+
+def _final_shapes(cfg):
+    D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
     cout = 2 * C if cfg["learn_sigma"] else C
+    return {"final_layer.linear.weight": (P * P * cout, D),
+            "final_layer.linear.bias": (P * P * cout,),
+            "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+            "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+
+
+def expected_shapes_promoe(cfg):
+    D = cfg["hidden_size"]
+    E, Fe, Fs, Fm = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"], cfg["mlp_hidden"]
     hd = D // cfg["num_heads"]
-    ex = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
-          "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
-          "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
-          "t_embedder.mlp.2.bias": (D,),
-          "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+    ex = _stem_shapes(cfg)
 
     def mlp(prefix, up, down, F):
         ex.update({f"{prefix}.{up}.weight": (F, D), f"{prefix}.{up}.bias": (F,),
@@ -334,24 +348,15 @@ def expected_shapes_promoe(cfg):
                 mlp(b + "mlp.shared_expert", "up_proj", "down_proj", Fs)
         ex.update({b + "adaLN_modulation.1.weight": (6 * D, D),
                    b + "adaLN_modulation.1.bias": (6 * D,)})
-    ex.update({"final_layer.linear.weight": (P * P * cout, D),
-               "final_layer.linear.bias": (P * P * cout,),
-               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-               "final_layer.adaLN_modulation.1.bias": (2 * D,)})
+    ex.update(_final_shapes(cfg))
     return ex
 
 
 def expected_shapes(cfg):
-    D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
+    D = cfg["hidden_size"]
     E, Fe, Fs = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"]
-    T = (cfg["input_size"] // P) ** 2
-    cout = 2 * C if cfg["learn_sigma"] else C
     hd = D // cfg["num_heads"]
-    ex = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
-          "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
-          "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
-          "t_embedder.mlp.2.bias": (D,),
-          "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+    ex = _stem_shapes(cfg)
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
         if cfg["attention"] == "timm":
@@ -373,10 +378,7 @@ def expected_shapes(cfg):
                        x + "down_proj.weight": (D, Fs)})
         ex.update({b + "adaLN_modulation.1.weight": (6 * D, D),
                    b + "adaLN_modulation.1.bias": (6 * D,)})
-    ex.update({"final_layer.linear.weight": (P * P * cout, D),
-               "final_layer.linear.bias": (P * P * cout,),
-               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-               "final_layer.adaLN_modulation.1.bias": (2 * D,)})
+    ex.update(_final_shapes(cfg))
     return ex
 
 
