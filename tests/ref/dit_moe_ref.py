@@ -209,6 +209,14 @@ class SparseMoE(nn.Module):
 
 # --------------------------------------------------------------------------- blocks
 
+def unpatchify(x, p, c, g):
+    """[B, T, p*p*c] (per-token order (pi, pj, c), T = g*g) -> [B, c, g*p, g*p]; DiT-MoE's and
+    ProMoE's."""
+    B = x.shape[0]
+    x = x.reshape(B, g, g, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -284,10 +292,7 @@ class DiTMoE(nn.Module):
         self.aux_losses = []
 
     def unpatchify(self, x):
-        """[B, T, p*p*C] (per-token order (pi, pj, c)) -> [B, C, G*p, G*p]."""
-        B, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid)
 
     def forward(self, x, t, y, routes=None, force_drop_ids=None):
         """x [B,C,H,W] float, t [B] float (integer-valued DDPM or (0,1] RF), y [B] int64

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_moe_ref import (AttentionTimm, FinalLayer, LabelEmbedder, PatchEmbed,  # noqa: E402
-                         TimestepEmbedder, attend, init_dit_weights_, modulate, sincos_pos_embed)
+                         TimestepEmbedder, attend, init_dit_weights_, modulate, sincos_pos_embed,
+                         unpatchify)
 
 VARIANTS = ("tc", "ec")
 ROUTERS = ("identity", "softmax", "sigmoid")
@@ -282,9 +283,7 @@ class ProMoE(nn.Module):
         self.aux_losses = []
 
     def unpatchify(self, x):
-        B, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid)
 
     def forward(self, x, t, y, routes=None):
         """x [B,C,H,W], t [B] float fed to the embedder as given (1000*sigma), y [B] int64."""
