@@ -118,6 +118,56 @@ def embed_shapes(sd, required, kind):
     return D, C, P, grid, max(idx) + 1
 
 
+# ---- checks shared by the DiT-MoE and ProMoE configs
+
+def _learn_sigma(sd, D, C, P):
+    """final_layer rows: 2C (mean + variance) or C output channels per patch pixel."""
+    rows = int(sd["final_layer.linear.weight"].shape[0])
+    if rows not in (P * P * 2 * C, P * P * C):
+        raise InputError(f"final_layer.linear.weight: shape {shape_str(sd['final_layer.linear.weight'].shape)}"
+                         f" expected [{P * P * 2 * C},{D}] or [{P * P * C},{D}]")
+    return rows == P * P * 2 * C
+
+
+def _heads(args, D, table, which):
+    """--heads, else the released config's of hidden size D (`table`, named `which` ...)."""
+    if args.heads is not None:
+        heads = args.heads
+    elif D in table:
+        heads = table[D][1]
+    else:
+        raise InputError(f"hidden size {D} is not in {which} released-config table "
+                         f"({'/'.join(str(d) for d in sorted(table))}): pass --heads N")
+    if heads < 1 or D % heads:
+        raise InputError(f"--heads {heads}: hidden size {D} is not divisible by it")
+    return heads
+
+
+def _top_k(args, E, default, source):
+    top_k = args.top_k if args.top_k is not None else default
+    if not 1 <= top_k <= E:
+        raise InputError(f"--top-k {top_k}: expected 1..{E} (num_experts from {source})")
+    return top_k
+
+
+def _num_classes(args, sd):
+    table_rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+    num_classes = args.num_classes if args.num_classes is not None else table_rows - 1
+    if num_classes < 1 or table_rows != num_classes + 1:
+        raise InputError(f"--num-classes {num_classes}: y_embedder.embedding_table.weight has "
+                         f"{table_rows} rows, expected num_classes + 1 (null class last)")
+    return num_classes
+
+
+def _check_sampling(s, C):
+    if s["steps"] < 1:
+        raise InputError(f"--steps {s['steps']}: expected >= 1")
+    if not s["cfg_scale"] >= 0:
+        raise InputError(f"--cfg-scale {s['cfg_scale']}: expected >= 0")
+    if not 0 <= s["cfg_channels"] <= C:
+        raise InputError(f"--cfg-channels {s['cfg_channels']}: expected 0..{C}")
+
+
 def infer_config(sd, args):
     if any(PROMOE_KEY.match(k) for k in sd):
         return infer_promoe(sd, args)
@@ -136,40 +186,16 @@ def infer_config(sd, args):
     sg = sd.get("blocks.0.moe.shared_experts.gate_proj.weight")
     shared_hidden = int(sg.shape[0]) if sg is not None else 0
 
-    rows = int(sd["final_layer.linear.weight"].shape[0])
-    if rows == P * P * 2 * C:
-        learn_sigma = True
-    elif rows == P * P * C:
-        learn_sigma = False
-    else:
-        raise InputError(f"final_layer.linear.weight: shape {shape_str(sd['final_layer.linear.weight'].shape)}"
-                         f" expected [{P * P * 2 * C},{D}] or [{P * P * C},{D}]")
-
-    if args.heads is not None:
-        heads = args.heads
-    elif D in RELEASED:
-        heads = RELEASED[D][1]
-    else:
-        raise InputError(f"hidden size {D} is not in the released-config table "
-                         f"(384/768/1152/1408): pass --heads N")
-    if heads < 1 or D % heads:
-        raise InputError(f"--heads {heads}: hidden size {D} is not divisible by it")
+    learn_sigma = _learn_sigma(sd, D, C, P)
+    heads = _heads(args, D, RELEASED, "the")
     if qknorm:
         qn = sd.get("blocks.0.attn.q_norm.weight")
         if qn is not None and tuple(qn.shape) != (D // heads,):
             raise InputError(f"{'--heads' if args.heads is not None else 'heads from the table'} "
                              f"{heads}: head dim {D // heads} does not match "
                              f"blocks.0.attn.q_norm.weight {shape_str(qn.shape)}")
-    top_k = args.top_k if args.top_k is not None else 2
-    if not 1 <= top_k <= E:
-        raise InputError(f"--top-k {top_k}: expected 1..{E} (num_experts from "
-                         f"blocks.0.moe.gate.weight)")
-
-    table_rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
-    num_classes = args.num_classes if args.num_classes is not None else table_rows - 1
-    if num_classes < 1 or table_rows != num_classes + 1:
-        raise InputError(f"--num-classes {num_classes}: y_embedder.embedding_table.weight has "
-                         f"{table_rows} rows, expected num_classes + 1 (null class last)")
+    top_k = _top_k(args, E, 2, "blocks.0.moe.gate.weight")
+    num_classes = _num_classes(args, sd)
     objective = args.objective or ("rf" if qknorm else "ddpm")
 
     cfg = {"format_version": 1, "arch": "dit-moe", "name": "",
@@ -191,12 +217,7 @@ def infer_config(sd, args):
     if any(v is not None for v in given.values()):
         s = dict(SAMPLING_DEFAULTS[objective])
         s.update({k: v for k, v in given.items() if v is not None})
-        if s["steps"] < 1:
-            raise InputError(f"--steps {s['steps']}: expected >= 1")
-        if not s["cfg_scale"] >= 0:
-            raise InputError(f"--cfg-scale {s['cfg_scale']}: expected >= 0")
-        if not 0 <= s["cfg_channels"] <= C:
-            raise InputError(f"--cfg-channels {s['cfg_channels']}: expected 0..{C}")
+        _check_sampling(s, C)
         cfg["sampling"] = s
     check_shapes(sd, cfg)
     return cfg
@@ -243,29 +264,10 @@ def infer_promoe(sd, args):
     sh = "blocks.1.mlp.shared_expert.up_proj.weight"
     shared_hidden = _rows(sd, sh) if sh in sd else 0
     qknorm = "blocks.0.attn.q_norm.weight" in sd
-    rows = int(sd["final_layer.linear.weight"].shape[0])
-    if rows not in (P * P * 2 * C, P * P * C):
-        raise InputError(f"final_layer.linear.weight: shape {shape_str(sd['final_layer.linear.weight'].shape)}"
-                         f" expected [{P * P * 2 * C},{D}] or [{P * P * C},{D}]")
-    learn_sigma = rows == P * P * 2 * C
-    if args.heads is not None:
-        heads = args.heads
-    elif D in RELEASED_PROMOE:
-        heads = RELEASED_PROMOE[D][1]
-    else:
-        raise InputError(f"hidden size {D} is not in the ProMoE released-config table "
-                         f"(384/768/1024/1152): pass --heads N")
-    if heads < 1 or D % heads:
-        raise InputError(f"--heads {heads}: hidden size {D} is not divisible by it")
-    top_k = args.top_k if args.top_k is not None else 1
-    if not 1 <= top_k <= E:
-        raise InputError(f"--top-k {top_k}: expected 1..{E} (num_experts from "
-                         f"blocks.1.mlp.cluster_centers)")
-    table_rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
-    num_classes = args.num_classes if args.num_classes is not None else table_rows - 1
-    if num_classes < 1 or table_rows != num_classes + 1:
-        raise InputError(f"--num-classes {num_classes}: y_embedder.embedding_table.weight has "
-                         f"{table_rows} rows, expected num_classes + 1 (null class last)")
+    learn_sigma = _learn_sigma(sd, D, C, P)
+    heads = _heads(args, D, RELEASED_PROMOE, "the ProMoE")
+    top_k = _top_k(args, E, 1, "blocks.1.mlp.cluster_centers")
+    num_classes = _num_classes(args, sd)
     if args.objective not in (None, "rf"):
         raise InputError(f"--objective {args.objective}: ProMoE models are rectified flow (rf)")
     variant = args.promoe_variant or "tc"
@@ -293,28 +295,37 @@ def infer_promoe(sd, args):
     s.update({k: v for k, v in given.items() if v is not None})
     if s["sampler"] not in ("euler", "heun"):
         raise InputError(f"--sampler {s['sampler']}: ProMoE (rf) needs euler or heun")
-    if s["steps"] < 1:
-        raise InputError(f"--steps {s['steps']}: expected >= 1")
-    if not s["cfg_scale"] >= 0:
-        raise InputError(f"--cfg-scale {s['cfg_scale']}: expected >= 0")
-    if not 0 <= s["cfg_channels"] <= C:
-        raise InputError(f"--cfg-channels {s['cfg_channels']}: expected 0..{C}")
+    _check_sampling(s, C)
     cfg["sampling"] = s
     check_shapes(sd, cfg)
     return cfg
 
 
-def expected_shapes_promoe(cfg):
+def _stem_shapes(cfg):
+    """Patch, time and label embedders (the same in DiT-MoE and ProMoE), in check order."""
     D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
-    E, Fe, Fs, Fm = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"], cfg["mlp_hidden"]
     T = (cfg["input_size"] // P) ** 2
+    return {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
+            "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
+            "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
+            "t_embedder.mlp.2.bias": (D,),
+            "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+
+
+def _final_shapes(cfg):
+    D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
     cout = 2 * C if cfg["learn_sigma"] else C
+    return {"final_layer.linear.weight": (P * P * cout, D),
+            "final_layer.linear.bias": (P * P * cout,),
+            "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+            "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+
+
+def expected_shapes_promoe(cfg):
+    D = cfg["hidden_size"]
+    E, Fe, Fs, Fm = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"], cfg["mlp_hidden"]
     hd = D // cfg["num_heads"]
-    ex = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
-          "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
-          "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
-          "t_embedder.mlp.2.bias": (D,),
-          "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+    ex = _stem_shapes(cfg)
 
     def mlp(prefix, up, down, F):
         ex.update({f"{prefix}.{up}.weight": (F, D), f"{prefix}.{up}.bias": (F,),
@@ -337,24 +348,15 @@ def expected_shapes_promoe(cfg):
                 mlp(b + "mlp.shared_expert", "up_proj", "down_proj", Fs)
         ex.update({b + "adaLN_modulation.1.weight": (6 * D, D),
                    b + "adaLN_modulation.1.bias": (6 * D,)})
-    ex.update({"final_layer.linear.weight": (P * P * cout, D),
-               "final_layer.linear.bias": (P * P * cout,),
-               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-               "final_layer.adaLN_modulation.1.bias": (2 * D,)})
+    ex.update(_final_shapes(cfg))
     return ex
 
 
 def expected_shapes(cfg):
-    D, C, P = cfg["hidden_size"], cfg["in_channels"], cfg["patch_size"]
+    D = cfg["hidden_size"]
     E, Fe, Fs = cfg["num_experts"], cfg["expert_hidden"], cfg["shared_hidden"]
-    T = (cfg["input_size"] // P) ** 2
-    cout = 2 * C if cfg["learn_sigma"] else C
     hd = D // cfg["num_heads"]
-    ex = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, P, P),
-          "x_embedder.proj.bias": (D,), "t_embedder.mlp.0.weight": (D, 256),
-          "t_embedder.mlp.0.bias": (D,), "t_embedder.mlp.2.weight": (D, D),
-          "t_embedder.mlp.2.bias": (D,),
-          "y_embedder.embedding_table.weight": (cfg["num_classes"] + 1, D)}
+    ex = _stem_shapes(cfg)
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
         if cfg["attention"] == "timm":
@@ -376,10 +378,7 @@ def expected_shapes(cfg):
                        x + "down_proj.weight": (D, Fs)})
         ex.update({b + "adaLN_modulation.1.weight": (6 * D, D),
                    b + "adaLN_modulation.1.bias": (6 * D,)})
-    ex.update({"final_layer.linear.weight": (P * P * cout, D),
-               "final_layer.linear.bias": (P * P * cout,),
-               "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-               "final_layer.adaLN_modulation.1.bias": (2 * D,)})
+    ex.update(_final_shapes(cfg))
     return ex
 
 

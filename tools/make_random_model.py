@@ -26,10 +26,11 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import time
 
 import numpy as np
+
+from atomic_file import atomic_open
 
 PRESETS = {
     "g2": dict(name="random DiT-MoE-G/2-16E2A shape", hidden_size=1408, depth=40, num_heads=16,
@@ -212,32 +213,21 @@ def main(argv=None):
           file=sys.stderr)
     out = os.path.abspath(a.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp",
-                               dir=os.path.dirname(out))
     t0, done, last = time.time(), 0, 0.0
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            f.write(struct.pack("<Q", len(hjson)))
-            f.write(hjson)
-            for idx, (name, dt, shape, nb, what) in enumerate(rows):
-                rng = np.random.default_rng([a.seed, idx])
-                b = make(rng, what, dt, grid)
-                if len(b) != nb:
-                    raise AssertionError(f"{name}: made {len(b)} bytes, planned {nb}")
-                f.write(b)
-                done += nb
-                if time.time() - last > 10:
-                    last = time.time()
-                    print(f"make_random_model: {done / 2**30:.1f} / {off / 2**30:.1f} GiB "
-                          f"({done / 2**20 / max(last - t0, 1e-9):.0f} MiB/s)", file=sys.stderr)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(out, buffering=1 << 20) as f:
+        f.write(struct.pack("<Q", len(hjson)))
+        f.write(hjson)
+        for idx, (name, dt, shape, nb, what) in enumerate(rows):
+            rng = np.random.default_rng([a.seed, idx])
+            b = make(rng, what, dt, grid)
+            if len(b) != nb:
+                raise AssertionError(f"{name}: made {len(b)} bytes, planned {nb}")
+            f.write(b)
+            done += nb
+            if time.time() - last > 10:
+                last = time.time()
+                print(f"make_random_model: {done / 2**30:.1f} / {off / 2**30:.1f} GiB "
+                      f"({done / 2**20 / max(last - t0, 1e-9):.0f} MiB/s)", file=sys.stderr)
     print(f"make_random_model: wrote {out}: {os.path.getsize(out):,} bytes in "
           f"{time.time() - t0:.0f} s", file=sys.stderr)
     return 0

@@ -7,16 +7,17 @@
 File layout: u64 little-endian header length N, N bytes of JSON header (padded with spaces to
 a multiple of 8), then the raw little-endian tensor data. Data offsets are contiguous, in the
 order the tensors were given. Supported dtypes: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL.
-Writes are atomic: a temp file in the same directory, then os.replace.
+Writes are atomic (atomic_file.atomic_open): a temp file in the same directory, then os.replace.
 """
 import json
 import os
 import struct
 import sys
-import tempfile
 
 import numpy as np
 import torch
+
+from atomic_file import atomic_open
 
 if sys.byteorder != "little":  # raw bytes below are written in native order
     raise ImportError("safetensors_io: big-endian hosts are not supported")
@@ -76,23 +77,11 @@ def write(path, tensors, metadata=None):
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hjson += b" " * ((-len(hjson)) % 8)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hjson)))
-            f.write(hjson)
-            for _, t in items:
-                f.write(_raw_bytes(t))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        f.write(struct.pack("<Q", len(hjson)))
+        f.write(hjson)
+        for _, t in items:
+            f.write(_raw_bytes(t))
 
 
 def read_header(path):

@@ -273,6 +273,20 @@ void dm_default_asset_places(const char *name, char *buf, size_t n)
     }
 }
 
+dm_status dm_cli_find_asset(const char *given, const char *name, const char *flag,
+                            const char *what, char *path, size_t n)
+{
+    if (given) {
+        snprintf(path, n, "%s", given);
+        return DM_OK;
+    }
+    if (dm_default_asset(name, path, n)) return DM_OK;
+    char places[3 * PATH_MAX];
+    dm_default_asset_places(name, places, sizeof places);
+    return dm_fail(DM_ERR_IO, "no --%s given and the default %s was not found (looked at: %s)",
+                   flag, what, places);
+}
+
 dm_status dm_cli_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out)
 {
     char *end;

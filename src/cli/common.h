@@ -67,5 +67,10 @@ uint64_t dm_cli_random_seed(void);
 int dm_default_asset(const char *name, char *buf, size_t n);
 /* "a, b, c" list of the places dm_default_asset() looks, for error messages. */
 void dm_default_asset_places(const char *name, char *buf, size_t n);
+/* path = `given` (the flag's value) when not NULL, else the default asset `name`; when that is
+ * not found either: DM_ERR_IO "no --<flag> given and the default <what> was not found (looked at:
+ * <places>)". */
+dm_status dm_cli_find_asset(const char *given, const char *name, const char *flag,
+                            const char *what, char *path, size_t n);
 
 #endif

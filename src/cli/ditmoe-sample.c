@@ -189,23 +189,12 @@ typedef struct {
 
 static dm_status find_assets(run_t *r)
 {
-    char places[3 * PATH_MAX];
-    if (A.model) {
-        snprintf(r->model_path, sizeof r->model_path, "%s", A.model);
-    } else if (!dm_default_asset(DM_DEFAULT_MODEL, r->model_path, sizeof r->model_path)) {
-        dm_default_asset_places(DM_DEFAULT_MODEL, places, sizeof places);
-        return dm_fail(DM_ERR_IO, "no --model given and the default model was not found (looked "
-                       "at: %s)", places);
-    }
+    dm_status st = dm_cli_find_asset(A.model, DM_DEFAULT_MODEL, "model", "model", r->model_path,
+                                     sizeof r->model_path);
+    if (st) return st;
     if (A.latent_only) return DM_OK;
-    if (A.vae) {
-        snprintf(r->vae_path, sizeof r->vae_path, "%s", A.vae);
-    } else if (!dm_default_asset(DM_DEFAULT_VAE, r->vae_path, sizeof r->vae_path)) {
-        dm_default_asset_places(DM_DEFAULT_VAE, places, sizeof places);
-        return dm_fail(DM_ERR_IO, "no --vae given and the default VAE was not found (looked "
-                       "at: %s)", places);
-    }
-    return DM_OK;
+    return dm_cli_find_asset(A.vae, DM_DEFAULT_VAE, "vae", "VAE", r->vae_path,
+                             sizeof r->vae_path);
 }
 
 /* Output names and files, checked before any work. */

@@ -20,16 +20,13 @@ void dm_vae_conv2d_ref(const float *x, int Cin, int H, int W, const float *w, co
 void dm_vae_group_norm_ref(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
                            const float *beta, int silu, float *y);
 
-/* Mid-block attention weights, host float32 (weights [C, C] (out, in), vectors [C]). The guard
- * lets backend/cpu's kernel header declare the same struct. */
-#ifndef DM_VAE_ATTN_W_DEFINED
-#define DM_VAE_ATTN_W_DEFINED
+/* Mid-block attention weights, host float32 (weights [C, C] (out, in), vectors [C]); also the
+ * CPU kernels' (backend/cpu/vae_kernels.h includes this header). */
 typedef struct {
     const float *gn_g, *gn_b;      /* [C] */
     const float *wq, *bq, *wk, *bk; /* [C, C], [C] */
     const float *wv, *bv, *wo, *bo; /* [C, C], [C] */
 } dm_vae_attn_w;
-#endif
 /* In place: x [C, N] += Wo·attn(GN(x)) + bo, single head of dim C, scale 1/sqrt(C), tokens
  * n = y*W + x, G norm groups (eps 1e-6). */
 void dm_vae_attention_ref(float *x, int C, int N, int G, const dm_vae_attn_w *aw);

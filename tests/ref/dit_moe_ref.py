@@ -209,6 +209,14 @@ class SparseMoE(nn.Module):
 
 # --------------------------------------------------------------------------- blocks
 
+def unpatchify(x, p, c, g):
+    """[B, T, p*p*c] (per-token order (pi, pj, c), T = g*g) -> [B, c, g*p, g*p]; DiT-MoE's and
+    ProMoE's."""
+    B = x.shape[0]
+    x = x.reshape(B, g, g, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -284,10 +292,7 @@ class DiTMoE(nn.Module):
         self.aux_losses = []
 
     def unpatchify(self, x):
-        """[B, T, p*p*C] (per-token order (pi, pj, c)) -> [B, C, G*p, G*p]."""
-        B, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid)
 
     def forward(self, x, t, y, routes=None, force_drop_ids=None):
         """x [B,C,H,W] float, t [B] float (integer-valued DDPM or (0,1] RF), y [B] int64
@@ -331,6 +336,44 @@ def randomize_(model, seed=0):
             fan_in = int(np.prod(p.shape[1:]))
             scale = 1.0 if name.endswith("moe.gate.weight") else 0.5
             p.copy_(torch.randn(p.shape, generator=g) * (scale / math.sqrt(fan_in)))
+    return model
+
+
+@torch.no_grad()
+def init_dit_weights_(model, seed, per_block):
+    """DiT's training initialisation (spec 2.11), shared by DiT-MoE (tools/train/train_dit.py) and
+    ProMoE (promoe_ref.init_weights_): xavier-uniform linears and the patch-embed conv (as a
+    linear) with zero bias, N(0, 0.02) label table and timestep MLP, zero adaLN and final layer;
+    per_block(block, g) draws each block's own weights (router, cluster centres) from the same
+    generator, in block order, after zeroing its adaLN. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+
+    def xavier(w):
+        fan_out, fan_in = w.shape[0], int(np.prod(w.shape[1:]))
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            xavier(m.weight)
+            if m.bias is not None:
+                m.bias.zero_()
+    xavier(model.x_embedder.proj.weight)
+    model.x_embedder.proj.bias.zero_()
+    tab = model.y_embedder.embedding_table.weight
+    tab.copy_(0.02 * torch.randn(tab.shape, generator=g))
+    for i in (0, 2):
+        w = model.t_embedder.mlp[i].weight
+        w.copy_(0.02 * torch.randn(w.shape, generator=g))
+    for b in model.blocks:
+        b.adaLN_modulation[-1].weight.zero_()
+        b.adaLN_modulation[-1].bias.zero_()
+        per_block(b, g)
+    fl = model.final_layer
+    fl.adaLN_modulation[-1].weight.zero_()
+    fl.adaLN_modulation[-1].bias.zero_()
+    fl.linear.weight.zero_()
+    fl.linear.bias.zero_()
     return model
 
 

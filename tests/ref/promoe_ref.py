@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dit_moe_ref import (AttentionTimm, FinalLayer, LabelEmbedder, PatchEmbed,  # noqa: E402
-                         TimestepEmbedder, attend, modulate, sincos_pos_embed)
+                         TimestepEmbedder, attend, init_dit_weights_, modulate, sincos_pos_embed,
+                         unpatchify)
 
 VARIANTS = ("tc", "ec")
 ROUTERS = ("identity", "softmax", "sigmoid")
@@ -282,9 +283,7 @@ class ProMoE(nn.Module):
         self.aux_losses = []
 
     def unpatchify(self, x):
-        B, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid
-        x = x.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid)
 
     def forward(self, x, t, y, routes=None):
         """x [B,C,H,W], t [B] float fed to the embedder as given (1000*sigma), y [B] int64."""
@@ -348,41 +347,14 @@ def randomize_(model, seed=0):
     return model
 
 
-@torch.no_grad()
 def init_weights_(model, seed=0):
-    """Training initialisation (spec 5): DiT's (xavier-uniform linears and patch conv with zero
-    bias, N(0, 0.02) label table and timestep MLP, zero adaLN and final layer) and N(0, 0.02)
+    """Training initialisation (spec 5): DiT's (dit_moe_ref.init_dit_weights_) and N(0, 0.02)
     cluster centres."""
-    g = torch.Generator().manual_seed(seed)
-
-    def xavier(w):
-        fan_out, fan_in = w.shape[0], int(np.prod(w.shape[1:]))
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        w.copy_((torch.rand(w.shape, generator=g) * 2 - 1) * bound)
-
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            xavier(m.weight)
-            m.bias.zero_()
-    xavier(model.x_embedder.proj.weight)
-    model.x_embedder.proj.bias.zero_()
-    tab = model.y_embedder.embedding_table.weight
-    tab.copy_(0.02 * torch.randn(tab.shape, generator=g))
-    for i in (0, 2):
-        w = model.t_embedder.mlp[i].weight
-        w.copy_(0.02 * torch.randn(w.shape, generator=g))
-    for b in model.blocks:
-        b.adaLN_modulation[-1].weight.zero_()
-        b.adaLN_modulation[-1].bias.zero_()
+    def per_block(b, g):
         if isinstance(b.mlp, ProtoMoE):
             cc = b.mlp.cluster_centers
             cc.copy_(0.02 * torch.randn(cc.shape, generator=g))
-    fl = model.final_layer
-    fl.adaLN_modulation[-1].weight.zero_()
-    fl.adaLN_modulation[-1].bias.zero_()
-    fl.linear.weight.zero_()
-    fl.linear.bias.zero_()
-    return model
+    return init_dit_weights_(model, seed, per_block)
 
 
 def count_params(model):

@@ -14,6 +14,7 @@ training compute as the DiT-MoE default model (train_dit.py, runs/dit).
   - compute budget (--match-run): at most the DiT-MoE run's final step count AND at most its
     cumulative training wall time, whichever comes first
   - resumable: RUN/ckpt.pt every --ckpt-every seconds; rerun the same command to continue
+    (the loop, checkpoint and export: rf_train.py, shared with train_dit.py)
   - --wait: first wait until the DiT-MoE training has finished (assets/ditmoe-fmnist.safetensors
     exists and no train_dit.py process is running), the CPU being shared
 Stages: train, export (EMA -> RUN/ema.pth in the official layout -> convert_checkpoint.py ->
@@ -25,7 +26,6 @@ RUN/eval/summary.json).
     nice -n 10 /usr/bin/python3 tools/train/train_promoe.py --wait
 """
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -34,7 +34,6 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,9 +41,9 @@ for d in (("tests", "ref"), ("tools",), ("tools", "train")):
     sys.path.insert(0, os.path.join(ROOT, *d))
 
 import promoe_ref  # noqa: E402
-import fmnist  # noqa: E402
-from train_vae import Logger, save_atomic  # noqa: E402
-from train_dit import lr_at  # noqa: E402  (linear warm-up, as the DiT-MoE run)
+import rf_train  # noqa: E402
+from rf_train import export_rf, train_rf  # noqa: E402
+from train_vae import Logger  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -130,89 +129,14 @@ def model_kwargs(a):
 
 
 def train(a, log):
-    torch.manual_seed(a.seed)
-    lat = torch.load(a.latents)
-    x_all, y_all = lat["train"].float(), lat["train_y"].long()
-    model = promoe_ref.init_weights_(promoe_ref.ProMoE(**model_kwargs(a)), a.seed)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(a.seed + 1)
-    ck = os.path.join(a.run, "ckpt.pt")
-    step, wall = 0, 0.0
-    if os.path.exists(ck):
-        s = torch.load(ck)
-        if s.get("done"):
-            log(f"{ck}: training already finished at step {s['step']}")
-            return True
-        model.load_state_dict(s["model"]); ema.load_state_dict(s["ema"]); opt.load_state_dict(s["opt"])
-        gen.set_state(s["gen"]); torch.set_rng_state(s["torch_rng"])
-        step, wall = s["step"], s["wall"]
-        log(f"resumed from {ck} at step {step}, wall {wall:.0f}s")
-    total, active = promoe_ref.count_params(model)
-    log(f"config {json.dumps(model.config)} params total {total} active {active}; "
-        f"latents {tuple(x_all.shape)} scale {lat['scale']:.5f}")
-    done = False
-
-    def checkpoint():
-        save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                         gen=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
-                         wall=wall, args=vars(a), config=model.config, scale=lat["scale"],
-                         done=step >= a.steps or done), ck)
-
-    ema_params = [p for n, p in ema.named_parameters() if n != "pos_embed"]
-    mod_params = [p for n, p in model.named_parameters() if n != "pos_embed"]
-    t_start = time.time(); t_last = t_start; t_ck = t_start; acc = []
-    model.train()
-    while step < a.steps and not done:
-        for gp in opt.param_groups:
-            gp["lr"] = lr_at(a, step)
-        idx = torch.randint(0, x_all.shape[0], (a.batch,), generator=gen)
-        x0, y = x_all[idx], y_all[idx]
-        eps = torch.randn(x0.shape, generator=gen)
-        sig = torch.sigmoid(torch.randn((a.batch,), generator=gen))
-        sb = sig.view(-1, 1, 1, 1)
-        zt = (1 - sb) * x0 + sb * eps
-        out = model(zt, 1000.0 * sig, y)            # label dropout uses the global torch RNG
-        mse = ((out[:, :x0.shape[1]] - (eps - x0)) ** 2).mean()
-        rcl = sum(model.aux_losses) if model.aux_losses else torch.zeros(())
-        loss = mse + a.rcl * rcl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(a.ema, (1 + step) / (10 + step))
-            torch._foreach_mul_(ema_params, d)
-            torch._foreach_add_(ema_params, mod_params, alpha=1 - d)
-        step += 1
-        now = time.time()
-        wall += now - t_last; t_last = now
-        acc.append((mse.item(), float(rcl), float(gn)))
-        if a.bench and step >= a.bench:
-            log(f"bench: {a.bench} steps in {now - t_start:.1f}s ({(now - t_start) / a.bench:.3f} s/step)")
-            return False
-        if step % 50 == 0 or step == a.steps:
-            m = np.mean(acc, 0); acc = []
-            log(f"step {step}/{a.steps} wall {wall:.0f}s lr {lr_at(a, step - 1):.1e} "
-                f"mse {m[0]:.4f} rcl {m[1]:.4f} gnorm {m[2]:.2f}")
-        if a.budget_minutes and wall >= 60 * a.budget_minutes:
-            done = True
-            log(f"wall-time budget of {a.budget_minutes:.1f} min reached at step {step}")
-            break
-        if now - t_ck > a.ckpt_every:
-            checkpoint(); t_ck = now
-    checkpoint()
-    log(f"training done: {step} steps, wall {wall:.0f}s")
-    return True
+    return train_rf(a, log, lambda args: promoe_ref.init_weights_(
+                        promoe_ref.ProMoE(**model_kwargs(args)), args.seed),
+                    promoe_ref.count_params, time_scale=1000.0, aux_weight=a.rcl, aux_name="rcl")
 
 
 def load_ema(path, which="ema"):
     """-> (ProMoE in eval mode with the EMA (or raw) weights, checkpoint dict)."""
-    s = torch.load(path)
-    model = promoe_ref.ProMoE(**model_kwargs(argparse.Namespace(**s["args"])))
-    model.load_state_dict(s[which])
-    return model.eval(), s
+    return rf_train.load_ema(path, lambda args: promoe_ref.ProMoE(**model_kwargs(args)), which)
 
 
 def export(a, log):
@@ -225,28 +149,11 @@ def export(a, log):
     smp = {"steps": 50, "cfg_scale": 3.0}
     if os.path.exists(a.dit):     # same sampling settings as the DiT-MoE default model
         smp.update(json.loads(safetensors_io.read(a.dit)[1]["ditmoe"]).get("sampling", {}))
-    steps = a.sample_steps or smp["steps"]
-    cfg_scale = a.cfg_scale or smp["cfg_scale"]
     pt = os.path.join(a.run, "ema.pth")           # official train.py layout
     torch.save({"step": int(s["step"]), "ema_model_state_dict": model.state_dict()}, pt)
-    names = os.path.join(a.run, "class_names.txt")
-    with open(names, "w") as f:
-        f.write("\n".join(fmnist.CLASS_NAMES) + "\n")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), pt, a.out,
-           "--dtype", a.dtype, "--heads", str(sa.heads), "--top-k", str(sa.top_k),
-           "--promoe-variant", sa.variant, "--router", sa.router, "--num-classes", "10",
-           "--class-names", names, "--name", "ProMoE-FMNIST", "--sampler", "euler",
-           "--steps", str(steps), "--cfg-scale", str(cfg_scale), "--cfg-channels", "0"]
-    log("running " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    tensors, meta = safetensors_io.read(a.out)    # our VAE's scale, not SD's 0.18215
-    cfg = json.loads(meta["ditmoe"])
-    cfg["vae_scale"] = float(s["scale"])
-    meta["ditmoe"] = json.dumps(cfg)
-    safetensors_io.write(a.out, tensors, meta)
-    log(f"exported EMA weights (step {s['step']}) to {a.out} ({os.path.getsize(a.out)} bytes); "
-        f"metadata {meta['ditmoe']}")
+    export_rf(a, log, s, pt, sa.heads, sa.top_k,
+              ["--promoe-variant", sa.variant, "--router", sa.router], "ProMoE-FMNIST",
+              a.sample_steps or smp["steps"], a.cfg_scale or smp["cfg_scale"])
 
 
 def param_counts(path):

@@ -99,24 +99,6 @@ void dm_attention_ref(const float *qkv, int B, int T, int H, int hd, const dm_qk
                       float *out);
 
 /* ---- VAE decoder kernels (one image, channel-major [C, H, W]); references in vae/vae_ref.h ---- */
-#include "vae/vae_ref.h"
-
-/* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
- * zero padding (k-1)/2, k odd. col: scratch of at least dm_vae_conv_col_size(Cin, H, W, k)
- * floats (may be NULL when that is 0). `out` must not alias `x`. */
-size_t dm_vae_conv_col_size(int Cin, int H, int W, int k);
-void dm_vae_conv2d(const float *x, int Cin, int H, int W, const float *w, const float *b, int Cout,
-                   int k, float *col, float *out);
-/* Same, accumulating: out += conv(x) + b (the residual add). */
-void dm_vae_conv2d_acc(const float *x, int Cin, int H, int W, const float *w, const float *b,
-                       int Cout, int k, float *col, float *out);
-/* y [C, HW] = GroupNorm(x)*gamma + beta (+ SiLU); y may equal x. */
-void dm_vae_group_norm(const float *x, int C, size_t HW, int G, float eps, const float *gamma,
-                       const float *beta, int silu, float *y);
-/* out [C, 2H, 2W] = nearest-neighbour 2x upsample of x [C, H, W]. */
-void dm_vae_upsample2x(const float *x, int C, int H, int W, float *out);
-/* In place: x [C, N] += Wo·attn(GN(x)) + bo; ws: scratch of dm_vae_attn_ws_size(C, N) floats. */
-size_t dm_vae_attn_ws_size(int C, int N);
-void dm_vae_attention(float *x, int C, int N, int G, const dm_vae_attn_w *aw, float *ws);
+#include "backend/cpu/vae_kernels.h"
 
 #endif

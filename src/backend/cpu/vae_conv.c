@@ -92,6 +92,76 @@ static void pack_panel(const float *x, int Cin, int H, int W, int k, int n0, flo
  *   A^T = [1 1 1 0; 0 1 -1 -1] */
 #define WT 32 /* tiles per block (one GEMM panel) */
 
+/* Helpers shared by F(2x2) and F(4x4): T is the output tile side (2 or 4), always a constant at
+ * the call site so the loops unroll as if written out. */
+
+/* Tiles t0+c0 .. t0+c0+run-1 (run returned) lie in one tile row ty, from tile column tx0. */
+static inline int wino_run(int t0, int c0, int nt, int tw, int *ty, int *tx0)
+{
+    *ty = (t0 + c0) / tw, *tx0 = (t0 + c0) % tw;
+    return tw - *tx0 < nt - c0 ? tw - *tx0 : nt - c0;
+}
+
+/* Zero columns nt .. 31 of V [nxi][Cin][32] (the unused tiles of a block). */
+static void wino_zero_tail(float *V, int nxi, int Cin, int nt)
+{
+    if (nt < WT)
+        for (int xi = 0; xi < nxi; xi++)
+            for (int ci = 0; ci < Cin; ci++)
+                memset(V + ((size_t)xi * Cin + ci) * WT + nt, 0, sizeof(float) * (WT - nt));
+}
+
+/* -> x row iy, columns ix0 .. ix0+n-1 of one channel xc [H][W]: in place when inside the image,
+ * else copied into rp [n] with zeros outside it. */
+static inline const float *wino_row(const float *xc, int H, int W, int iy, int ix0, int n,
+                                    float *rp)
+{
+    if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) return xc + (size_t)iy * W + ix0;
+    if (iy < 0 || iy >= H) {
+        memset(rp, 0, sizeof(float) * n);
+        return rp;
+    }
+    const float *row = xc + (size_t)iy * W;
+    const int lo = ix0 < 0 ? -ix0 : 0, hi = ix0 + n > W ? W - ix0 : n;
+    for (int k = 0; k < lo; k++) rp[k] = 0.0f;
+    memcpy(rp + lo, row + ix0 + lo, sizeof(float) * (hi - lo));
+    for (int k = hi; k < n; k++) rp[k] = 0.0f;
+    return rp;
+}
+
+/* Output channel oc [H][W] at tiles t0 .. t0+nt-1 (T x T) = y [T][T][32], or += y when acc.
+ * Rows past H and columns past W (the partial tiles of an odd side, F(2x2) only) are skipped.
+ * y (read only; not const: ISO C before C23 will not pass float [T][T][WT] as const) is indexed
+ * as an array (a variably modified parameter): the same loop on a flat pointer,
+ * y[(i*T + j)*WT + c], vectorised worse and made F(4x4) up to 13% slower (32 -> 32 @256x256). */
+static inline __attribute__((always_inline)) void
+wino_store(const int T, float y[T][T][WT], int H, int W, int tw, int t0, int nt, int acc,
+           float *oc)
+{
+    for (int c0 = 0; c0 < nt;) {
+        int ty, tx0;
+        const int run = wino_run(t0, c0, nt, tw, &ty, &tx0);
+        const int full = T * (tx0 + run) <= W ? run : run - 1; /* tiles wholly inside */
+        const int last = W - T * (tx0 + full);                 /* columns of the partial tile */
+        const int rows = H - T * ty < T ? H - T * ty : T;
+        for (int i = 0; i < rows; i++) {
+            float *o = oc + (size_t)(T * ty + i) * W + T * tx0;
+            if (acc)
+                for (int c = 0; c < full; c++)
+                    for (int j = 0; j < T; j++) o[T * c + j] = o[T * c + j] + y[i][j][c0 + c];
+            else
+                for (int c = 0; c < full; c++)
+                    for (int j = 0; j < T; j++) o[T * c + j] = y[i][j][c0 + c];
+            if (full < run)
+                for (int j = 0; j < last; j++) {
+                    float *ol = o + T * full + j;
+                    *ol = acc ? *ol + y[i][j][c0 + full] : y[i][j][c0 + full];
+                }
+        }
+        c0 += run;
+    }
+}
+
 /* Row tile i of Up [16][ceil(Cout/8)][Cin][8] = G g G^T for every (co, ci), packed as dm_apack does. Walked
  * in the packed order (row tile, ci, row in tile) so each of the 16 outputs is written in runs
  * of 8 contiguous floats. */
@@ -134,32 +204,17 @@ static void wino_input(const float *x, int Cin, int H, int W, int tw, int t0, in
                        float *rp)
 {
     const size_t HW = (size_t)H * W, cs = (size_t)Cin * WT; /* floats per xi */
-    if (nt < WT)
-        for (int xi = 0; xi < 16; xi++)
-            for (int ci = 0; ci < Cin; ci++)
-                memset(V + xi * cs + (size_t)ci * WT + nt, 0, sizeof(float) * (WT - nt));
+    wino_zero_tail(V, 16, Cin, nt);
     for (int c0 = 0; c0 < nt;) {
-        const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
-        const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0; /* tiles c0 .. c0+run-1 */
+        int ty, tx0;
+        const int run = wino_run(t0, c0, nt, tw, &ty, &tx0); /* tiles c0 .. c0+run-1 */
         for (int ci = 0; ci < Cin; ci++) {
             const float *xc = x + (size_t)ci * HW;
             float e[4][4][WT]; /* e[r][q][c]: row r of the patch times B */
             for (int r = 0; r < 4; r++) {
-                const int iy = 2 * ty - 1 + r;
-                /* rp[k] = x[iy][2 tx0 - 1 + k], k = 0 .. 2 run + 1, zero outside the image */
-                const int ix0 = 2 * tx0 - 1, n = 2 * run + 2;
-                const float *b = rp; /* patch column q of tile c: b[2c + q] */
-                if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) {
-                    b = xc + (size_t)iy * W + ix0; /* inside the image: read in place */
-                } else if (iy < 0 || iy >= H) {
-                    memset(rp, 0, sizeof(float) * n);
-                } else {
-                    const float *row = xc + (size_t)iy * W;
-                    const int lo = ix0 < 0 ? -ix0 : 0, hi = ix0 + n > W ? W - ix0 : n;
-                    for (int k = 0; k < lo; k++) rp[k] = 0.0f;
-                    memcpy(rp + lo, row + ix0 + lo, sizeof(float) * (hi - lo));
-                    for (int k = hi; k < n; k++) rp[k] = 0.0f;
-                }
+                /* b[k] = x[2 ty - 1 + r][2 tx0 - 1 + k], k = 0 .. 2 run + 1, zero outside the
+                 * image; patch column q of tile c: b[2c + q] */
+                const float *b = wino_row(xc, H, W, 2 * ty - 1 + r, 2 * tx0 - 1, 2 * run + 2, rp);
                 for (int c = 0; c < run; c++) {
                     const float d0 = b[2 * c], d1 = b[2 * c + 1], d2 = b[2 * c + 2], d3 = b[2 * c + 3];
                     e[r][0][c] = d0 - d2;
@@ -202,31 +257,7 @@ static void wino_output(const float *Mb, int Cp, int Cout, int H, int W, int tw,
                 y[i][1][c] = (t[i][1] - t[i][2] - t[i][3]) + bias;
             }
         }
-        for (int c0 = 0; c0 < nt;) {
-            const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
-            const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
-            /* whole tiles inside the image: runs of 2*run pixels per output row */
-            const int full = 2 * (tx0 + run) <= W ? run : run - 1;
-            for (int i = 0; i < 2 && 2 * ty + i < H; i++) {
-                float *o = oc + (size_t)(2 * ty + i) * W + 2 * tx0;
-                const float *y0 = y[i][0] + c0, *y1 = y[i][1] + c0;
-                if (acc)
-                    for (int c = 0; c < full; c++) {
-                        o[2 * c] = o[2 * c] + y0[c];
-                        o[2 * c + 1] = o[2 * c + 1] + y1[c];
-                    }
-                else
-                    for (int c = 0; c < full; c++) {
-                        o[2 * c] = y0[c];
-                        o[2 * c + 1] = y1[c];
-                    }
-                if (full < run) { /* last tile of an odd width: its left column only */
-                    float *ol = o + 2 * full;
-                    *ol = acc ? *ol + y0[full] : y0[full];
-                }
-            }
-            c0 += run;
-        }
+        wino_store(2, y, H, W, tw, t0, nt, acc, oc);
     }
 }
 
@@ -315,30 +346,15 @@ static void wino4_input(const float *x, int Cin, int H, int W, int tw, int t0, i
                         float *rp)
 {
     const size_t HW = (size_t)H * W, cs = (size_t)Cin * WT;
-    if (nt < WT)
-        for (int xi = 0; xi < 36; xi++)
-            for (int ci = 0; ci < Cin; ci++)
-                memset(V + xi * cs + (size_t)ci * WT + nt, 0, sizeof(float) * (WT - nt));
+    wino_zero_tail(V, 36, Cin, nt);
     for (int c0 = 0; c0 < nt;) {
-        const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
-        const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
+        int ty, tx0;
+        const int run = wino_run(t0, c0, nt, tw, &ty, &tx0);
         for (int ci = 0; ci < Cin; ci++) {
             const float *xc = x + (size_t)ci * HW;
             float e[6][6][WT]; /* e[r][q][c]: row r of tile c's patch times B */
             for (int r = 0; r < 6; r++) {
-                const int iy = 4 * ty - 1 + r, ix0 = 4 * tx0 - 1, n = 4 * run + 2;
-                const float *b = rp;
-                if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + n <= W) {
-                    b = xc + (size_t)iy * W + ix0;
-                } else if (iy < 0 || iy >= H) {
-                    memset(rp, 0, sizeof(float) * n);
-                } else {
-                    const float *rowp = xc + (size_t)iy * W;
-                    const int lo = ix0 < 0 ? -ix0 : 0, hi = ix0 + n > W ? W - ix0 : n;
-                    for (int k = 0; k < lo; k++) rp[k] = 0.0f;
-                    memcpy(rp + lo, rowp + ix0 + lo, sizeof(float) * (hi - lo));
-                    for (int k = hi; k < n; k++) rp[k] = 0.0f;
-                }
+                const float *b = wino_row(xc, H, W, 4 * ty - 1 + r, 4 * tx0 - 1, 4 * run + 2, rp);
                 int c = 0;
                 for (; c + 16 <= run; c += 16) { /* d_s[c] = b[4c + s]: deinterleave by 4 */
                     const float *bc = b + 4 * c;
@@ -422,20 +438,7 @@ static void wino4_output(const float *Mb, int Cp, int Cout, int H, int W, int tw
                 }
             }
         }
-        for (int c0 = 0; c0 < nt;) {
-            const int ty = (t0 + c0) / tw, tx0 = (t0 + c0) % tw;
-            const int run = tw - tx0 < nt - c0 ? tw - tx0 : nt - c0;
-            for (int i = 0; i < 4; i++) {
-                float *o = oc + (size_t)(4 * ty + i) * W + 4 * tx0;
-                if (acc)
-                    for (int c = 0; c < run; c++)
-                        for (int j = 0; j < 4; j++) o[4 * c + j] = o[4 * c + j] + y[i][j][c0 + c];
-                else
-                    for (int c = 0; c < run; c++)
-                        for (int j = 0; j < 4; j++) o[4 * c + j] = y[i][j][c0 + c];
-            }
-            c0 += run;
-        }
+        wino_store(4, y, H, W, tw, t0, nt, acc, oc);
     }
 }
 

@@ -7,11 +7,9 @@
 #ifndef DM_BACKEND_CPU_VAE_KERNELS_H
 #define DM_BACKEND_CPU_VAE_KERNELS_H
 
-#include <stddef.h>
+#include "vae/vae_ref.h" /* DM_VAE_EPS, dm_vae_attn_w: the references' definitions */
 
-#ifndef DM_VAE_EPS
-#define DM_VAE_EPS 1e-6f
-#endif
+#include <stddef.h>
 
 /* Work (multiply-adds, or elements for the element-wise kernels) below which a kernel runs on
  * the calling thread alone: waking a team and meeting at its barrier costs more than the work
@@ -23,16 +21,6 @@
 #endif
 #ifndef DM_VAE_PAR_ELEMS
 #define DM_VAE_PAR_ELEMS 65536
-#endif
-
-/* VAE mid-block attention weights (also used by the reference in src/vae/vae_ref.c). */
-#ifndef DM_VAE_ATTN_W_DEFINED
-#define DM_VAE_ATTN_W_DEFINED
-typedef struct {
-    const float *gn_g, *gn_b;       /* [C] */
-    const float *wq, *bq, *wk, *bk; /* [C, C], [C] */
-    const float *wv, *bv, *wo, *bo; /* [C, C], [C] */
-} dm_vae_attn_w;
 #endif
 
 /* out [Cout, H, W] = conv(x [Cin, H, W], w [Cout, Cin, k, k], b [Cout] or NULL), stride 1,
