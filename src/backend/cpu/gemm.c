@@ -136,28 +136,28 @@ static inline void row_f16(const void *panel, size_t k, v16 *w0, v16 *w1)
 }
 #endif
 
-/* ---- the packed-weight product: register tiles over an A block packed per k-chunk ---------
+/* ---- the packed-weight product: register tiles over a copied block of A rows -------------
  *
- * y rows are taken in blocks of LRB tiles of LMR rows. For each chunk of DM_LINEAR_KC k values the block's
- * rows are copied into a contiguous [tile][k][LMR] buffer (so one pointer serves every row's
- * broadcast), then every panel of the item runs over that chunk for each tile: the B chunk (LKC x
- * 32 floats) stays in L1 while the tiles use it, the A tile in L1/L2 while the panels go by.
- * Between chunks the running sums wait in y itself (stored as float32 and reloaded: exactly the
- * register values), and the bias is added once after the last chunk. So every output element is
- * still one FMA chain over k = 0..in-1 from 0, then + bias: the same bits as a one-row product,
- * whatever N, the row's place in its tile, the chunking or the thread count. */
+ * y rows are taken in blocks of LRB tiles of LMR rows. For each chunk of LKC k values the block's
+ * rows are copied (plain row copies) into a buffer whose rows are LKC floats apart, a constant,
+ * so every row's broadcast is one pointer plus a fixed displacement; then every panel of the work
+ * item runs over that chunk for each tile: the B chunk is reused by the block's tiles, the A tile
+ * stays in L1/L2 while the panels go by. Between chunks the running sums wait in y itself
+ * (stored as float32 and reloaded: exactly the register values), and the bias is added once after
+ * the last chunk. So every output element is still one FMA chain over k = 0..in-1 from 0, then
+ * + bias: the same bits as a one-row product, whatever N, the row's place in its tile, the
+ * chunking or the thread count. */
 #ifndef LMR
 #define LMR 12 /* rows per register tile: 12 x 2 accumulators of 16 floats */
 #endif
 #ifndef LRB
 #define LRB 4 /* tiles per row block */
 #endif
-#ifndef DM_LINEAR_KC
-#define DM_LINEAR_KC 512 /* k per chunk (heap buffer; the block's A is 96 KiB, in L2) */
+#ifndef LKC
+#define LKC 512 /* k per chunk = row stride of the copied A (a block is 96 KiB, in L2) */
 #endif
-#define LKC_STACK 64 /* k per chunk when the heap buffer cannot be had (same bits) */
 
-/* acc[0..R) += A tile chunk (packed [kc][LMR]) · panel rows 0..kc-1. R is a constant after
+/* acc[0..R) += A tile chunk (rows LKC floats apart) · panel rows 0..kc-1. R is a constant after
  * inlining, so the loop over rows unrolls and the 2R sums live in registers. */
 #define DEFINE_TILE(NAME, ROW)                                                                    \
     static inline __attribute__((always_inline)) void NAME##_rows(const int R, const float *ap,  \
@@ -169,17 +169,17 @@ static inline void row_f16(const void *panel, size_t k, v16 *w0, v16 *w1)
         for (int k = 0; k < kc; k++) {                                                            \
             v16 w0, w1;                                                                           \
             ROW(wp, (size_t)k, &w0, &w1);                                                         \
-            const float *a = ap + (size_t)k * LMR;                                                \
             for (int r = 0; r < R; r++) {                                                         \
-                c[r][0] += a[r] * w0;                                                             \
-                c[r][1] += a[r] * w1;                                                             \
+                const float a = ap[r * LKC + k];                                                  \
+                c[r][0] += a * w0;                                                                \
+                c[r][1] += a * w1;                                                                \
             }                                                                                     \
         }                                                                                         \
         for (int r = 0; r < R; r++) acc[r][0] = c[r][0], acc[r][1] = c[r][1];                     \
     }                                                                                             \
     static void NAME(int m, const float *ap, int kc, const void *wp, v16 acc[LMR][2])             \
     {                                                                                             \
-        if (m > 8) NAME##_rows(LMR, ap, kc, wp, acc);                                              \
+        if (m > 8) NAME##_rows(LMR, ap, kc, wp, acc);                                             \
         else if (m > 4) NAME##_rows(8, ap, kc, wp, acc);                                          \
         else if (m > 2) NAME##_rows(4, ap, kc, wp, acc);                                          \
         else if (m > 1) NAME##_rows(2, ap, kc, wp, acc);                                          \
@@ -222,20 +222,15 @@ static void sums_store(v16 acc[LMR][2], int m, const float *bias, float *C, int 
     }
 }
 
-/* Rows r0 .. r0+rn-1 (rn <= LRB*LMR) of x, k0 .. k0+kc-1, as LRB tiles [kc][LMR] (zero rows past
- * rn, which are computed but never stored). */
-static void pack_block(const float *x, int K, int r0, int rn, int k0, int kc, float *ap)
+/* Rows r0 .. r0+rn-1 of x, k0 .. k0+kc-1, into tiles of LMR rows LKC apart (zero rows past rn,
+ * computed but never stored). */
+static void copy_rows(const float *x, int K, int r0, int rn, int k0, int kc, float *ap)
 {
-    for (int t = 0; t * LMR < rn; t++) {
-        float *d = ap + (size_t)t * kc * LMR;
-        for (int r = 0; r < LMR; r++) {
-            const int row = t * LMR + r;
-            const float *s = x + (size_t)(r0 + row) * K + k0;
-            if (row < rn)
-                for (int k = 0; k < kc; k++) d[(size_t)k * LMR + r] = s[k];
-            else
-                for (int k = 0; k < kc; k++) d[(size_t)k * LMR + r] = 0.0f;
-        }
+    const int rows = (rn + LMR - 1) / LMR * LMR;
+    for (int r = 0; r < rows; r++) {
+        float *d = ap + (size_t)r * LKC;
+        if (r < rn) memcpy(d, x + (size_t)(r0 + r) * K + k0, sizeof(float) * kc);
+        else memset(d, 0, sizeof(float) * kc);
     }
 }
 
@@ -258,28 +253,34 @@ void dm_linear_packed(const float *x, int N, const dm_pmat *W, const float *b, f
     pc = (np + ppc - 1) / ppc;
 #pragma omp parallel if (nt > 1 && nb * pc > 1)
     {
-        float stack[LRB * LMR * LKC_STACK] __attribute__((aligned(64)));
-        float *heap = K > LKC_STACK ? aligned_alloc(64, sizeof(float) * LRB * LMR * DM_LINEAR_KC) : NULL;
-        float *ap = heap ? heap : stack;
-        const int kmax = heap ? DM_LINEAR_KC : LKC_STACK;
+        /* the block's copy; without memory for it, one tile at a time from the stack (same
+         * chains, so the same bits) */
+        float one[LMR * LKC] __attribute__((aligned(64)));
+        float *heap = N > LMR ? aligned_alloc(64, sizeof(float) * BR * LKC) : NULL;
+        float *ap = heap ? heap : one;
+        const int group = heap ? BR : LMR; /* rows copied at a time */
 #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < nb * pc; it++) {
             const int r0 = it / pc * BR, rn = N - r0 < BR ? N - r0 : BR;
             const int j0 = it % pc * ppc, j1 = j0 + ppc < np ? j0 + ppc : np;
             /* K == 0: no chain at all, one pass that stores y = bias (or 0) */
-            for (int k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += kmax) {
-                const int kc = K - k0 < kmax ? K - k0 : kmax;
-                pack_block(x, K, r0, rn, k0, kc, ap);
-                for (int j = j0; j < j1; j++) {
-                    const int nc = out - j * DM_PANEL < DM_PANEL ? out - j * DM_PANEL : DM_PANEL;
-                    const char *wp = (const char *)W->p + ((size_t)j * K + k0) * DM_PANEL * esize;
-                    for (int t = 0; t * LMR < rn; t++) {
-                        const int m = rn - t * LMR < LMR ? rn - t * LMR : LMR;
-                        float *c = y + (size_t)(r0 + t * LMR) * out + j * DM_PANEL;
-                        v16 acc[LMR][2];
-                        sums_load(acc, m, k0 == 0, c, out, nc);
-                        tile(m, ap + (size_t)t * kc * LMR, kc, wp, acc);
-                        sums_store(acc, m, k0 + kc == K && b ? b + j * DM_PANEL : NULL, c, out, nc);
+            for (int k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += LKC) {
+                const int kc = K - k0 < LKC ? K - k0 : LKC;
+                for (int g0 = 0; g0 < rn; g0 += group) {
+                    const int gn = rn - g0 < group ? rn - g0 : group;
+                    copy_rows(x, K, r0 + g0, gn, k0, kc, ap);
+                    for (int j = j0; j < j1; j++) {
+                        const int nc = out - j * DM_PANEL < DM_PANEL ? out - j * DM_PANEL : DM_PANEL;
+                        const char *wp = (const char *)W->p + ((size_t)j * K + k0) * DM_PANEL * esize;
+                        for (int t = 0; t * LMR < gn; t++) {
+                            const int m = gn - t * LMR < LMR ? gn - t * LMR : LMR;
+                            float *c = y + (size_t)(r0 + g0 + t * LMR) * out + j * DM_PANEL;
+                            v16 acc[LMR][2];
+                            sums_load(acc, m, k0 == 0, c, out, nc);
+                            tile(m, ap + (size_t)t * LMR * LKC, kc, wp, acc);
+                            sums_store(acc, m, k0 + kc == K && b ? b + j * DM_PANEL : NULL, c, out,
+                                       nc);
+                        }
                     }
                 }
             }
