@@ -136,6 +136,33 @@ static inline void row_f16(const void *panel, size_t k, v16 *w0, v16 *w1)
 }
 #endif
 
+/* acc + a * b, one rounding (explicit, so no code path depends on the compiler contracting:
+ * clang contracted `c += a * w` in some tile variants and not others, and a row's bits then
+ * depended on the size of its tile). */
+static inline v16 vfma(v16 acc, float a, v16 b)
+{
+#ifdef __AVX512F__
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)b, (__m512)acc);
+    return (v16)r;
+#else
+    v16 r;
+    for (int i = 0; i < 16; i++) r[i] = fmaf(a, b[i], acc[i]);
+    return r;
+#endif
+}
+
+/* The packed product's multiply-add: vfma where the target has an FMA instruction; without one
+ * (a baseline x86-64 build) a multiply then an add, which no compiler can contract there, so
+ * every tile variant still rounds the same way (and fmaf, a libm call per lane, is not paid). */
+static inline v16 lfma(v16 acc, float a, v16 b)
+{
+#if defined(__AVX512F__) || defined(__FMA__)
+    return vfma(acc, a, b);
+#else
+    return acc + a * b;
+#endif
+}
+
 /* ---- the packed-weight product: register tiles over a copied block of A rows -------------
  *
  * y rows are taken in blocks of LRB tiles of LMR rows. For each chunk of LKC k values the block's
@@ -171,8 +198,8 @@ static inline void row_f16(const void *panel, size_t k, v16 *w0, v16 *w1)
             ROW(wp, (size_t)k, &w0, &w1);                                                         \
             for (int r = 0; r < R; r++) {                                                         \
                 const float a = ap[r * LKC + k];                                                  \
-                c[r][0] += a * w0;                                                                \
-                c[r][1] += a * w1;                                                                \
+                c[r][0] = lfma(c[r][0], a, w0);                                                   \
+                c[r][1] = lfma(c[r][1], a, w1);                                                   \
             }                                                                                     \
         }                                                                                         \
         for (int r = 0; r < R; r++) acc[r][0] = c[r][0], acc[r][1] = c[r][1];                     \
@@ -339,19 +366,6 @@ void dm_bpack_t(const float *Bt, size_t ldbt, int K, int N, float *Bp)
             for (int k = 0; k < K; k++) dst[(size_t)k * DM_GEMM_NR + c] = c < nc ? src[k] : 0.0f;
         }
     }
-}
-
-/* acc + a * b, one rounding (explicit, so no code path depends on the compiler contracting). */
-static inline v16 vfma(v16 acc, float a, v16 b)
-{
-#ifdef __AVX512F__
-    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)b, (__m512)acc);
-    return (v16)r;
-#else
-    v16 r;
-    for (int i = 0; i < 16; i++) r[i] = fmaf(a, b[i], acc[i]);
-    return r;
-#endif
 }
 
 /* The one epilogue every tile shape goes through (noinline: a single compiled copy, so the
