@@ -50,6 +50,15 @@ def bf16_bits_to_f32(u16):
 class Base(TempDirCase):
     PREFIX = "ditmoe-quantfile-"
 
+    def width40_pt(self, name, seed):
+        """A random DiT-MoE .pt (as torch.save writes it) of hidden size 40: not a multiple of 32."""
+        from dit_moe_ref import DiTMoE, randomize_
+        cfg = dict(hidden_size=40, depth=2, num_heads=4, num_experts=4, top_k=2, attention="timm",
+                   patch_size=2, input_size=8, in_channels=4, learn_sigma=True, num_classes=10)
+        pt = self.path(name)
+        torch.save({"ema": randomize_(DiTMoE(**cfg), seed).state_dict()}, pt)
+        return pt
+
     def inputs(self, model, B=4):
         meta = json.loads(safetensors_io.read_header(model)[1]["ditmoe"])
         S, C, nc = meta["input_size"], meta["in_channels"], meta["num_classes"]
@@ -184,11 +193,7 @@ class OddWidth(Base):
     """A checkpoint (.pt, as torch.save writes it) with hidden size 40: not a multiple of 32."""
 
     def test_int4_refused_int8_works(self):
-        from dit_moe_ref import DiTMoE, randomize_
-        cfg = dict(hidden_size=40, depth=2, num_heads=4, num_experts=4, top_k=2, attention="timm",
-                   patch_size=2, input_size=8, in_channels=4, learn_sigma=True, num_classes=10)
-        pt = self.path("odd.pt")
-        torch.save({"ema": randomize_(DiTMoE(**cfg), 3).state_dict()}, pt)
+        pt = self.width40_pt("odd.pt", 3)
         f32 = self.path("odd.safetensors")
         self.convert(pt, f32, "--heads", "4")
         out = self.path("odd-int4.safetensors")
@@ -283,11 +288,7 @@ class BadFiles(Base):
 
     def test_int4_width(self):
         """A file that claims int4 for weights whose input width (40) is not a multiple of 32."""
-        from dit_moe_ref import DiTMoE, randomize_
-        cfg = dict(hidden_size=40, depth=2, num_heads=4, num_experts=4, top_k=2, attention="timm",
-                   patch_size=2, input_size=8, in_channels=4, learn_sigma=True, num_classes=10)
-        pt = self.path("w40.pt")
-        torch.save({"ema": randomize_(DiTMoE(**cfg), 4).state_dict()}, pt)
+        pt = self.width40_pt("w40.pt", 4)
         q8 = self.path("w40-int8.safetensors")
         self.convert(pt, q8, "--heads", "4", "--quant-experts", "int8")
 
