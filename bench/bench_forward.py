@@ -145,7 +145,7 @@ def main():
                 c_ms, c_out, rss, routes = time_c(binary, path, x, t, y, a.runs, a.threads, tmp, extra)
                 if f32_routes is None:
                     f32_routes = routes
-                stable = stable_tokens(routes, f32_routes)
+                stable = stable_tokens(routes, f32_routes, B)
                 rows.append((B, name, c_ms, err_rel(c_out, ref_out) if ref_out is not None else None, rss,
                              err_rel(c_out, ref_out, stable) if ref_out is not None else None,
                              int(stable.size - stable.sum())))
@@ -184,10 +184,10 @@ def err_rel(out, ref, stable=None):
     return float(d.max()) / rms
 
 
-def stable_tokens(routes, base):
+def stable_tokens(routes, base, B):
     """[B, T] bool: the token's expert set equals base's in every layer (routes [L, B*T, k])."""
     same = (np.sort(routes, axis=2) == np.sort(base, axis=2)).all(axis=2).all(axis=0)
-    return same.reshape(-1, 256)                         # T = 256 tokens for the 32x32 latent
+    return same.reshape(B, -1)
 
 
 if __name__ == "__main__":
